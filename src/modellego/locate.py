@@ -1,0 +1,168 @@
+"""Component locating (Eqs. 6-10): walk relevance back from one class's logit over the traced graph.
+
+Rules (the paper leaves the graph to the implementer):
+- a tensor read by several nodes is relevant where ANY reader needs it (relevance is OR-ed);
+- an add passes its relevance to both addends; a concatenation splits it by channel offsets;
+- BatchNorm, activations, pooling and dropout pass it through channel by channel;
+- a flatten maps C×H×W features back to channels (a channel is relevant if any position is);
+- a depthwise convolution couples each input channel to its output channel;
+- Conv2d and Linear apply Eqs. 9, 6, 8 and 10 with their own α and β.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .errors import UserError
+from .graph import ChannelGraph, Layer, _tensor_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """α (Eq. 9) and β (Eq. 10) per layer type; the paper's defaults."""
+
+    conv_alpha: float = 0.3
+    conv_beta: float = 0.2
+    linear_alpha: float = 0.4
+    linear_beta: float = 0.3
+
+    def __post_init__(self) -> None:
+        for name, v in self.to_json().items():
+            if not 0.0 < v <= 1.0:
+                raise UserError(f"threshold {name} must be in (0, 1], got {v}")
+
+    def for_layer(self, layer: Layer) -> tuple[float, float]:
+        if layer.kind == "conv":
+            return self.conv_alpha, self.conv_beta
+        return self.linear_alpha, self.linear_beta
+
+    def to_json(self) -> dict[str, float]:
+        return {"conv_alpha": self.conv_alpha, "conv_beta": self.conv_beta,
+                "linear_alpha": self.linear_alpha, "linear_beta": self.linear_beta}
+
+
+def minmax(s: torch.Tensor) -> torch.Tensor:
+    """Eq. 8: min-max normalisation of a vector; a constant positive vector maps to all ones."""
+    lo, hi = s.min(), s.max()
+    if hi - lo <= 0:
+        return (s > 0).to(torch.float64)
+    return (s - lo).to(torch.float64) / (hi - lo).to(torch.float64)
+
+
+def relevant_inputs(layer: Layer, r: torch.Tensor, out_mask: torch.Tensor, th: Thresholds) -> torch.Tensor:
+    """The input channels (features) of `layer` that matter to its relevant outputs.
+
+    Args:
+        layer: a Conv2d or Linear layer.
+        r: relative contributions, Shape: (Q, P // groups).
+        out_mask: relevant outputs, Shape: (Q,) bool.
+        th: thresholds.
+
+    Returns: Shape (P,) bool.
+    """
+    if layer.depthwise:
+        return out_mask.clone()
+    alpha, beta = th.for_layer(layer)
+    r_hat = (r >= alpha) & out_mask[:, None]  # (Q, P)  Eq. 9 with Appendix C's output gating
+    s = r_hat.sum(0)  # (P,)  Eq. 6
+    return minmax(s) >= beta  # Eqs. 8, 10
+
+
+def _or(rel: dict[fx.Node, torch.Tensor], node: fx.Node, mask: torch.Tensor) -> None:
+    rel[node] = rel[node] | mask if node in rel else mask.clone()
+
+
+def locate_class(
+    graph: ChannelGraph,
+    contributions: Mapping[str, torch.Tensor],
+    cls: int,
+    thresholds: Thresholds,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Relevant inputs and outputs of every layer for class `cls`.
+
+    Args:
+        graph: the traced model.
+        contributions: relative contribution r per layer name, Shape: (Q, P // groups).
+        cls: output index of the class.
+        thresholds: α and β.
+
+    Returns: (in_masks, out_masks) keyed by layer name, bool tensors of Shape (P,) and (Q,).
+    """
+    n_out = sum(s.features for s in graph.layouts[graph.output])
+    rel: dict[fx.Node, torch.Tensor] = {graph.output: torch.zeros(n_out, dtype=torch.bool)}
+    rel[graph.output][cls] = True
+    in_masks: dict[str, torch.Tensor] = {}
+    out_masks: dict[str, torch.Tensor] = {}
+    for node in reversed(list(graph.gm.graph.nodes)):
+        role = graph.roles.get(node)
+        if role is None or role == "input":
+            continue
+        n_feat = sum(s.features for s in graph.layouts[node])
+        mask = rel.get(node, torch.zeros(n_feat, dtype=torch.bool))
+        inputs = _tensor_args(node)
+        if role == "layer":
+            layer = graph.layers[node.target]
+            in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds)
+            out_masks[layer.name], in_masks[layer.name] = mask, in_mask
+            _or(rel, layer.input, in_mask)
+        elif role in ("pass", "add"):
+            for src in inputs:
+                _or(rel, src, mask)
+        elif role == "cat":
+            offset = 0
+            for src in inputs:
+                n = sum(s.features for s in graph.layouts[src])
+                _or(rel, src, mask[offset: offset + n])
+                offset += n
+        elif role == "flatten":
+            spatial = graph.layouts[node][0].spatial
+            _or(rel, inputs[0], mask.view(-1, spatial).any(1))  # (C*HW,) -> (C,)
+        else:  # pragma: no cover - roles are closed
+            raise AssertionError(role)
+    return in_masks, out_masks
+
+
+def keep_channels(
+    graph: ChannelGraph,
+    in_masks: Mapping[str, torch.Tensor],
+    classes: Sequence[int],
+) -> dict[int, list[int]]:
+    """Kept channels per channel space for a task: the union of what any layer reads.
+
+    Spaces merged by a residual add keep the union of all their readers' needs. The input image
+    keeps every channel; the logits keep `classes` in the given order. A space nobody reads keeps
+    one channel (a zero-width layer is not a valid module), with a warning.
+    """
+    reps = sorted({graph.find(s) for s in graph.space_size})
+    masks = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in reps}
+    for name, layer in graph.layers.items():
+        feat = in_masks[name]
+        offset = 0
+        for seg in graph.segments(layer.input):
+            part = feat[offset: offset + seg.features].view(seg.channels, seg.spatial).any(1)
+            masks[seg.space] |= part
+            offset += seg.features
+    keep: dict[int, list[int]] = {}
+    input_spaces = {graph.find(seg.space) for n, r in graph.roles.items() if r == "input" for seg in graph.layouts[n]}
+    out_segments = graph.segments(graph.output)
+    if len(out_segments) != 1 or out_segments[0].spatial != 1:
+        raise UserError("the model output must be produced by one Linear or Conv layer")
+    out_space = out_segments[0].space
+    for s in reps:
+        if s in input_spaces:
+            keep[s] = list(range(graph.space_size[s]))
+        elif s == out_space:
+            keep[s] = [int(c) for c in classes]
+        else:
+            idx = torch.nonzero(masks[s]).flatten().tolist()
+            if not idx:
+                log.warning("no class uses channel space %d (%d channels); keeping one channel", s, graph.space_size[s])
+                idx = [0]
+            keep[s] = idx
+    return keep

@@ -1,0 +1,17 @@
+"""CNN classifiers for Model LEGO, all traceable by ``torch.fx.symbolic_trace``.
+
+Build them by name with :func:`create_model`; :func:`list_models` lists the names.
+"""
+from __future__ import annotations
+
+# Importing the family modules registers their models.
+from modellego.models import alexnet, googlenet, lenet, mobilenet, resnet, vgg  # noqa: F401
+from modellego.models.registry import (
+    classifier_layer,
+    create_model,
+    list_models,
+    register_model,
+    scaled,
+)
+
+__all__ = ["classifier_layer", "create_model", "list_models", "register_model", "scaled"]

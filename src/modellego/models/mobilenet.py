@@ -1,0 +1,122 @@
+"""MobileNetV2 for small images (stride-1 stem and first stride-2 stage set to 1)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from modellego.models.registry import init_weights, register_model, scaled
+
+__all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2"]
+
+# (expansion t, output channels c, repeats n, first stride s). The ImageNet
+# config has s=2 in the second row; 1 here keeps 32x32 inputs from shrinking too fast.
+MOBILENET_V2_CONFIG: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise 3x3 -> linear project 1x1, with BN after each conv.
+
+    The expand conv is omitted when ``expand_ratio == 1`` (as in the reference
+    model). The hidden width is ``in_channels * expand_ratio`` computed from the
+    already-scaled input, so the depthwise conv always has
+    ``groups == in == out``.
+
+    Shape:
+        ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride), ceil(W / stride))``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        # Fixed at construction, so the traced graph has a single static branch.
+        self.use_residual = stride == 1 and in_channels == out_channels
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if expand_ratio != 1:
+            layers["expand_conv"] = nn.Conv2d(in_channels, hidden, 1, bias=False)
+            layers["expand_bn"] = nn.BatchNorm2d(hidden)
+            layers["expand_relu"] = nn.ReLU6(inplace=False)
+        layers["dw_conv"] = nn.Conv2d(
+            hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False
+        )
+        layers["dw_bn"] = nn.BatchNorm2d(hidden)
+        layers["dw_relu"] = nn.ReLU6(inplace=False)
+        # Linear bottleneck: no activation after the projection.
+        layers["project_conv"] = nn.Conv2d(hidden, out_channels, 1, bias=False)
+        layers["project_bn"] = nn.BatchNorm2d(out_channels)
+        self.conv = nn.Sequential(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if self.use_residual:
+            out = out + x
+        return out
+
+
+class MobileNetV2(nn.Module):
+    """CIFAR-style MobileNetV2.
+
+    Args:
+        num_classes: Number of output logits.
+        in_channels: Number of input image channels.
+        width: Multiplier for every channel count, including the final 1280.
+
+    Shape:
+        ``(B, in_channels, H, W)`` with ``H, W >= 28`` -> ``(B, num_classes)``.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.width = width
+        stem = scaled(32, width)
+        self.stem = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, stem, 3, stride=1, padding=1, bias=False),
+                bn=nn.BatchNorm2d(stem),
+                relu=nn.ReLU6(inplace=False),
+            )
+        )
+        blocks: list[nn.Module] = []
+        channels = stem
+        for t, c, n, s in MOBILENET_V2_CONFIG:
+            out = scaled(c, width)
+            for i in range(n):
+                blocks.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
+                channels = out
+        self.blocks = nn.Sequential(*blocks)
+        last = scaled(1280, width)
+        self.head = nn.Sequential(
+            OrderedDict(
+                conv=nn.Conv2d(channels, last, 1, bias=False),
+                bn=nn.BatchNorm2d(last),
+                relu=nn.ReLU6(inplace=False),
+            )
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.classifier = nn.Linear(last, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.blocks(x)
+        x = self.head(x)
+        x = self.flatten(self.avgpool(x))
+        return self.classifier(x)
+
+
+@register_model("mobilenet_v2")
+def mobilenet_v2(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> MobileNetV2:
+    """CIFAR-style MobileNetV2 (about 2.2M parameters at width 1)."""
+    return MobileNetV2(num_classes=num_classes, in_channels=in_channels, width=width)

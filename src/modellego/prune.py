@@ -1,0 +1,135 @@
+"""Structured pruning: physically remove channels, described as plain data.
+
+A *plan* maps layer names to the indices they keep: ``{"features.0": {"out": [...], "in": [...]}}``.
+It is what component files store; `prune_layers` replays it on a freshly built architecture.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .graph import ChannelGraph, Layout
+
+Plan = dict[str, dict[str, list[int]]]
+
+
+def kept_features(layout: Layout, keep: Mapping[int, Sequence[int]]) -> list[int]:
+    """Indices along a tensor's feature axis that survive, given the kept channels of each space."""
+    out: list[int] = []
+    offset = 0
+    for seg in layout:
+        for c in keep[seg.space]:
+            start = offset + c * seg.spatial
+            out.extend(range(start, start + seg.spatial))
+        offset += seg.features
+    return out
+
+
+def build_plan(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Plan:
+    """The pruning plan for every Conv2d, Linear and channel-wise layer with parameters.
+
+    Args:
+        graph: the traced model.
+        keep: kept channel indices per (representative) channel space; every space must appear.
+    """
+    plan: Plan = {}
+    for name, layer in graph.layers.items():
+        plan[name] = {
+            "out": kept_features(graph.segments(layer.node), keep),
+            "in": kept_features(graph.segments(layer.input), keep),
+        }
+    for name, node in graph.channelwise_params.items():
+        plan[name] = {"out": kept_features(graph.segments(node), keep)}
+    return plan
+
+
+def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.detach().index_select(dim, idx.to(t.device)).clone()
+
+
+def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Conv2d:
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if depthwise:
+        if not torch.equal(out_idx, in_idx):
+            raise UserError("a depthwise convolution must keep the same input and output channels")
+        groups, weight = len(out_idx), _index(m.weight, 0, out_idx)
+    elif m.groups == 1:
+        groups, weight = 1, _index(_index(m.weight, 0, out_idx), 1, in_idx)
+    else:
+        raise UserError(f"cannot prune a grouped convolution with groups={m.groups}")
+    new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                    bias=m.bias is not None, padding_mode=m.padding_mode,
+                    device=m.weight.device, dtype=m.weight.dtype)
+    new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        new.bias = nn.Parameter(_index(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+    return new
+
+
+def _slice_linear(m: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Linear:
+    new = nn.Linear(len(in_idx), len(out_idx), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+    new.weight = nn.Parameter(_index(_index(m.weight, 0, out_idx), 1, in_idx), requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        new.bias = nn.Parameter(_index(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
+    return new
+
+
+def _slice_norm(m: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> nn.Module:
+    new = type(m)(len(idx), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats)
+    ref = m.weight if m.affine else m.running_mean
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    if m.affine:
+        new.weight = nn.Parameter(_index(m.weight, 0, idx), requires_grad=m.weight.requires_grad)
+        new.bias = nn.Parameter(_index(m.bias, 0, idx), requires_grad=m.bias.requires_grad)
+    if m.track_running_stats:
+        new.running_mean = _index(m.running_mean, 0, idx)
+        new.running_var = _index(m.running_var, 0, idx)
+        new.num_batches_tracked = m.num_batches_tracked.detach().clone()
+    new.train(m.training)
+    return new
+
+
+def _slice_prelu(m: nn.PReLU, idx: torch.Tensor) -> nn.PReLU:
+    new = nn.PReLU(len(idx))
+    new.weight = nn.Parameter(_index(m.weight, 0, idx))
+    return new
+
+
+def _as_index(values: Sequence[int] | None, size: int, what: str) -> torch.Tensor:
+    if values is None:
+        return torch.arange(size)
+    idx = torch.as_tensor(list(values), dtype=torch.long)
+    if idx.numel() and (idx.min() < 0 or idx.max() >= size):
+        raise UserError(f"{what}: kept index out of range [0, {size})")
+    return idx
+
+
+def prune_layers(model: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]]]) -> nn.Module:
+    """Replace each layer named in `plan` by a copy keeping only the listed channels (in place).
+
+    Returns the model. Layers not in the plan are untouched.
+    """
+    modules = dict(model.named_modules())
+    for name, keep in plan.items():
+        if name not in modules:
+            raise UserError(f"pruning plan names layer {name!r}, which the model does not have")
+        m = modules[name]
+        if isinstance(m, nn.Conv2d):
+            new = _slice_conv(m, _as_index(keep.get("out"), m.out_channels, name),
+                              _as_index(keep.get("in"), m.in_channels, name))
+        elif isinstance(m, nn.Linear):
+            new = _slice_linear(m, _as_index(keep.get("out"), m.out_features, name),
+                                _as_index(keep.get("in"), m.in_features, name))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            new = _slice_norm(m, _as_index(keep.get("out"), m.num_features, name))
+        elif isinstance(m, nn.PReLU):
+            new = _slice_prelu(m, _as_index(keep.get("out"), m.num_parameters, name))
+        else:
+            raise UserError(f"cannot prune layer {name!r} of type {type(m).__name__}")
+        model.set_submodule(name, new)
+    return model
