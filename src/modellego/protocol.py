@@ -1,0 +1,82 @@
+"""The evaluation protocol: Base, Masked-Base and Disa on a task, with sizes (mda-method §6)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .data import Dataset, Resize, batches, preprocessing
+from .data.transforms import Compose
+from .errors import UserError
+from .evaluate import Accuracy, accuracy, count_flops, count_params
+from .info import InputSpec, get_info
+
+
+def model_transform(model: nn.Module, ds: Dataset):
+    """Preprocessing that turns `ds` images into what `model` expects (channels, size, normalisation)."""
+    info = get_info(model)
+    spec = info.input if info and info.input else InputSpec(ds.in_channels, ds.image_size, ds.mean, ds.std)
+    if spec.channels not in (ds.in_channels, 3) or (spec.channels == 3 and ds.in_channels not in (1, 3)):
+        raise UserError(f"the model expects {spec.channels}-channel input; {ds.name} has {ds.in_channels} channels")
+    t = preprocessing(spec.mean, spec.std, in_channels=3 if spec.channels == 3 and ds.in_channels == 1 else None)
+    if tuple(spec.size) != tuple(ds.image_size):
+        t = Compose([Resize(spec.size), t])
+    return t
+
+
+def input_shape(model: nn.Module, ds: Dataset) -> tuple[int, int, int]:
+    info = get_info(model)
+    if info and info.input:
+        return (info.input.channels, *info.input.size)
+    return (ds.in_channels, *ds.image_size)
+
+
+def test_accuracy(model: nn.Module, ds: Dataset, classes: Sequence[int] | None = None, *, restrict: bool = False,
+                  split: str = "test", batch_size: int = 512) -> Accuracy:
+    """Accuracy of `model` on the `split` images of `classes`, preprocessed for the model."""
+    task = list(classes) if classes is not None else None
+    it = batches(ds.split(split), batch_size, transform=model_transform(model, ds), classes=task,
+                 device=next(model.parameters()).device)
+    return accuracy(model, it, classes=task, restrict=restrict)
+
+
+@dataclass
+class TaskReport:
+    """One row of Table 1: a component against its source on the task's test images."""
+
+    classes: list[int]
+    base: Accuracy
+    masked_base: Accuracy
+    disa: Accuracy
+    params: float
+    flops: float
+
+    def row(self) -> dict[str, object]:
+        return {
+            "classes": self.classes,
+            "base": round(self.base.mean_per_class, 2),
+            "masked_base": round(self.masked_base.mean_per_class, 2),
+            "disa": round(self.disa.mean_per_class, 2),
+            "worst_masked_base": round(self.masked_base.worst_class, 2),
+            "worst_disa": round(self.disa.worst_class, 2),
+            "params_pct": round(100 * self.params, 2),
+            "flops_pct": round(100 * self.flops, 2),
+        }
+
+
+def compare(source: nn.Module, component: nn.Module, ds: Dataset, split: str = "test") -> TaskReport:
+    """Base (argmax over all classes), Masked-Base (argmax over the task) and Disa, plus sizes."""
+    info = get_info(component)
+    if info is None:
+        raise UserError("the component has no description (classes unknown)")
+    task = list(info.classes)
+    shape = input_shape(source, ds)
+    return TaskReport(
+        classes=task,
+        base=test_accuracy(source, ds, task, split=split),
+        masked_base=test_accuracy(source, ds, task, restrict=True, split=split),
+        disa=test_accuracy(component, ds, task, split=split),
+        params=count_params(component) / count_params(source),
+        flops=count_flops(component, shape) / count_flops(source, shape),
+    )

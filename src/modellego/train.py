@@ -1,0 +1,173 @@
+"""Training source models (the paper's recipe by default) and fine-tuning."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Dataset, Split, augmentation, batches, default_augmentation, load_dataset, preprocessing
+from .errors import UserError
+from .evaluate import accuracy
+from .info import InputSpec, get_info, set_info
+from .models import create_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (defaults: the paper's recipe)."""
+
+    model: str = "lenet5"
+    width: float = 1.0
+    data: str = "mnist"
+    data_dir: str | None = None
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.1
+    train_limit: int | None = None
+    bf16: bool = False
+    channels_last: bool = False
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise UserError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+        if self.schedule not in ("cosine", "constant"):
+            raise UserError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+def default_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def input_pipeline(info_input: InputSpec):
+    """The evaluation transform of a model's input description."""
+    return preprocessing(info_input.mean, info_input.std)
+
+
+def _autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split | None,
+    *,
+    transform_train,
+    transform_eval,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    seed: int = 0,
+    bf16: bool = False,
+    channels_last: bool = False,
+    classes: Sequence[int] | None = None,
+    label_map: dict[int, int] | None = None,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train `model` in place with SGD; keep the weights of the best validation epoch.
+
+    Args:
+        classes: train only on samples of these source classes.
+        label_map: source class -> output index (for components and assemblies).
+    Returns: one record per epoch (loss, validation accuracy, seconds).
+    """
+    device = device or default_device()
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    it = batches(train, batch_size, transform=lambda x, generator=None: transform_eval(transform_train(x, generator)),
+                 shuffle=True, seed=seed, classes=classes, drop_last=len(train) > batch_size)
+    steps = max(1, epochs * len(it))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    lookup = None
+    if label_map:
+        lookup = torch.full((max(label_map) + 1,), -100, dtype=torch.long)
+        for src, out in label_map.items():
+            lookup[src] = out
+    history: list[dict[str, float]] = []
+    best_acc, best_state = -1.0, None
+    for epoch in range(epochs):
+        model.train()
+        it.set_epoch(epoch)
+        t0, total, n = time.perf_counter(), 0.0, 0
+        bar = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            if lookup is not None:
+                y = lookup.to(device)[y]
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(bf16, device):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched:
+                sched.step()
+            total += float(loss) * len(y)
+            n += len(y)
+            bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+        record = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
+        if val is not None and len(val):
+            acc = accuracy(model, batches(val, 512, transform=transform_eval, classes=classes), classes=classes)
+            record["val_accuracy"] = acc.overall
+            if acc.overall > best_acc:
+                best_acc, best_state = acc.overall, copy.deepcopy(model.state_dict())
+        history.append(record)
+        log.info("epoch %d: %s", epoch + 1, record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def train(config: TrainConfig, *, dataset: Dataset | None = None, progress: bool = True) -> nn.Module:
+    """Train a zoo model on a dataset; returns it with a full `ModelInfo` (accuracies included)."""
+    torch.manual_seed(config.seed)
+    device = default_device(config.device)
+    ds = dataset or load_dataset(config.data, config.data_dir, val_fraction=config.val_fraction,
+                                 seed=config.seed, train_limit=config.train_limit)
+    model = create_model(config.model, num_classes=ds.num_classes, in_channels=ds.in_channels, width=config.width)
+    augment = default_augmentation(ds.name) if config.augment == "auto" else config.augment
+    spec = InputSpec(ds.in_channels, ds.image_size, tuple(ds.mean), tuple(ds.std))
+    t_eval = input_pipeline(spec)
+    history = fit(model, ds.train, ds.val, transform_train=augmentation(augment), transform_eval=t_eval,
+                  epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
+                  weight_decay=config.weight_decay, schedule=config.schedule, seed=config.seed, bf16=config.bf16,
+                  channels_last=config.channels_last, device=device, progress=progress)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    test = accuracy(model, batches(ds.test, 512, transform=t_eval))
+    val_best = max((h.get("val_accuracy", 0.0) for h in history), default=None)
+    info = get_info(model).replace(
+        class_names=tuple(ds.classes), input=spec, dataset=ds.name,
+        provenance={"training": {**asdict(config), "augment": augment}, "history": history,
+                    "val_accuracy": val_best, "test_accuracy": test.overall,
+                    "test_mean_per_class": test.mean_per_class, "device": str(device),
+                    "threads": torch.get_num_threads()})
+    set_info(model, info)
+    return model
