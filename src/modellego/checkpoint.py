@@ -86,7 +86,10 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         raise CorruptFileError(f"{path}: the model description is not valid JSON ({e})") from e
     if header.get("format") != FORMAT or not isinstance(header.get("model"), dict):
         raise CorruptFileError(f"{path}: not a modellego model description")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+    version = header.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CorruptFileError(f"{path}: format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise CorruptFileError(
             f"{path} was written by a newer modellego (format {header['format_version']}); upgrade to read it"
         )
@@ -104,7 +107,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
 
     path = resolve_path(path)
     header = read_header(path)
-    info = ModelInfo.from_json(header["model"])
+    try:
+        info = ModelInfo.from_json(header["model"])
+    except UserError as e:
+        raise CorruptFileError(f"{path}: {e}") from e
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -116,7 +122,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         raise CorruptFileError(f"{path}: no architecture recorded")
     model = create_model(info.arch, **info.arch_kwargs)
     if info.pruning:
-        prune_layers(model, info.pruning)
+        try:
+            prune_layers(model, info.pruning)
+        except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise CorruptFileError(f"{path}: the stored pruning plan does not fit architecture {info.arch!r}: {e}") from e
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

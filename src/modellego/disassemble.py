@@ -21,15 +21,15 @@ from .prune import Plan, build_plan, kept_features, prune_layers
 log = logging.getLogger(__name__)
 
 
-def check_classes(classes: Sequence[int], num_classes: int) -> list[int]:
-    """Validate a task: non-empty, unique, in range."""
+def check_classes(classes: Sequence[int], num_classes: int | None) -> list[int]:
+    """Validate a task: non-empty, unique, in range (range not checked when `num_classes` is None)."""
     classes = [int(c) for c in classes]
     if not classes:
         raise UserError("the task has no classes")
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup:
         raise UserError(f"duplicate classes in the task: {dup}")
-    bad = [c for c in classes if not 0 <= c < num_classes]
+    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
     if bad:
         raise UserError(f"classes {bad} are out of range: the model has {num_classes} classes (0-{num_classes - 1})")
     return classes
@@ -96,6 +96,7 @@ def disassemble(
         UserError: bad classes, or a profile of another model.
         UnsupportedGraphError: the graph has an op that cannot be followed or pruned.
     """
+    classes = check_classes(classes, None)  # empty or duplicate: fail before any profiling
     if profile is None:
         if batches is None:
             raise UserError("disassemble needs a profile or training batches to compute one")
@@ -105,22 +106,24 @@ def disassemble(
     shape = profile.provenance.get("input_shape")
     if not shape:
         raise UserError("the profile does not record the input shape")
-    device = next(model.parameters()).device
-    example = torch.randn(2, *shape, device=device)
+    param = next(model.parameters())
+    example = torch.randn(2, *shape, device=param.device, dtype=param.dtype)
     graph = trace(model, example)
     classes = check_classes(classes, graph.num_classes)
     keep = keep_channels(graph, profile.task_in_masks(classes), classes)
     plan = build_plan(graph, keep)
     component = prune_layers(copy.deepcopy(model), plan).eval()
     if verify:
-        with torch.no_grad():
-            got = component(example)
+        hint = ("the pruned component does not reproduce the masked source model; its forward pass "
+                "probably hard-codes channel counts (e.g. x.view(-1, 400)); use nn.Flatten or torch.flatten")
+        try:
+            with torch.no_grad():
+                got = component(example)
+        except RuntimeError as e:  # e.g. a hard-coded view no longer fits the pruned tensor
+            raise UnsupportedGraphError(f"{hint} ({e})") from e
         want = masked_forward(model, graph, keep, example)[:, classes]
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-            raise UnsupportedGraphError(
-                "the pruned component does not reproduce the masked source model; its forward pass "
-                "probably hard-codes channel counts (e.g. x.view(-1, 400)); use nn.Flatten or torch.flatten"
-            )
+            raise UnsupportedGraphError(hint)
     src = get_info(model)
     names = class_names_of(model, graph.num_classes)
     source_classes = src.classes if src else tuple(range(graph.num_classes))

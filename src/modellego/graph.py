@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UnsupportedGraphError
+from .hooks import preserve_training
 
 # Modules that act on each channel independently (relevance and channels pass straight through).
 CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
@@ -156,13 +157,10 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
             f"torch.fx could not trace {type(model).__name__}: {e}. Models need a forward pass "
             "without data-dependent Python control flow."
         ) from e
-    was_training = model.training
-    try:
+    with preserve_training(model):
         gm.eval()
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
-    finally:
-        model.train(was_training)
     return _Builder(gm).build()
 
 
@@ -246,7 +244,9 @@ class _Builder:
         if node.op == "call_function" and node.target in (operator.mul, operator.add, operator.floordiv):
             return  # arithmetic on sizes
         if node.op == "call_module":
-            return
+            # A leaf module returning a tuple (nn.LSTM, attention) or other non-tensor: name it
+            # here rather than failing later at an anonymous getitem.
+            raise self.fail(node, "the module does not return a single tensor")
         raise self.fail(node, "it produced no tensor shape during tracing")
 
     def _visit(self, node: fx.Node, shape: tuple[int, ...]) -> None:

@@ -8,6 +8,21 @@ import torch.nn as nn
 
 
 @contextlib.contextmanager
+def preserve_training(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own training flag on exit (even if the block raises).
+
+    ``model.train(flag)`` would set all submodules alike, losing e.g. a BatchNorm deliberately
+    frozen in eval mode inside a model in training mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def forward_hooks(
     model: nn.Module,
     hooks: Mapping[str, Callable],
@@ -24,7 +39,7 @@ def forward_hooks(
         pre: register pre-hooks instead of forward hooks.
         eval_mode: put the model in eval mode inside the block.
 
-    Hooks are removed and the model's training flag restored even if the block raises.
+    Hooks are removed and every module's training flag restored even if the block raises.
     Hooks should reduce or clone what they keep at once: an in-place op later in the forward
     pass may overwrite a tensor a hook only referenced.
     """
@@ -32,16 +47,15 @@ def forward_hooks(
     missing = [n for n in hooks if n not in modules]
     if missing:
         raise KeyError(f"no such layers: {missing}")
-    was_training = model.training
     handles = []
-    try:
-        if eval_mode:
-            model.eval()
-        for name, fn in hooks.items():
-            register = modules[name].register_forward_pre_hook if pre else modules[name].register_forward_hook
-            handles.append(register(fn))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with preserve_training(model):
+        try:
+            if eval_mode:
+                model.eval()
+            for name, fn in hooks.items():
+                register = modules[name].register_forward_pre_hook if pre else modules[name].register_forward_hook
+                handles.append(register(fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()

