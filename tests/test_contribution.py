@@ -231,11 +231,14 @@ def test_accumulator_without_samples_is_zero() -> None:
     assert torch.equal(lin.s_hat(0), torch.zeros(2, 3, dtype=torch.float64))
 
 
-def test_accumulator_float32_input_accumulates_in_float64() -> None:
+def test_accumulator_dtype_follows_input() -> None:
     m = make_conv({}).float()
     acc = LayerAccumulator(m, 1, "sample")
     acc.update(torch.randn(2, 4, 6, 6), torch.zeros(2, dtype=torch.long))
-    assert acc.s_hat(0).dtype == torch.float64
+    assert acc.s_hat(0).dtype == torch.float32
+    acc64 = LayerAccumulator(m.double(), 1, "sample")
+    acc64.update(torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
+    assert acc64.s_hat(0).dtype == torch.float64
 
 
 # --- Eq. 5 and class slots ---------------------------------------------------------------------

@@ -28,6 +28,8 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "bn", "affine", "refit", "balance")
+# Best on the measurements in BENCHMARKS.md; "bn" is a no-op on models without BatchNorm.
+DEFAULT_CALIBRATION = "bn+refit+balance"
 
 
 def parse_methods(method: str) -> list[str]:
@@ -128,7 +130,9 @@ def calibrate(
     source: nn.Module,
     task: Sequence[int],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    method: str = "bn+affine",
+    method: str = DEFAULT_CALIBRATION,
+    *,
+    task_labels: Sequence[int] | None = None,
 ) -> dict[str, object]:
     """Calibrate `component` in place from training batches of its task; returns what was done.
 
@@ -136,17 +140,19 @@ def calibrate(
         component: the component (outputs = `task`, in order).
         source: the model it was cut from.
         task: output indices of the task in `source`.
-        batches: (inputs, labels) of TRAINING images of the task's classes; labels in the
-            source's output numbering (used only by ``balance``, for the class frequencies).
-        method: ``none``, ``bn``, ``affine``, ``balance`` or a ``+`` combination.
+        batches: (inputs, labels) of TRAINING images; samples of other classes are ignored.
+        method: ``none``, ``bn``, ``affine``, ``refit``, ``balance`` or a ``+`` combination.
+        task_labels: the label of each task class in `batches` (default: `task`; they differ
+            when `source` is itself a component, whose outputs are a subset of a dataset's classes).
     """
     methods = parse_methods(method)
     report: dict[str, object] = {"method": "+".join(methods) or "none"}
     if not methods:
         return report
+    task_labels = list(task if task_labels is None else task_labels)
     xs, ys = [], []
     for x, y in batches:
-        keep = torch.isin(y, torch.as_tensor(list(task), device=y.device))
+        keep = torch.isin(y, torch.as_tensor(task_labels, device=y.device))
         if keep.any():
             xs.append(x[keep])
             ys.append(y[keep].cpu())
@@ -177,7 +183,7 @@ def calibrate(
         fc.bias.copy_(b.to(fc.bias.dtype))
         report["refit_r2"] = round(float(1 - ((feats @ w.T + b - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()), 4)
     if "balance" in methods:
-        pos = {c: i for i, c in enumerate(task)}
+        pos = {c: i for i, c in enumerate(task_labels)}
         prior = torch.bincount(torch.tensor([pos[int(c)] for c in labels]), minlength=len(task)).double() / len(labels)
         b = fit_balance(_logits(component, xs), prior)
         if fc.bias is None:

@@ -75,13 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--classes", required=True, help="task, e.g. 0-2, 3,5,7 or class names, in output order")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
+    s.add_argument("--calibrate", default="bn+refit+balance",
+                   help="training-free logit calibration from --data training images: none (the paper's faithful "
+                        "cut), bn, affine, refit, balance or a '+' combination (default: bn+refit+balance)")
+    s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
     data_args(s, required=False)
     _profile_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
 
     s = add("demo", "train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables")
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
-    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--epochs", type=int, default=6)
     s.add_argument("--device")
     return p
 
@@ -199,13 +203,20 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     model = load(args.model, map_location=_device(args))
     info = model.modellego_info
     classes = parse_classes(args.classes, info.class_names)
+    if args.calibrate != "none" and not args.data:
+        raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if args.profile:
         prof = Profile.load(args.profile)
     elif args.data:
         prof = _profile_from_args(model, args, classes)
     else:
         raise UserError("give --profile PROFILE or --data NAME to profile the model first")
-    component = disassemble(model, classes, profile=prof)
+    calibration = None
+    if args.calibrate != "none":
+        from .protocol import calibration_batches
+        labels = [info.classes[c] for c in classes]
+        calibration = calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
+    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=args.calibrate)
     path = save(component, args.output)
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
           f"{count_params(component):,} of {count_params(model):,} parameters")

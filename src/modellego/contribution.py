@@ -123,8 +123,10 @@ class LayerAccumulator:
 
     def _add(self, key: str, slots: torch.Tensor, values: torch.Tensor) -> None:
         if key not in self.state:
-            self.state[key] = torch.zeros(self.num_slots, *values.shape[1:], dtype=torch.float64, device=values.device)
-        self.state[key].index_add_(0, slots, values.to(torch.float64))
+            # float32 sums of non-negative terms are ample for thresholds at 0.2-0.4; float64 inputs stay float64.
+            dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+            self.state[key] = torch.zeros(self.num_slots, *values.shape[1:], dtype=dtype, device=values.device)
+        self.state[key].index_add_(0, slots, values.to(self.state[key].dtype))
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
@@ -150,7 +152,7 @@ class LayerAccumulator:
     def s_hat(self, slot: int) -> torch.Tensor:
         """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
         m = self.module
-        w = m.weight.detach().to(torch.float64)
+        w = m.weight.detach().to(next(iter(self.state.values())).dtype if self.state else torch.float64)
         if not self.state:
             q = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             p = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features

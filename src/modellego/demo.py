@@ -11,11 +11,13 @@ from .data import batches, load_dataset
 from .disassemble import disassemble
 from .errors import UserError
 from .profiling import profile
-from .protocol import compare, model_transform
+from .protocol import calibration_batches, compare, model_transform
+from .tasks import format_classes
 from .train import TrainConfig, train
 
 SOURCES = [("mnist", "lenet5", 1.0), ("fashion-mnist", "lenet5", 1.0)]
 TASKS = [[0], [0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]
+LR = 0.05  # LeNet-5 reaches >= 88% on Fashion-MNIST in 6 CPU epochs with it (0.01: 86.9% after 4)
 
 
 def _source(cache: Path, data: str, arch: str, width: float, epochs: int, device: torch.device):
@@ -27,13 +29,13 @@ def _source(cache: Path, data: str, arch: str, width: float, epochs: int, device
             pass  # a stale or corrupt cache entry: retrain
     t = time.perf_counter()
     print(f"training {arch} on {data} ({epochs} epochs)...", flush=True)
-    model = train(TrainConfig(model=arch, width=width, data=data, epochs=epochs, device=str(device)), progress=True)
+    model = train(TrainConfig(model=arch, width=width, data=data, epochs=epochs, lr=LR, device=str(device)), progress=True)
     model.modellego_info.provenance["train_seconds"] = round(time.perf_counter() - t, 1)
     save(model, path)
     return model
 
 
-def run_demo(cache: Path, *, epochs: int = 4, device: torch.device | None = None) -> int:
+def run_demo(cache: Path, *, epochs: int = 6, device: torch.device | None = None) -> int:
     """Train (or reuse) the source models, print their accuracy, disassemble tasks, print Table 1."""
     device = device or torch.device("cpu")
     torch.manual_seed(0)
@@ -47,18 +49,22 @@ def run_demo(cache: Path, *, epochs: int = 4, device: torch.device | None = None
         print(f"{arch:<10} {data:<14} {p['val_accuracy']:7.2f} {p['test_accuracy']:7.2f}")
 
     print("\nDisassembly (Table 1 protocol; mean per-class test accuracy %, worst class in brackets)")
-    print(f"{'data':<14} {'task':<6} {'Base':>7} {'Masked-Base':>16} {'Disa':>16} {'params':>7} {'FLOPs':>7} {'profile s':>9}")
+    print(f"{'data':<14} {'task':<6} {'Base':>7} {'Masked-Base':>15} {'Disa (paper)':>15} "
+          f"{'Disa (calibr.)':>15} {'params':>7} {'FLOPs':>7} {'profile s':>9}")
     for data, model in models.items():
         ds = load_dataset(data)
         t = time.perf_counter()
         prof = profile(model, batches(ds.train, 256, transform=model_transform(model, ds)))
         seconds = time.perf_counter() - t
         for task in TASKS:
-            comp = disassemble(model, task, profile=prof)
-            r = compare(model, comp, ds).row()
-            name = str(task[0]) if len(task) == 1 else f"{task[0]}-{task[-1]}"
-            mb = f"{r['masked_base']:.2f} [{r['worst_masked_base']:.1f}]"
-            di = f"{r['disa']:.2f} [{r['worst_disa']:.1f}]"
-            print(f"{data:<14} {name:<6} {r['base']:7.2f} {mb:>16} {di:>16} {r['params_pct']:6.1f}% {r['flops_pct']:6.1f}% {seconds:9.1f}")
-    print("\nSingle-class components score 100% by construction; Masked-Base is the fair baseline.")
+            r = compare(model, disassemble(model, task, profile=prof), ds).row()
+            cal = calibration_batches(model, ds, task)
+            rc = compare(model, disassemble(model, task, profile=prof, calibration=cal), ds).row()
+            name = format_classes(task)
+            cells = [f"{row[k]:.2f} [{row['worst_' + k]:.1f}]" for row, k in ((r, "masked_base"), (r, "disa"), (rc, "disa"))]
+            print(f"{data:<14} {name:<6} {r['base']:7.2f} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+                  f"{r['params_pct']:6.1f}% {r['flops_pct']:6.1f}% {seconds:9.1f}")
+    print("\nDisa (paper): the faithful cut. Disa (calibr.): the same channels, last layer re-fitted in closed form")
+    print("on 2,000 training images (no gradient step). Single-class components score 100% by construction;")
+    print("Masked-Base (the source restricted to the task's classes) is the fair baseline.")
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .calibrate import DEFAULT_CALIBRATION, calibrate as calibrate_logits
 from .checkpoint import weights_hash
 from .errors import UnsupportedGraphError, UserError
 from .graph import ChannelGraph, trace
@@ -75,6 +76,8 @@ def disassemble(
     *,
     profile: Profile | None = None,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibrate: str = DEFAULT_CALIBRATION,
     verify: bool = True,
     **profile_kwargs: Any,
 ) -> nn.Module:
@@ -88,6 +91,10 @@ def disassemble(
         classes: output indices of the task; the component's outputs follow this order.
         profile: a `Profile` of this model (computed from `batches` if not given).
         batches: (inputs, labels) of training data, used only when `profile` is None.
+        calibration: (inputs, labels) of TRAINING images of the task's classes (labels in the
+            source's numbering). Given, the component's logits are calibrated with `calibrate`
+            (no gradient step; see `modellego.calibrate`); ``None`` keeps the paper's faithful cut.
+        calibrate: calibration method when `calibration` is given (``"none"`` to skip).
         verify: check on a random input that the component equals the source with the dropped
             channels zeroed (catches forward passes that hard-code channel counts).
         **profile_kwargs: passed to `modellego.profile` when profiling here.
@@ -127,6 +134,10 @@ def disassemble(
     src = get_info(model)
     names = class_names_of(model, graph.num_classes)
     source_classes = src.classes if src else tuple(range(graph.num_classes))
+    calibration_report: dict[str, object] = {"method": "none"}
+    if calibration is not None:
+        calibration_report = calibrate_logits(component, model, classes, calibration, calibrate,
+                                              task_labels=[source_classes[c] for c in classes])
     info = ModelInfo(
         arch=src.arch if src else None,
         arch_kwargs=dict(src.arch_kwargs) if src else {},
@@ -141,6 +152,7 @@ def disassemble(
                        "dataset": src.dataset if src else None},
             "task": list(classes),
             "thresholds": profile.thresholds.to_json(),
+            "calibration": calibration_report,
             "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
         },
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .data import Dataset, Resize, batches, preprocessing
@@ -80,3 +81,14 @@ def compare(source: nn.Module, component: nn.Module, ds: Dataset, split: str = "
         params=count_params(component) / count_params(source),
         flops=count_flops(component, shape) / count_flops(source, shape),
     )
+
+
+def calibration_batches(model: nn.Module, ds: Dataset, classes: Sequence[int], *, images: int = 2000,
+                        seed: int = 0, batch_size: int = 256) -> list[tuple]:
+    """A seeded random draw of `images` TRAINING images of `classes`, preprocessed for `model`."""
+    sub = ds.train.subset(list(classes))
+    if len(sub) == 0:
+        raise UserError(f"no training image of classes {list(classes)}")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(sub), generator=g)[:images]
+    return list(batches(sub.select(idx), batch_size, transform=model_transform(model, ds)))

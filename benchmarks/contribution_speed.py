@@ -1,0 +1,143 @@
+"""Speed and peak memory of contribution profiling vs a forward pass and vs the literal Eq. 3.
+
+Each measurement runs in a fresh subprocess so that its peak resident memory (CPU) or peak CUDA
+allocation is its own; "extra memory" is that peak minus the same process's footprint after the
+model and batch were created and one warm-up forward pass ran.
+
+    python benchmarks/contribution_speed.py                       # VGG-16 and ResNet-18, 32x32, batch 128
+    python benchmarks/contribution_speed.py --models vgg16_bn --batch 64 --repeats 3
+
+Prints one JSON row per measurement and a table of ratios; rows are appended to
+benchmarks/results/contribution_speed.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+METHODS = ("forward", "profile", "literal")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LiteralAccumulator:
+    """Eq. 3 as written: the (B, Q, P, H, W) hidden maps materialised, ReLU per sample, summed per class."""
+
+    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample") -> None:
+        self.module, self.num_slots, self.state = module, num_slots, None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        from modellego.contribution import literal_contribution
+        s = literal_contribution(self.module, x.detach()).clamp(min=0)  # (B, Q, P)
+        if self.state is None:
+            self.state = torch.zeros(self.num_slots, *s.shape[1:], dtype=s.dtype, device=s.device)
+        self.state.index_add_(0, slots, s)
+
+
+def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str) -> dict:
+    import modellego.profiling as profiling
+    from modellego.graph import trace
+    from modellego.models import create_model
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.arange(batch, device=dev) % 10
+    graph = trace(model, x[:2])
+    with torch.no_grad():
+        model(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    if method == "literal":
+        profiling.LayerAccumulator = LiteralAccumulator  # contributions() builds its accumulators from this name
+
+    def step() -> None:
+        if method == "forward":
+            with torch.no_grad():
+                model(x)
+        else:
+            profiling.contributions(model, graph, [(x, y)], list(range(10)), device=dev)
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_bytes()
+    return {"model": model_name, "method": method, "batch": batch, "size": size, "device": str(dev),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+            "median_s": statistics.median(times), "extra_mem_mib": max(0, peak - base) / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=["vgg16_bn", "resnet18"])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/contribution_speed.jsonl"))
+    p.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one[0], args.one[1], args.batch, args.size, args.repeats, args.device)))
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for model in args.models:
+        for method in METHODS:
+            cmd = [sys.executable, __file__, "--one", model, method, "--batch", str(args.batch), "--size",
+                   str(args.size), "--repeats", str(args.repeats), "--device", args.device]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{model} {method} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[model, method] = row
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print("| model | forward s | profile s | literal s | profile / forward | literal / profile (time) "
+          "| extra MiB profile | extra MiB literal | literal / profile (extra memory) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model in args.models:
+        f, pr, li = (rows.get((model, m)) for m in METHODS)
+        if not (f and pr and li):
+            continue
+        print(f"| {model} | {f['median_s']:.3f} | {pr['median_s']:.3f} | {li['median_s']:.3f} | "
+              f"{pr['median_s'] / f['median_s']:.2f}x | {li['median_s'] / pr['median_s']:.1f}x | "
+              f"{pr['extra_mem_mib']:.0f} | {li['extra_mem_mib']:.0f} | "
+              f"{li['extra_mem_mib'] / max(pr['extra_mem_mib'], 1):.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
