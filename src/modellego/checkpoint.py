@@ -50,7 +50,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, info: ModelInfo | None = 
     `path` may be a folder (``model.safetensors`` is written inside it) or a file name.
     """
     info = info or require_info(model, "saving")
-    if info.arch is None:
+    if info.arch is None and info.assembly is None:
         raise UserError("only models the zoo can rebuild can be saved: info.arch is None")
     path = resolve_path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -96,15 +96,28 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def skeleton(info: ModelInfo) -> nn.Module:
+    """The module described by `info`, with the right shapes and arbitrary weights."""
+    from .models import create_model
+    from .prune import prune_layers
+
+    if info.assembly is not None:
+        from .assemble import assembly_skeleton
+        return assembly_skeleton(info)
+    if info.arch is None:
+        raise UserError("no architecture recorded")
+    model = create_model(info.arch, **info.arch_kwargs)
+    if info.pruning:
+        prune_layers(model, info.pruning)
+    return model
+
+
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a model saved by `save`, in eval mode, with its `ModelInfo` attached.
 
     Raises:
         CorruptFileError: the file is truncated, corrupt, tampered with or not a modellego model.
     """
-    from .models import create_model
-    from .prune import prune_layers
-
     path = resolve_path(path)
     header = read_header(path)
     try:
@@ -118,14 +131,10 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         raise CorruptFileError(f"{path}: cannot read the weights ({e}); the file may be truncated") from e
     if weights_hash(tensors) != header.get("weights_sha256"):
         raise CorruptFileError(f"{path}: the weights do not match their recorded hash (corrupt or modified file)")
-    if info.arch is None:
-        raise CorruptFileError(f"{path}: no architecture recorded")
-    model = create_model(info.arch, **info.arch_kwargs)
-    if info.pruning:
-        try:
-            prune_layers(model, info.pruning)
-        except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise CorruptFileError(f"{path}: the stored pruning plan does not fit architecture {info.arch!r}: {e}") from e
+    try:
+        model = skeleton(info)
+    except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise CorruptFileError(f"{path}: the stored description cannot be rebuilt ({e})") from e
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

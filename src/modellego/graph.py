@@ -123,6 +123,15 @@ class ChannelGraph:
         return feature_count(self.layouts[self.output])
 
 
+def is_depthwise(m: nn.Conv2d) -> bool:
+    """One input and one output channel per group (and more than one group).
+
+    Pruning keeps at least two channels in a depthwise layer's space so that a component's graph
+    stays the graph of its source (a one-channel depthwise conv would look like a plain conv).
+    """
+    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
 def feature_count(layout: Layout) -> int:
     return sum(s.features for s in layout)
 
@@ -297,7 +306,7 @@ class _Builder:
             raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
         src = inputs[0]
         if isinstance(m, nn.Conv2d):
-            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            depthwise = is_depthwise(m)
             if m.groups > 1 and not depthwise:
                 raise self.fail(node, f"grouped convolution with groups={m.groups} (only 1 or depthwise)")
             if len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1:

@@ -48,6 +48,8 @@ class ModelInfo:
         kind: "model", "component" or "assembly".
         pruning: per layer name, kept output/input indices ({"out": [...], "in": [...]}).
         provenance: free-form JSON: training arguments, accuracies, thresholds, samples used.
+        assembly: for an assembly, how to rebuild it: mode, layer sizes, input adapters and the
+            descriptions of its components (see `modellego.assemble`).
     """
 
     arch: str | None
@@ -59,6 +61,7 @@ class ModelInfo:
     kind: str = "model"
     pruning: dict[str, dict[str, list[int]]] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    assembly: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != len(self.classes):
@@ -82,6 +85,7 @@ class ModelInfo:
             "kind": self.kind,
             "pruning": self.pruning,
             "provenance": self.provenance,
+            "assembly": self.assembly,
         }
 
     @classmethod
@@ -97,6 +101,7 @@ class ModelInfo:
                 kind=str(d.get("kind", "model")),
                 pruning=d.get("pruning"),
                 provenance=dict(d.get("provenance") or {}),
+                assembly=d.get("assembly"),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(f"model description is malformed: {e!r}") from e

@@ -154,6 +154,8 @@ def keep_channels(
     if len(out_segments) != 1 or out_segments[0].spatial != 1:
         raise UserError("the model output must be produced by one Linear or Conv layer")
     out_space = out_segments[0].space
+    depthwise_spaces = {graph.find(seg.space) for l in graph.layers.values() if l.depthwise
+                        for seg in graph.layouts[l.node]}
     for s in reps:
         if s in input_spaces:
             keep[s] = list(range(graph.space_size[s]))
@@ -164,5 +166,7 @@ def keep_channels(
             if not idx:
                 log.warning("no class uses channel space %d (%d channels); keeping one channel", s, graph.space_size[s])
                 idx = [0]
+            if s in depthwise_spaces and len(idx) < 2 <= graph.space_size[s]:
+                idx = sorted(set(idx) | {next(c for c in range(graph.space_size[s]) if c not in idx)})
             keep[s] = idx
     return keep

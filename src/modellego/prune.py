@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .graph import ChannelGraph, Layout
+from .graph import ChannelGraph, Layout, is_depthwise
 
 Plan = dict[str, dict[str, list[int]]]
 
@@ -51,8 +51,7 @@ def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor 
 
 
 def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Conv2d:
-    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-    if depthwise:
+    if is_depthwise(m):
         if not torch.equal(out_idx, in_idx):
             raise UserError("a depthwise convolution must keep the same input and output channels")
         groups, weight = len(out_idx), _index(m.weight, 0, out_idx)
@@ -132,4 +131,40 @@ def prune_layers(model: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]
         else:
             raise UserError(f"cannot prune layer {name!r} of type {type(m).__name__}")
         model.set_submodule(name, new)
+    return model
+
+
+def fresh_like(m: nn.Module, out_n: int, in_n: int | None = None) -> nn.Module:
+    """A zero-initialised copy of layer `m` with `out_n` outputs and `in_n` inputs (same hyper-parameters)."""
+    ref = next(iter(m.parameters()), None)
+    kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    if isinstance(m, nn.Conv2d):
+        depthwise = is_depthwise(m)
+        if m.groups > 1 and not depthwise:
+            raise UserError(f"cannot resize a grouped convolution with groups={m.groups}")
+        in_n = out_n if depthwise else in_n
+        new = nn.Conv2d(in_n, out_n, m.kernel_size, m.stride, m.padding, m.dilation, out_n if depthwise else 1,
+                        bias=m.bias is not None, padding_mode=m.padding_mode, **kw)
+    elif isinstance(m, nn.Linear):
+        new = nn.Linear(in_n, out_n, bias=m.bias is not None, **kw)
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        new = type(m)(out_n, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                      track_running_stats=m.track_running_stats, **kw)
+    elif isinstance(m, nn.PReLU):
+        new = nn.PReLU(out_n, **kw)
+    else:
+        raise UserError(f"cannot resize a layer of type {type(m).__name__}")
+    with torch.no_grad():
+        for p in new.parameters():
+            p.zero_()
+    return new
+
+
+def resize_layers(model: nn.Module, sizes: Mapping[str, Mapping[str, int]]) -> nn.Module:
+    """Replace each named layer by a zero-initialised one of the given sizes (in place)."""
+    modules = dict(model.named_modules())
+    for name, size in sizes.items():
+        if name not in modules:
+            raise UserError(f"layer sizes name layer {name!r}, which the model does not have")
+        model.set_submodule(name, fresh_like(modules[name], int(size["out"]), size.get("in")))
     return model

@@ -1,0 +1,317 @@
+"""Assembling: components (from one or several source models) into one model for the union task.
+
+Two ways, both exact (the assembled logits equal the components' logits side by side):
+
+- **padded** (the paper's alignment padding): components of one architecture become one network
+  whose every layer is block-diagonal. Positions are tracked per tensor through the traced graph,
+  so residual adds, concatenations (the paper's Appendix D) and flatten line up. Components that
+  share their input normalisation stack their first-layer filters over the one input; otherwise an
+  input adapter feeds each block its own normalised copy of the image.
+- **parallel**: anything else (different architectures, widths, sizes, channel counts or
+  normalisation): one module runs each component on its own preprocessed input and concatenates.
+
+An `Assembly` takes raw images for the parallel mode (and padded mode with adapters) and ends in
+an `OutputHead`, an identity until scaling or calibration sets it (see `modellego.scaling`).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+from .graph import ChannelGraph, trace
+from .info import InputSpec, ModelInfo, get_info, set_info
+from .prune import fresh_like, resize_layers
+
+log = logging.getLogger(__name__)
+RAW = "raw"  # an assembly fed raw [0, 1] images: its adapters normalise per component
+
+
+class InputAdapter(nn.Module):
+    """Turns raw images in [0, 1] into one component's input: channels, size, normalisation.
+
+    Shape: (B, C_raw, H, W) -> (B, C, h, w).
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        self.channels = spec.channels
+        self.size = tuple(spec.size)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.channels:
+            if self.channels == 3 and x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)
+            elif self.channels == 1 and x.shape[1] == 3:
+                x = x.mean(1, keepdim=True)
+            else:
+                raise UserError(f"cannot turn {x.shape[1]}-channel images into {self.channels}-channel input")
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class OutputHead(nn.Module):
+    """out_j = scale_j · z_j + bias_j + weight_{g(j)} · logsumexp(z over group g(j)).
+
+    Group g(j) is the component output j comes from; the log-sum-exp term is that component's own
+    confidence (a "not mine" signal). Identity until `modellego.scaling` fits it.
+    """
+
+    def __init__(self, groups: Sequence[int]) -> None:
+        super().__init__()
+        groups_t = torch.as_tensor(list(groups), dtype=torch.long)
+        self.register_buffer("groups", groups_t)
+        self.register_buffer("scale", torch.ones(len(groups_t)))
+        self.register_buffer("bias", torch.zeros(len(groups_t)))
+        self.register_buffer("energy", torch.zeros(int(groups_t.max()) + 1 if len(groups_t) else 0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = z * self.scale.to(z.dtype) + self.bias.to(z.dtype)
+        if bool((self.energy != 0).any()):
+            lse = torch.stack([z[:, self.groups == g].logsumexp(1) for g in range(len(self.energy))], 1)  # (B, G)
+            out = out + (lse * self.energy.to(z.dtype))[:, self.groups]
+        return out
+
+
+class Assembly(nn.Module):
+    """Components put together: [adapters] -> body -> head.
+
+    ``padded``: `body` is one block-diagonal network; with `adapters`, their outputs are
+    concatenated along channels as its input. ``parallel``: `body` is a ModuleList run side by side.
+    """
+
+    def __init__(self, mode: str, body: nn.Module, head: OutputHead, adapters: nn.ModuleList | None = None) -> None:
+        super().__init__()
+        self.mode = mode
+        self.body = body
+        self.head = head
+        self.adapters = adapters
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The components' logits side by side, before the head. Shape: (B, T)."""
+        if self.mode == "parallel":
+            return torch.cat([m(a(x)) for a, m in zip(self.adapters, self.body)], 1)
+        if self.adapters is not None:
+            x = torch.cat([a(x) for a in self.adapters], 1)
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.logits(x))
+
+
+def _example(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if info.input is None:
+        raise UserError("a component without an input description cannot be assembled; save it from a trained model")
+    return torch.zeros(2, info.input.channels, *info.input.size, device=device, dtype=dtype)
+
+
+def _infos(components: Sequence[nn.Module]) -> list[ModelInfo]:
+    if not components:
+        raise UserError("nothing to assemble")
+    infos = []
+    for i, c in enumerate(components):
+        info = get_info(c)
+        if info is None:
+            raise UserError(f"component {i} has no description; build it with modellego.disassemble or load it")
+        infos.append(info)
+    return infos
+
+
+def _same_graph(graphs: Sequence[ChannelGraph]) -> bool:
+    def signature(g: ChannelGraph) -> list[tuple[str, str, int]]:
+        return [(n.name, g.roles[n], len(g.layouts[n])) for n in g.gm.graph.nodes if n in g.roles]
+    first = signature(graphs[0])
+    return all(signature(g) == first for g in graphs[1:]) and all(
+        list(g.layers) == list(graphs[0].layers) for g in graphs[1:])
+
+
+def can_pad(components: Sequence[nn.Module]) -> str | None:
+    """``None`` if the components can be padded into one network, else the reason why not."""
+    infos = _infos(components)
+    if any(i.assembly is not None for i in infos):
+        return "an input is already an assembly"
+    if len({i.arch for i in infos}) != 1 or infos[0].arch is None:
+        return f"architectures differ ({', '.join(sorted(str(i.arch) for i in infos))})"
+    if len({(i.input.channels, tuple(i.input.size)) if i.input else None for i in infos}) != 1:
+        return "input channels or sizes differ"
+    return None
+
+
+def _positions(graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
+        list[dict[fx.Node, torch.Tensor]], dict[int, int]]:
+    """Feature positions of every component's tensors inside the assembled tensors.
+
+    Every channel space s of the assembly lays the components' channels of s side by side
+    ([component 0 | component 1 | ...]); a tensor made of several segments (a concatenation)
+    or repeated over positions (a flatten) maps through its layout.
+    """
+    g0 = graphs[0]
+    input_spaces = {g0.find(seg.space) for n, r in g0.roles.items() if r == "input" for seg in g0.layouts[n]}
+    reps = sorted({g0.find(s) for s in g0.space_size})
+    sizes = [{s: g.space_size[s] for s in reps} for g in graphs]
+    offsets: list[dict[int, int]] = []
+    total: dict[int, int] = {}
+    for s in reps:
+        run = 0
+        for i in range(len(graphs)):
+            if i == len(offsets):
+                offsets.append({})
+            shared = stacked_input and s in input_spaces
+            offsets[i][s] = 0 if shared else run
+            run = sizes[i][s] if shared else run + sizes[i][s]
+        total[s] = run
+    positions: list[dict[fx.Node, torch.Tensor]] = [{} for _ in graphs]
+    nodes0 = {n.name: n for n in g0.layouts}
+    for i, g in enumerate(graphs):
+        for node in g.layouts:
+            idx: list[int] = []
+            base = 0
+            for seg, seg0 in zip(g.segments(node), g0.segments(nodes0[node.name])):
+                s = seg0.space
+                start = base + offsets[i][s] * seg.spatial
+                idx.extend(range(start, start + seg.channels * seg.spatial))
+                base += total[s] * seg.spatial
+            positions[i][node] = torch.tensor(idx, dtype=torch.long)
+    return positions, total
+
+
+@torch.no_grad()
+def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], stacked_input: bool) -> tuple[
+        nn.Module, dict[str, dict[str, int]]]:
+    param = next(components[0].parameters())
+    graphs = [trace(c, _example(i, param.device, param.dtype)) for c, i in zip(components, infos)]
+    if not _same_graph(graphs):
+        raise UserError("the components' graphs differ; use parallel assembly")
+    # Without stacking, each component reads its own normalised copy of the image (adapters).
+    pos, _ = _positions(graphs, stacked_input)
+    g0 = graphs[0]
+    body = copy.deepcopy(components[0])
+    sizes: dict[str, dict[str, int]] = {}
+    for name, layer in g0.layers.items():
+        out_idx = [p[g.layers[name].node] for p, g in zip(pos, graphs)]
+        in_idx = [p[g.layers[name].input] for p, g in zip(pos, graphs)]
+        out_n = int(max(int(t.max()) for t in out_idx if len(t)) + 1)
+        in_n = int(max(int(t.max()) for t in in_idx if len(t)) + 1)
+        new = fresh_like(layer.module, out_n, in_n)
+        for c, o, i_ in zip(components, out_idx, in_idx):
+            m = c.get_submodule(name)
+            if layer.depthwise:
+                new.weight[o] = m.weight
+            else:
+                new.weight[o[:, None], i_[None, :]] = m.weight
+            if m.bias is not None:
+                new.bias[o] = m.bias
+        body.set_submodule(name, new)
+        sizes[name] = {"out": out_n, "in": in_n}
+    for name, node in g0.channelwise_params.items():
+        idx = [p[g.channelwise_params[name]] for p, g in zip(pos, graphs)]
+        n = int(max(int(t.max()) for t in idx if len(t)) + 1)
+        new = fresh_like(g0.gm.get_submodule(name), n)
+        for c, o in zip(components, idx):
+            m = c.get_submodule(name)
+            for key, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if t.ndim == 1 and key != "num_batches_tracked":
+                    getattr(new, key)[o] = t
+        if isinstance(new, nn.modules.batchnorm._BatchNorm) and new.track_running_stats:
+            new.num_batches_tracked.copy_(components[0].get_submodule(name).num_batches_tracked)
+        body.set_submodule(name, new)
+        sizes[name] = {"out": n}
+    return body.eval(), sizes
+
+
+def _label_map(infos: Sequence[ModelInfo]) -> list[dict[str, Any]]:
+    return [{"component": i, "dataset": info.dataset, "source_class": c, "name": n}
+            for i, info in enumerate(infos) for c, n in zip(info.classes, info.class_names)]
+
+
+def _names(label_map: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    names = [f"{e['dataset']}:{e['name']}" if e["dataset"] else str(e["name"]) for e in label_map]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"duplicate classes in the assembly: {dup}; each class may come from one component only")
+    return tuple(names)
+
+
+def _raw_spec(infos: Sequence[ModelInfo]) -> InputSpec:
+    channels = max(i.input.channels for i in infos)
+    size = max(tuple(i.input.size) for i in infos)
+    return InputSpec(channels, size, (0.0,) * channels, (1.0,) * channels)
+
+
+def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Module:
+    """Assemble components into one model whose outputs are all their classes, in order.
+
+    Args:
+        components: components (or whole models) with a description (`ModelInfo`).
+        mode: ``padded`` (block-diagonal, one network: the paper's alignment padding),
+            ``parallel`` (side by side) or ``auto`` (padded when possible).
+
+    Returns: an `Assembly`; ``modellego.get_info(a).provenance["label_map"]`` says which output
+    is which class of which source, and the head is the identity (see `modellego.scaling`).
+    """
+    infos = _infos(components)
+    if mode not in ("auto", "padded", "parallel"):
+        raise UserError(f"mode must be auto, padded or parallel, got {mode!r}")
+    reason = can_pad(components)
+    if mode == "padded" and reason:
+        raise UserError(f"cannot pad these components: {reason}; use parallel assembly")
+    mode = ("parallel" if reason else "padded") if mode == "auto" else mode
+    label_map = _label_map(infos)
+    names = _names(label_map)
+    groups = [e["component"] for e in label_map]
+    components = [copy.deepcopy(c).eval() for c in components]
+    spec: dict[str, Any] = {"mode": mode, "components": [i.to_json() for i in infos]}
+    if mode == "parallel":
+        adapters = nn.ModuleList([InputAdapter(i.input) for i in infos])
+        model = Assembly("parallel", nn.ModuleList(components), OutputHead(groups), adapters)
+        spec["adapters"] = True
+        input_spec = _raw_spec(infos)
+    else:
+        stacked = len({(i.input.mean, i.input.std) for i in infos}) == 1
+        body, sizes = _padded_body(components, infos, stacked)
+        adapters = None if stacked else nn.ModuleList([InputAdapter(i.input) for i in infos])
+        model = Assembly("padded", body, OutputHead(groups), adapters)
+        spec.update(arch=infos[0].arch, arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, adapters=not stacked)
+        input_spec = infos[0].input if stacked else _raw_spec(infos)
+    info = ModelInfo(
+        arch=None, arch_kwargs={}, class_names=names, classes=tuple(range(len(names))), input=input_spec,
+        dataset="+".join(dict.fromkeys(str(i.dataset) for i in infos)), kind="assembly",
+        provenance={"label_map": label_map, "scaling": {"method": "none"}}, assembly=spec)
+    return set_info(model.eval(), info)
+
+
+def assembly_skeleton(info: ModelInfo) -> Assembly:
+    """An `Assembly` of the shapes `info` describes (weights to be loaded)."""
+    from .checkpoint import skeleton
+
+    spec = info.assembly or {}
+    comps = [ModelInfo.from_json(c) for c in spec["components"]]
+    groups = [e["component"] for e in info.provenance["label_map"]]
+    adapters = nn.ModuleList([InputAdapter(c.input) for c in comps]) if spec.get("adapters") else None
+    if spec["mode"] == "parallel":
+        body: nn.Module = nn.ModuleList([set_info(skeleton(c), c) for c in comps])
+    elif spec["mode"] == "padded":
+        from .models import create_model
+        body = resize_layers(create_model(spec["arch"], **spec["arch_kwargs"]), spec["layer_sizes"])
+    else:
+        raise UserError(f"unknown assembly mode {spec['mode']!r}")
+    return Assembly(spec["mode"], body, OutputHead(groups), adapters)
+
+
+def side_by_side(components: Sequence[nn.Module], x_raw: torch.Tensor) -> torch.Tensor:
+    """Reference: each component on its own preprocessed input, logits concatenated."""
+    outs = []
+    with torch.no_grad():
+        for c in components:
+            outs.append(c(InputAdapter(get_info(c).input).to(x_raw.device)(x_raw)))
+    return torch.cat(outs, 1)
