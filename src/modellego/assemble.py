@@ -61,7 +61,7 @@ class InputAdapter(nn.Module):
 
 
 class OutputHead(nn.Module):
-    """out_j = scale_j · z_j + bias_j + weight_{g(j)} · logsumexp(z over group g(j)).
+    """out_j = scale_j · z_j + bias_j + energy_{g(j)} · logsumexp(z / temperature over group g(j)).
 
     Group g(j) is the component output j comes from; the log-sum-exp term is that component's own
     confidence (a "not mine" signal). Identity until `modellego.scaling` fits it.
@@ -74,11 +74,13 @@ class OutputHead(nn.Module):
         self.register_buffer("scale", torch.ones(len(groups_t)))
         self.register_buffer("bias", torch.zeros(len(groups_t)))
         self.register_buffer("energy", torch.zeros(int(groups_t.max()) + 1 if len(groups_t) else 0))
+        self.register_buffer("temperature", torch.ones(()))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = z * self.scale.to(z.dtype) + self.bias.to(z.dtype)
         if bool((self.energy != 0).any()):
-            lse = torch.stack([z[:, self.groups == g].logsumexp(1) for g in range(len(self.energy))], 1)  # (B, G)
+            zt = z / self.temperature.to(z.dtype)
+            lse = torch.stack([zt[:, self.groups == g].logsumexp(1) for g in range(len(self.energy))], 1)  # (B, G)
             out = out + (lse * self.energy.to(z.dtype))[:, self.groups]
         return out
 

@@ -21,6 +21,7 @@ EXAMPLES = {
     "profile": "modellego profile runs/vgg-fashion --data fashion-mnist -o runs/vgg-fashion.profile",
     "disassemble": "modellego disassemble runs/vgg-fashion --classes 0-2 --profile runs/vgg-fashion.profile -o runs/vgg-fashion-0-2",
     "models": "modellego models",
+    "assemble": "modellego assemble runs/mnist-0-4 runs/fashion-5-9 -o runs/asm --scaling calibrated",
     "demo": "modellego demo --cache .cache/demo",
 }
 
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("evaluate", "accuracy (overall, per class, Base and Masked-Base), parameters, FLOPs and latency")
     s.add_argument("model", help="model, component or assembly file (or its folder)")
-    data_args(s)
+    data_args(s, required=False)
     s.add_argument("--classes", help="task, e.g. 0-2, 3,5,7 or class names (default: the model's classes)")
     s.add_argument("--split", default="test", choices=["test", "val", "train"])
     s.add_argument("--json", action="store_true", help="print one JSON object")
@@ -82,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     data_args(s, required=False)
     _profile_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
+
+    s = add("assemble", "assemble components into one model for the union of their classes (no training)")
+    s.add_argument("components", nargs="+", help="component (or model) files")
+    s.add_argument("--mode", choices=["auto", "padded", "parallel"], default="auto",
+                   help="padded: block-diagonal layers (the paper); parallel: side by side; auto: padded when possible")
+    s.add_argument("--scaling", choices=["none", "paper", "calibrated"], default="calibrated",
+                   help="make the components' logits comparable from training images (default: calibrated)")
+    s.add_argument("--images-per-class", type=int, default=200, help="training images per class for scaling (default 200)")
+    s.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning epochs on the union task")
+    s.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    s.add_argument("--data-dir", help="folder with the components' datasets (default: the offline copies)")
+    s.add_argument("--download", action="store_true")
+    s.add_argument("--device")
+    s.add_argument("-o", "--output", required=True)
 
     s = add("demo", "train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables")
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
@@ -143,7 +158,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args)
     model = load(args.model, map_location=device)
     info = model.modellego_info
-    ds = _dataset(args)
+    if args.data:
+        ds = _dataset(args)
+    elif info.kind == "assembly":
+        from .data import load_dataset
+        from .union import union_dataset
+        ds = union_dataset(model, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+    else:
+        raise UserError("give --data NAME (only assemblies know their datasets)")
     if args.classes:
         classes = parse_classes(args.classes, ds.classes)
     else:
@@ -223,13 +245,37 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from .assemble import assemble
+    from .checkpoint import load, save
+    from .data import load_dataset
+    from .protocol import scaling_batches
+    from .scaling import scale_assembly
+    from .train import finetune
+    from .union import union_dataset
+    device = _device(args)
+    components = [load(p, map_location=device) for p in args.components]
+    asm = assemble(components, mode=args.mode)
+    info = asm.modellego_info
+    if args.scaling != "none" or args.finetune_epochs:
+        ds = union_dataset(asm, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+        if args.scaling != "none":
+            scale_assembly(asm, scaling_batches(asm, ds, per_class=args.images_per_class), args.scaling)
+        if args.finetune_epochs:
+            finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
+    path = save(asm, args.output)
+    print(f"saved {path}: {info.assembly['mode']} assembly of {len(components)} components, "
+          f"{len(info.classes)} classes ({', '.join(info.class_names)}), scaling {args.scaling}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.cache), epochs=args.epochs, device=_device(args))
 
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile,
-            "disassemble": cmd_disassemble, "demo": cmd_demo}
+            "disassemble": cmd_disassemble, "assemble": cmd_assemble, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -92,3 +92,14 @@ def calibration_batches(model: nn.Module, ds: Dataset, classes: Sequence[int], *
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(sub), generator=g)[:images]
     return list(batches(sub.select(idx), batch_size, transform=model_transform(model, ds)))
+
+
+def scaling_batches(model: nn.Module, ds: Dataset, *, per_class: int = 200, seed: int = 0,
+                    batch_size: int = 256) -> list[tuple]:
+    """Up to `per_class` seeded random TRAINING images of every class of `ds`, preprocessed for `model`."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in range(len(ds.classes)):
+        idx = torch.nonzero(ds.train.labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return list(batches(ds.train.select(torch.cat(picks)), batch_size, transform=model_transform(model, ds)))
