@@ -1,0 +1,114 @@
+"""Table 2 of the paper on MNIST + Fashion-MNIST: assembling components of two source models.
+
+For each architecture, one source trained on MNIST and one on Fashion-MNIST (cached by
+train_zoo.py); for each pair of tasks: Base (class-count-weighted mean of the sources' Base),
+Score1 without training with no scaling, the paper's scaling and our calibrated head, Score2 after
+a short fine-tuning, and parameters, FLOPs and latency of the padded vs the parallel assembly.
+
+    python benchmarks/table2.py                            # every cached architecture
+    python benchmarks/table2.py --models lenet5 --finetune-epochs 2 --finetune-images 5000
+
+Rows are appended to benchmarks/results/table2.jsonl; a Markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_zoo import ZOO, checkpoint_path  # noqa: E402
+
+import modellego  # noqa: E402
+from modellego.assemble import assemble  # noqa: E402
+from modellego.data import Split, batches, load_dataset  # noqa: E402
+from modellego.evaluate import count_flops, count_params, measure_latency  # noqa: E402
+from modellego.info import get_info  # noqa: E402
+from modellego.protocol import calibration_batches, model_transform, scaling_batches, test_accuracy  # noqa: E402
+from modellego.scaling import SCALINGS, scale_assembly  # noqa: E402
+from modellego.train import finetune  # noqa: E402
+from modellego.union import union_dataset  # noqa: E402
+
+PAIRS = {"0+0": ([0], [0]), "0-2+0-2": ([0, 1, 2], [0, 1, 2]), "3-9+3-9": (list(range(3, 10)), list(range(3, 10))),
+         "0-4+5-9": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "0-9+0-9": (list(range(10)), list(range(10)))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="*", default=["lenet5", "vgg16_bn", "resnet18", "googlenet"])
+    p.add_argument("--pairs", nargs="*", default=list(PAIRS))
+    p.add_argument("--cache", type=Path, default=Path(".cache/zoo"))
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-images", type=int, default=5000, help="random union training images used to fine-tune")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/table2.jsonl"))
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"mnist": load_dataset("mnist"), "fashion-mnist": load_dataset("fashion-mnist")}
+    rows = []
+    for arch in args.models:
+        paths = {d: checkpoint_path(args.cache, arch, d) for d in data}
+        if not all(p.exists() for p in paths.values()):
+            print(f"skipping {arch}: run benchmarks/train_zoo.py --models {arch} first", file=sys.stderr)
+            continue
+        sources = {d: modellego.load(paths[d]) for d in data}
+        t = time.perf_counter()
+        profiles = {d: modellego.profile(m, batches(data[d].train, 256, transform=model_transform(m, data[d])))
+                    for d, m in sources.items()}
+        profile_s = time.perf_counter() - t
+        for name in args.pairs:
+            tasks = dict(zip(data, PAIRS[name]))
+            comps, base_sum = [], 0.0
+            for d, task in tasks.items():
+                m, ds = sources[d], data[d]
+                comps.append(modellego.disassemble(m, task, profile=profiles[d], calibration=calibration_batches(m, ds, task)))
+                base_sum += test_accuracy(m, ds, task).mean_per_class * len(task)
+            n = sum(len(t) for t in tasks.values())
+            row = {"model": arch, "width": ZOO[arch]["width"], "pair": name, "base": round(base_sum / n, 2),
+                   "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
+            for mode in ("padded", "parallel"):
+                asm = assemble(comps, mode=mode)
+                shape = (get_info(asm).input.channels, *get_info(asm).input.size)
+                row[f"{mode}_params"] = count_params(asm)
+                row[f"{mode}_flops"] = count_flops(asm, shape)
+                row[f"{mode}_latency_ms"] = round(measure_latency(asm, shape, batch=64, repeats=10), 2)
+            asm = assemble(comps, mode="padded")
+            union = union_dataset(asm, data)
+            fit_images = scaling_batches(asm, union)
+            for method in SCALINGS:
+                scale_assembly(asm, fit_images, method)
+                acc = test_accuracy(asm, union)
+                row[f"score1_{method}"] = round(acc.mean_per_class, 2)
+                row[f"worst_{method}"] = round(acc.worst_class, 2)
+            if args.finetune_epochs:
+                tuned = copy.deepcopy(asm)
+                scale_assembly(tuned, fit_images, "none")
+                g = torch.Generator().manual_seed(0)
+                idx = torch.randperm(len(union.train), generator=g)[: args.finetune_images]
+                small = type(union)(union.name, union.classes, Split(union.train.images[idx], union.train.labels[idx]),
+                                    union.val, union.test, union.mean, union.std)
+                t = time.perf_counter()
+                finetune(tuned, small, epochs=args.finetune_epochs, progress=False)
+                row["score2"] = round(test_accuracy(tuned, union).mean_per_class, 2)
+                row["finetune"] = f"{args.finetune_epochs} epochs x {len(idx)} images, {time.perf_counter() - t:.0f} s"
+            rows.append(row)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print("| model | tasks | Base | Score1 none | Score1 paper | Score1 calibrated | Score2 | padded MFLOPs | parallel MFLOPs "
+          "| padded params | parallel params | padded ms | parallel ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} w{r['width']} | {r['pair']} | {r['base']} | {r['score1_none']} | {r['score1_paper']} | "
+              f"**{r['score1_calibrated']}** | {r.get('score2', '-')} | {r['padded_flops'] / 1e6:.1f} | "
+              f"{r['parallel_flops'] / 1e6:.1f} | {r['padded_params']:,} | {r['parallel_params']:,} | "
+              f"{r['padded_latency_ms']} | {r['parallel_latency_ms']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
