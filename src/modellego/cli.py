@@ -76,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--classes", required=True, help="task, e.g. 0-2, 3,5,7 or class names, in output order")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
-    s.add_argument("--calibrate", default="bn+refit+balance",
+    s.add_argument("--calibrate", default=None,
                    help="training-free logit calibration from --data training images: none (the paper's faithful "
-                        "cut), bn, affine, refit, balance or a '+' combination (default: bn+refit+balance)")
+                        "cut), bn, affine, refit, balance or a '+' combination (default: bn+refit+balance when "
+                        "--data is given, else none)")
     s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
     data_args(s, required=False)
     _profile_args(s)
@@ -218,6 +219,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .checkpoint import load, save
+    from .calibrate import DEFAULT_CALIBRATION
     from .disassemble import disassemble
     from .evaluate import count_params
     from .profiling import Profile
@@ -225,6 +227,10 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     model = load(args.model, map_location=_device(args))
     info = model.modellego_info
     classes = parse_classes(args.classes, info.class_names)
+    if args.calibrate is None:
+        args.calibrate = DEFAULT_CALIBRATION if args.data else "none"
+        if not args.data:
+            print("note: no --data, so no calibration: this is the paper's faithful cut", file=sys.stderr)
     if args.calibrate != "none" and not args.data:
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if args.profile:
