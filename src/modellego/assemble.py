@@ -125,6 +125,9 @@ def _infos(components: Sequence[nn.Module]) -> list[ModelInfo]:
         info = get_info(c)
         if info is None:
             raise UserError(f"component {i} has no description; build it with modellego.disassemble or load it")
+        if info.input is None:
+            raise UserError(f"component {i} has no input description and cannot be assembled; "
+                            "set one (ModelInfo.input) or save it from a trained model")
         infos.append(info)
     return infos
 

@@ -162,15 +162,16 @@ def calibrate(
     xs = [x.to(device) for x in xs]
     labels = torch.cat(ys)
     report["images"] = len(labels)
+    fc = last_layer(component, len(task))
+    needs_bias = [m for m in methods if m in ("affine", "refit", "balance")]
+    if needs_bias and fc.bias is None:  # fail before changing anything
+        raise UserError(f"{needs_bias[0]} calibration needs a last layer with a bias")
     if "bn" in methods:
         report["bn_layers"] = recompute_batchnorm(component, xs)
-    fc = last_layer(component, len(task))
     if "affine" in methods:
         target = _logits(source, xs)[:, list(task)]
         a, b = fit_affine(_logits(component, xs), target)
         fc.weight.mul_(a.to(fc.weight.dtype)[:, None])
-        if fc.bias is None:
-            raise UserError("affine calibration needs a last layer with a bias")
         fc.bias.copy_(a.to(fc.bias.dtype) * fc.bias + b.to(fc.bias.dtype))
         report["affine_scale"] = [round(float(v), 4) for v in a]
     if "refit" in methods:
@@ -178,16 +179,12 @@ def calibrate(
         feats = _penultimate(component, fc, xs)
         w, b = fit_ridge(feats, target)
         fc.weight.copy_(w.to(fc.weight.dtype))
-        if fc.bias is None:
-            raise UserError("refit calibration needs a last layer with a bias")
         fc.bias.copy_(b.to(fc.bias.dtype))
         report["refit_r2"] = round(float(1 - ((feats @ w.T + b - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()), 4)
     if "balance" in methods:
         pos = {c: i for i, c in enumerate(task_labels)}
         prior = torch.bincount(torch.tensor([pos[int(c)] for c in labels]), minlength=len(task)).double() / len(labels)
         b = fit_balance(_logits(component, xs), prior)
-        if fc.bias is None:
-            raise UserError("balance calibration needs a last layer with a bias")
         fc.bias.add_(b.to(fc.bias.dtype))
         report["balance_bias"] = [round(float(v), 4) for v in b]
     return report

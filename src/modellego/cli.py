@@ -27,13 +27,18 @@ EXAMPLES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modellego", description="Model LEGO: disassemble and assemble trained CNN classifiers.")
+    p = argparse.ArgumentParser(
+        prog="modellego", description="Model LEGO: disassemble and assemble trained CNN classifiers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES[k] for k in ("demo", "train", "profile", "disassemble", "assemble")))
     p.add_argument("--version", action="version", version=f"modellego {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}")
+        # Raw: the default formatter re-wraps the example at hyphens ("runs/vgg-" / "fashion"), breaking copy-paste.
+        return sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def data_args(s: argparse.ArgumentParser, required: bool = True) -> None:
         s.add_argument("--data", required=required, help="dataset name (mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic)")
@@ -159,12 +164,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _device(args)
     model = load(args.model, map_location=device)
     info = model.modellego_info
-    if args.data:
-        ds = _dataset(args)
-    elif info.kind == "assembly":
+    if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel
         from .data import load_dataset
         from .union import union_dataset
-        ds = union_dataset(model, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+        given = {}
+        if args.data:
+            d = _dataset(args)
+            given[d.name] = d
+        ds = union_dataset(model, given, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+    elif args.data:
+        ds = _dataset(args)
     else:
         raise UserError("give --data NAME (only assemblies know their datasets)")
     if args.classes:
@@ -221,19 +230,21 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     from .checkpoint import load, save
     from .calibrate import DEFAULT_CALIBRATION
     from .disassemble import disassemble
+    from .locate import Thresholds
     from .evaluate import count_params
     from .profiling import Profile
     from .tasks import parse_classes
     model = load(args.model, map_location=_device(args))
     info = model.modellego_info
     classes = parse_classes(args.classes, info.class_names)
+    faithful_note = args.calibrate is None and not args.data
     if args.calibrate is None:
         args.calibrate = DEFAULT_CALIBRATION if args.data else "none"
-        if not args.data:
-            print("note: no --data, so no calibration: this is the paper's faithful cut", file=sys.stderr)
     if args.calibrate != "none" and not args.data:
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if args.profile:
+        if _thresholds(args) != Thresholds():
+            raise UserError("the thresholds are those the profile was made with; re-profile to change them")
         prof = Profile.load(args.profile)
     elif args.data:
         prof = _profile_from_args(model, args, classes)
@@ -248,6 +259,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     path = save(component, args.output)
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
           f"{count_params(component):,} of {count_params(model):,} parameters")
+    if faithful_note:
+        print("note: no --data, so no calibration: this is the paper's faithful cut", file=sys.stderr)
     return 0
 
 

@@ -187,8 +187,7 @@ def profile(
 
     Args:
         model: a classifier whose forward pass torch.fx can trace.
-        batches: iterable of (inputs, labels), normally the TRAINING split (re-iterable when
-            ``select=False`` is not used: it is read once).
+        batches: iterable of (inputs, labels), normally the TRAINING split; read once.
         classes: output indices to profile (default: all).
         thresholds: α and β (default: the paper's).
         mode: "sample" (ReLU per sample, then sum) or "mean" (average features first).

@@ -64,7 +64,11 @@ def paper_scale(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[in
 
 def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, l2: float = 1e-3, steps: int = 200
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale, bias and per-group energy weight minimising cross-entropy (+ L2 towards identity)."""
+    """Scale, bias and per-group energy weight minimising cross-entropy (+ a small L2 penalty).
+
+    The fit runs on logits divided by their spread, and the penalty pulls towards the identity
+    there: towards the raw logits up to one positive factor, which leaves every argmax unchanged.
+    """
     t, g = z.shape[1], int(groups.max()) + 1
     std = z.std().clamp(min=1e-6)
     zn = z / std  # fit on a unit scale, undo below

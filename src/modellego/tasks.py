@@ -6,6 +6,11 @@ from collections.abc import Sequence
 from .errors import UserError, unknown_name
 
 
+def _is_index(s: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' (which int() rejects) and other scripts' digits."""
+    return s.isascii() and s.isdigit()
+
+
 def parse_classes(spec: str, class_names: Sequence[str]) -> list[int]:
     """Class indices of `spec`, in the order written.
 
@@ -18,11 +23,11 @@ def parse_classes(spec: str, class_names: Sequence[str]) -> list[int]:
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             raise UserError(f"empty item in class list {spec!r}")
-        if item.lower() in by_name and not item.isdigit():
+        if item.lower() in by_name and not _is_index(item):
             out.append(by_name[item.lower()])
-        elif item.isdigit():
+        elif _is_index(item):
             out.append(int(item))
-        elif "-" in item and all(p.strip().isdigit() for p in item.split("-", 1)):
+        elif "-" in item and all(_is_index(p.strip()) for p in item.split("-", 1)):
             a, b = (int(p) for p in item.split("-", 1))
             if b < a:
                 raise UserError(f"empty class range {item!r}")

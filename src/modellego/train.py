@@ -130,7 +130,7 @@ def fit(
             opt.step()
             if sched:
                 sched.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             n += len(y)
             bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
         record = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}

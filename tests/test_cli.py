@@ -1,0 +1,249 @@
+"""The `modellego` command end to end on the synthetic dataset: train, evaluate, profile,
+disassemble, assemble, evaluate again; and one-line errors for bad input."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import modellego
+from modellego.cli import EXAMPLES, main
+from modellego.info import get_info
+from modellego.profiling import Profile
+
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
+TRAIN = ["--model", "vgg11_bn", "--width", "0.125", "--data", "synthetic", "--epochs", "1", "--train-limit", "800",
+         "--batch-size", "16", "--lr", "0.05"]
+
+
+def quiet(argv: list[str]) -> tuple[int, str]:
+    """Run the command with stdout and stderr captured (for module fixtures, where capsys is not available)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    assert rc == 0, err.getvalue()[-2000:]
+    return rc, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict[str, str]:
+    """One pipeline: a trained model, its profile, two components and two assemblies."""
+    d = tmp_path_factory.mktemp("cli")
+    p = {k: str(d / k) for k in ("model", "c012", "c34", "asm_paper", "asm_cal")}
+    p["profile"] = str(d / "model.profile.safetensors")
+    p["out"] = {}
+    _, p["out"]["train"] = quiet(["train", *TRAIN, "-o", p["model"]])
+    _, p["out"]["profile"] = quiet(["profile", p["model"], "--data", "synthetic", "-o", p["profile"]])
+    # Calibrated (default method) from the dataset's training images, and the paper's faithful cut.
+    _, p["out"]["c012"] = quiet(["disassemble", p["model"], "--classes", "0-2", "--profile", p["profile"],
+                                 "--data", "synthetic", "-o", p["c012"]])
+    _, p["out"]["c34"] = quiet(["disassemble", p["model"], "--classes", "class3,CLASS4", "--profile", p["profile"],
+                                "--calibrate", "none", "-o", p["c34"]])
+    for scaling, key in (("paper", "asm_paper"), ("calibrated", "asm_cal")):
+        _, p["out"][key] = quiet(["assemble", p["c012"], p["c34"], "--scaling", scaling,
+                                  "--images-per-class", "50", "-o", p[key]])
+    return p
+
+
+def evaluate_json(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(["evaluate", *argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1
+    return json.loads(out)
+
+
+def check_report(result: dict, classes: list[int]) -> None:
+    assert result["classes"] == classes
+    acc = result["accuracy"]
+    assert {"overall", "mean_per_class", "worst_class", "per_class", "counts"} <= acc.keys()
+    assert sorted(int(k) for k in acc["per_class"]) == classes
+    assert all(v == 50 for v in acc["counts"].values())  # 50 test images per synthetic class
+    assert 0 <= acc["worst_class"] <= acc["mean_per_class"] <= 100
+    assert {"params", "flops", "latency_ms", "batch", "device"} <= result["cost"].keys()
+    assert result["cost"]["params"] > 0 and result["cost"]["flops"] > 0 and result["cost"]["latency_ms"] > 0
+
+
+def test_train_saves_a_described_model(run) -> None:
+    assert run["out"]["train"].startswith("saved ")
+    model = modellego.load(run["model"])
+    info = get_info(model)
+    assert info.arch == "vgg11_bn" and info.kind == "model" and info.dataset == "synthetic"
+    assert info.class_names == tuple(f"class{i}" for i in range(10))
+    assert info.input.channels == 3 and tuple(info.input.size) == (32, 32)
+    assert info.provenance["training"]["train_limit"] == 800 and info.provenance["training"]["epochs"] == 1
+    assert info.provenance["test_accuracy"] > 50  # a usable model: profiling needs correct samples
+
+
+def test_evaluate_json(run, capsys) -> None:
+    result = evaluate_json(capsys, run["model"], "--data", "synthetic")
+    check_report(result, list(range(10)))
+    assert result["kind"] == "model" and result["arch"] == "vgg11_bn" and result["dataset"] == "synthetic"
+    assert "masked_accuracy" not in result
+    assert result["accuracy"]["overall"] == pytest.approx(get_info(modellego.load(run["model"])).provenance["test_accuracy"],
+                                                          abs=1e-3)
+    # A task inside the model's classes adds the Masked-Base baseline (never below Base).
+    task = evaluate_json(capsys, run["model"], "--data", "synthetic", "--classes", "class1,2")
+    check_report(task, [1, 2])
+    assert task["masked_accuracy"]["mean_per_class"] >= task["accuracy"]["mean_per_class"]
+
+
+def test_evaluate_text(run, capsys) -> None:
+    assert main(["evaluate", run["model"], "--data", "synthetic", "--classes", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy:" in out and "masked to the task" in out and "class7" in out and "FLOPs" in out
+
+
+def test_profile_file(run) -> None:
+    assert run["out"]["profile"].startswith("saved ")
+    prof = Profile.load(run["profile"])
+    assert prof.classes == tuple(range(10)) and prof.class_names == tuple(f"class{i}" for i in range(10))
+    assert prof.thresholds == modellego.Thresholds()
+    assert prof.model_sha256 and prof.provenance["input_shape"] == [3, 32, 32]
+
+
+def test_disassembled_components(run) -> None:
+    model = modellego.load(run["model"])
+    n = sum(p.numel() for p in model.parameters())
+    for key, classes, method in (("c012", (0, 1, 2), "bn+refit+balance"), ("c34", (3, 4), "none")):
+        comp = modellego.load(run[key])
+        info = get_info(comp)
+        assert info.kind == "component" and info.classes == classes
+        assert info.class_names == tuple(f"class{c}" for c in classes)
+        assert info.provenance["calibration"]["method"] == method
+        assert sum(p.numel() for p in comp.parameters()) < n
+        assert f"classes {[f'class{c}' for c in classes]}" in run["out"][key]
+    # The uncalibrated component is exactly what the library cuts with the same profile.
+    want = modellego.disassemble(model, [3, 4], profile=Profile.load(run["profile"]))
+    got = modellego.load(run["c34"])
+    ws, gs = want.state_dict(), got.state_dict()
+    assert ws.keys() == gs.keys() and all(torch.equal(ws[k], gs[k]) for k in ws)
+
+
+def test_evaluate_component(run, capsys) -> None:
+    result = evaluate_json(capsys, run["c012"], "--data", "synthetic")
+    check_report(result, [0, 1, 2])
+    assert result["kind"] == "component" and "masked_accuracy" not in result
+    assert result["accuracy"]["mean_per_class"] > 50
+    assert result["cost"]["params"] < sum(p.numel() for p in modellego.load(run["model"]).parameters())
+
+
+@pytest.mark.parametrize("key,scaling", [("asm_paper", "paper"), ("asm_cal", "calibrated")])
+def test_assemble_and_evaluate_without_data(run, capsys, key: str, scaling: str) -> None:
+    assert f"padded assembly of 2 components, 5 classes" in run["out"][key] and f"scaling {scaling}" in run["out"][key]
+    asm = modellego.load(run[key])
+    info = get_info(asm)
+    assert info.kind == "assembly" and info.assembly["mode"] == "padded" and info.dataset == "synthetic"
+    assert info.class_names == tuple(f"synthetic:class{c}" for c in range(5))
+    assert info.provenance["scaling"]["method"] == scaling and info.provenance["scaling"]["images"] == 5 * 50
+    assert not torch.equal(asm.head.scale, torch.ones(5))
+    result = evaluate_json(capsys, run[key])  # no --data: the assembly knows its dataset
+    check_report(result, [0, 1, 2, 3, 4])
+    assert result["kind"] == "assembly" and result["dataset"] == "synthetic"
+    assert result["accuracy"]["mean_per_class"] > 40
+
+
+def test_parallel_assembly_without_scaling(run, tmp_path, capsys) -> None:
+    out = str(tmp_path / "par")
+    assert main(["assemble", run["c012"], run["c34"], "--mode", "parallel", "--scaling", "none", "-o", out]) == 0
+    assert "parallel assembly of 2 components" in capsys.readouterr().out
+    asm = modellego.load(out)
+    assert get_info(asm).provenance["scaling"] == {"method": "none"} and torch.equal(asm.head.scale, torch.ones(5))
+
+
+def test_evaluate_assembly_with_data_uses_the_union_labels(run, tmp_path, capsys) -> None:
+    # Outputs 0-1 are classes 3-4 and outputs 2-4 classes 0-2: --data's labels must be relabelled.
+    out = str(tmp_path / "reversed")
+    assert main(["assemble", run["c34"], run["c012"], "--scaling", "none", "-o", out]) == 0
+    assert get_info(modellego.load(out)).class_names == tuple(f"synthetic:class{c}" for c in (3, 4, 0, 1, 2))
+    without = evaluate_json(capsys, out)
+    with_data = evaluate_json(capsys, out, "--data", "synthetic")
+    assert with_data["accuracy"] == without["accuracy"]
+    check_report(with_data, [0, 1, 2, 3, 4])
+    task = evaluate_json(capsys, out, "--data", "synthetic", "--classes", "synthetic:class0,0")
+    assert task["classes"] == [2, 0]
+    assert task["masked_accuracy"]["mean_per_class"] >= task["accuracy"]["mean_per_class"]
+
+
+def test_models_lists_the_zoo(capsys) -> None:
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "lenet5" in names and "vgg11_bn" in names and names == sorted(names)
+
+
+@pytest.mark.parametrize("command", [None, *EXAMPLES])
+def test_help_exits_zero_and_shows_the_example(command: str | None, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"] if command is None else [command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    if command is None:
+        assert out.startswith("usage: modellego")
+        assert all(c in out for c in EXAMPLES)
+    else:
+        assert out.startswith(f"usage: modellego {command}")
+        assert f"example: {EXAMPLES[command]}" in out.splitlines()  # one line, as typed
+        assert EXAMPLES[command].startswith(f"modellego {command}")
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"modellego {modellego.__version__}"
+
+
+def _error_cases(run: dict, junk: str, out: str) -> dict[str, tuple[list[str], str]]:
+    m, p, c012 = run["model"], run["profile"], run["c012"]
+    cut = ["--profile", p, "--calibrate", "none", "-o", out]
+    return {
+        "class out of range": (["disassemble", m, "--classes", "8-12", *cut], "out of range"),
+        "duplicate classes": (["disassemble", m, "--classes", "1,0-2", *cut], "duplicate classes"),
+        "empty class list": (["disassemble", m, "--classes", "", *cut], "empty item"),
+        "unknown class name": (["disassemble", m, "--classes", "clas3", *cut], "Did you mean 'class3'"),
+        "non-ASCII digit": (["disassemble", m, "--classes", "0-²", *cut], "unknown class"),
+        "threshold above 1": (["profile", m, "--data", "synthetic", "--conv-alpha", "1.5", "-o", out], "(0, 1]"),
+        "threshold 0": (["disassemble", m, "--classes", "0", "--data", "synthetic", "--calibrate", "none",
+                         "--linear-beta", "0", "-o", out], "(0, 1]"),
+        "profile of another model": (["disassemble", c012, "--classes", "0", *cut], "another model"),
+        "random bytes (evaluate)": (["evaluate", junk, "--data", "synthetic"], "not a readable safetensors"),
+        "random bytes (assemble)": (["assemble", c012, junk, "--scaling", "none", "-o", out], "not a readable"),
+        "random bytes (disassemble)": (["disassemble", junk, "--classes", "0", *cut], "not a readable"),
+        "missing model file": (["evaluate", out, "--data", "synthetic"], "no model file"),
+        "unknown model": (["train", *TRAIN[:1], "lenet", *TRAIN[2:], "-o", out], "Did you mean 'lenet5'"),
+        "unknown dataset": (["evaluate", m, "--data", "synthetc"], "Did you mean 'synthetic'"),
+        "same component twice": (["assemble", c012, c012, "--scaling", "none", "-o", out], "duplicate classes"),
+        "evaluate a model without data": (["evaluate", m], "--data"),
+        "calibration without data": (["disassemble", m, "--classes", "0", "--profile", p, "--calibrate", "bn",
+                                      "-o", out], "--data"),
+        "unknown calibration": (["disassemble", m, "--classes", "0", "--profile", p, "--data", "synthetic",
+                                 "--calibrate", "bn+bogus", "-o", out], "unknown calibration"),
+    }
+
+
+CASES = ["class out of range", "duplicate classes", "empty class list", "unknown class name", "non-ASCII digit",
+         "threshold above 1",
+         "threshold 0", "profile of another model", "random bytes (evaluate)", "random bytes (assemble)",
+         "random bytes (disassemble)", "missing model file", "unknown model", "unknown dataset",
+         "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_prints_one_line_and_fails(run, tmp_path, capsys, case: str) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(512))
+    out = tmp_path / "out"
+    argv, expected = _error_cases(run, str(junk), str(out))[case]
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"modellego {argv[0]}: error: ")
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing written
