@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .graph import ChannelGraph, trace
-from .info import InputSpec, ModelInfo, get_info, set_info
+from .info import INFO_ATTR, InputSpec, ModelInfo, get_info, set_info
 from .prune import fresh_like, resize_layers
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,7 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
     pos, _ = _positions(graphs, stacked_input)
     g0 = graphs[0]
     body = copy.deepcopy(components[0])
+    body.__dict__.pop(INFO_ATTR, None)  # the body is no longer component 0
     sizes: dict[str, dict[str, int]] = {}
     for name, layer in g0.layers.items():
         out_idx = [p[g.layers[name].node] for p, g in zip(pos, graphs)]
@@ -218,7 +219,7 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
                 new.bias[o] = m.bias
         body.set_submodule(name, new)
         sizes[name] = {"out": out_n, "in": in_n}
-    for name, node in g0.channelwise_params.items():
+    for name in g0.channelwise_params:
         idx = [p[g.channelwise_params[name]] for p, g in zip(pos, graphs)]
         n = int(max(int(t.max()) for t in idx if len(t)) + 1)
         new = fresh_like(g0.gm.get_submodule(name), n)
