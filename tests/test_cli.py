@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import modellego
+from modellego.checkpoint import read_header, weights_hash
 from modellego.cli import EXAMPLES, main
+from modellego.models import list_models
 from modellego.info import get_info
 from modellego.profiling import Profile
 
@@ -247,3 +249,19 @@ def test_bad_input_prints_one_line_and_fails(run, tmp_path, capsys, case: str) -
     assert expected in lines[0]
     assert "Traceback" not in err
     assert not out.exists()  # nothing written
+
+
+ZOO_WIDTHS = {"googlenet": "0.0625", "mobilenet_v2": "0.125", "resnet50": "0.0625", "resnet34": "0.0625"}
+
+
+@pytest.mark.parametrize("arch", list_models())
+def test_every_zoo_model_trains_saves_reloads_and_evaluates(arch: str, tmp_path, capsys) -> None:
+    out = tmp_path / "m"
+    quiet(["train", "--model", arch, "--width", ZOO_WIDTHS.get(arch, "0.125"), "--data", "synthetic", "--epochs", "1",
+           "--train-limit", "32", "--batch-size", "16", "-o", str(out)])
+    a = modellego.load(out)
+    # Bit-identical to what training saved: the stored hash covers every tensor's bytes.
+    assert weights_hash(a.state_dict()) == read_header(out)["weights_sha256"]
+    result = evaluate_json(capsys, str(out), "--data", "synthetic")
+    assert result["arch"] == arch and result["cost"]["params"] == sum(p.numel() for p in a.parameters())
+    assert result["cost"]["flops"] > 0 and 0 <= result["accuracy"]["overall"] <= 100
