@@ -1,6 +1,7 @@
 """The end-to-end demo behind `make demo`: real data, two source models, their components."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def _source(cache: Path, data: str, arch: str, width: float, epochs: int, device
             pass  # a stale or corrupt cache entry: retrain
     t = time.perf_counter()
     print(f"training {arch} on {data} ({epochs} epochs)...", flush=True)
-    model = train(TrainConfig(model=arch, width=width, data=data, epochs=epochs, lr=LR, device=str(device)), progress=True)
+    model = train(TrainConfig(model=arch, width=width, data=data, epochs=epochs, lr=LR, device=str(device)),
+                  progress=sys.stderr.isatty())
     model.modellego_info.provenance["train_seconds"] = round(time.perf_counter() - t, 1)
     save(model, path)
     return model

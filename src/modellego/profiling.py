@@ -230,7 +230,7 @@ def profile(
     in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     t1 = time.perf_counter()
-    bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=not progress)
+    bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True)
     for i in range(0, len(classes), chunk):
         part = classes[i: i + chunk]
         accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device)

@@ -116,7 +116,7 @@ def fit(
         model.train()
         it.set_epoch(epoch)
         t0, total, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        bar = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if progress else True)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if lookup is not None:
