@@ -2,8 +2,8 @@
 
 For a convolution, Eq. 3 sums each hidden map c_{q,p} ⊗ a_p over the output positions. That sum
 is linear: it equals Σ_k c_{q,p}[k] · U_p[k], where U_p[k] sums the input pixels that kernel
-offset k touches over all output positions. U costs about one pass over the input (rows, then
-columns, of a strided window sum), and the contraction is B×Q×P×K instead of B×Q×P×K×H×W.
+offset k touches over all output positions. U costs about one pass over the input (an integral
+image for stride-1 convolutions, strided row then column sums otherwise), and the contraction is B×Q×P×K instead of B×Q×P×K×H×W.
 
 For a linear layer with per-sample ReLU, Σ_b max(w·a_b, 0) = w⁺·Σ_b a_b⁺ + w⁻·Σ_b a_b⁻ (with
 x⁺ = max(x, 0), x⁻ = max(-x, 0)), so only per-class sums of a⁺ and a⁻ are kept: O(P) per class,
@@ -56,6 +56,19 @@ def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    if sh == sw == 1:
+        # Stride 1: each offset sums an ho x wo box; an integral image gives all boxes in two passes.
+        # float32 cumulative sums stay accurate to ~1e-4 up to 64x64 maps; larger ones use float64.
+        wide = xp.dtype == torch.float64 or xp.shape[2] * xp.shape[3] > 4096
+        acc = xp.to(torch.float64) if wide else xp.float()
+        integral = F.pad(acc.cumsum(2).cumsum(3), (1, 0, 1, 0))  # (B, P, Hp+1, Wp+1)
+        r0 = torch.arange(kh, device=x.device) * dh
+        c0 = torch.arange(kw, device=x.device) * dw
+        rows = integral.index_select(2, torch.cat([r0 + ho, r0]))  # (B, P, 2kh, Wp+1)
+        hi, lo = rows[:, :, :kh], rows[:, :, kh:]
+        box = (hi.index_select(3, c0 + wo) - hi.index_select(3, c0) - lo.index_select(3, c0 + wo)
+               + lo.index_select(3, c0))  # (B, P, kh, kw)
+        return box.to(x.dtype).flatten(2)
     rows = torch.stack([xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, :].sum(2) for i in range(kh)], 2)  # (B, P, kh, Wp)
     cols = [rows[..., j * dw: j * dw + sw * (wo - 1) + 1: sw].sum(-1) for j in range(kw)]  # kw × (B, P, kh)
     return torch.stack(cols, -1).flatten(2)  # (B, P, kh*kw)
@@ -72,6 +85,14 @@ def conv_contribution(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     w = m.weight.reshape(g, m.out_channels // g, p // g, k)  # (g, Qg, Pg, K)
     s = torch.einsum("bgpk,gqpk->bgqp", u.reshape(b, g, p // g, k), w.to(u.dtype))  # (B, g, Qg, Pg)
     return s.reshape(b, m.out_channels, p // g)  # (B, Q, Pg)
+
+
+def _grouped_weight(m: nn.Conv2d) -> torch.Tensor:
+    """Conv weight laid out for a batched matmul per input channel. Shape: (Q, Pg, kh, kw) -> (P, K, Qg)."""
+    g = m.groups
+    q, pg = m.out_channels, m.in_channels // g
+    w = m.weight.detach().reshape(g, q // g, pg, -1)  # (g, Qg, Pg, K)
+    return w.permute(0, 2, 3, 1).reshape(g * pg, -1, q // g)  # (P, K, Qg)
 
 
 def linear_contribution(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +166,16 @@ class LayerAccumulator:
             return
         per_sample = m.out_channels * (m.in_channels // m.groups)
         step = max(1, CHUNK_ELEMENTS // per_sample)
+        w = _grouped_weight(m).to(x.dtype)  # (P, K, Qg)
         for i in range(0, x.shape[0], step):
-            s = conv_contribution(m, x[i: i + step])  # (b, Q, Pg)
-            self._add("relu_sum", slots[i: i + step], s.clamp(min=0))
+            u = window_sums(m, x[i: i + step])  # (b, P, K)
+            s = torch.bmm(u.transpose(0, 1), w).clamp_(min=0)  # (P, b, Qg): ReLU per sample, in place
+            onehot = F.one_hot(slots[i: i + step], self.num_slots).to(s.dtype).T  # (C, b)
+            # Summing each class's samples is one batched matmul (index_add over samples is far slower).
+            part = torch.matmul(onehot, s)  # (P, C, Qg)
+            if "relu_sum" not in self.state:
+                self.state["relu_sum"] = torch.zeros_like(part)
+            self.state["relu_sum"] += part
 
     def s_hat(self, slot: int) -> torch.Tensor:
         """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
@@ -168,7 +196,10 @@ class LayerAccumulator:
             wg = w.reshape(g, m.out_channels // g, p // g, k)
             s = torch.einsum("gpk,gqpk->gqp", u.reshape(g, p // g, k), wg)
             return s.reshape(m.out_channels, p // g).clamp(min=0)
-        return self.state["relu_sum"][slot]
+        g = m.groups
+        per_p = self.state["relu_sum"][:, slot, :]  # (P, Qg)
+        p, qg = per_p.shape
+        return per_p.reshape(g, p // g, qg).transpose(1, 2).reshape(g * qg, p // g)  # (Q, Pg)
 
 
 def class_slots(labels: torch.Tensor, classes: Sequence[int], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
