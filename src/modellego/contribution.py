@@ -170,12 +170,20 @@ class LayerAccumulator:
         for i in range(0, x.shape[0], step):
             u = window_sums(m, x[i: i + step])  # (b, P, K)
             s = torch.bmm(u.transpose(0, 1), w).clamp_(min=0)  # (P, b, Qg): ReLU per sample, in place
-            onehot = F.one_hot(slots[i: i + step], self.num_slots).to(s.dtype).T  # (C, b)
-            # Summing each class's samples is one batched matmul (index_add over samples is far slower).
-            part = torch.matmul(onehot, s)  # (P, C, Qg)
             if "relu_sum" not in self.state:
-                self.state["relu_sum"] = torch.zeros_like(part)
-            self.state["relu_sum"] += part
+                self.state["relu_sum"] = s.new_zeros(s.shape[0], self.num_slots, s.shape[2])  # (P, C, Qg)
+            self._sum_by_slot(s, slots[i: i + step])
+
+    def _sum_by_slot(self, s: torch.Tensor, slots: torch.Tensor) -> None:
+        """Add each sample of s (Shape: (P, b, Qg)) into its class slot of the state."""
+        present = torch.unique(slots)
+        state = self.state["relu_sum"]
+        if len(present) <= 4:  # batches of selected samples come sorted by class: a few plain sums
+            for c in present.tolist():
+                state[:, c] += s[:, slots == c].sum(1)
+        else:  # one batched matmul (index_add over samples is several times slower)
+            onehot = F.one_hot(slots, self.num_slots).to(s.dtype).T  # (C, b)
+            state += torch.matmul(onehot, s)  # (P, C, Qg)
 
     def s_hat(self, slot: int) -> torch.Tensor:
         """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""

@@ -151,7 +151,8 @@ def contributions(
 
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0][current["keep"]]  # indexing copies: safe against later in-place ops
+            # The accumulator reduces x before returning, so later in-place ops cannot alter what it saw.
+            x = inputs[0] if current["all"] else inputs[0][current["keep"]]
             accs[name].update(x, current["slots"])
         return hook
 
@@ -161,6 +162,7 @@ def contributions(
         for x, y in batches:
             x, y = x.to(device), y.to(device)
             current["keep"], current["slots"] = class_slots(y, classes, n_out)
+            current["all"] = bool(current["keep"].all())
             if current["keep"].any():
                 model(x)
     return accs
