@@ -2,8 +2,8 @@
 
 For a convolution, Eq. 3 sums each hidden map c_{q,p} ⊗ a_p over the output positions. That sum
 is linear: it equals Σ_k c_{q,p}[k] · U_p[k], where U_p[k] sums the input pixels that kernel
-offset k touches over all output positions. U costs about one pass over the input (an integral
-image for stride-1 convolutions, strided row then column sums otherwise), and the contraction is B×Q×P×K instead of B×Q×P×K×H×W.
+offset k touches over all output positions. U costs about one pass over the input (two small
+matmuls with 0/1 "touch" matrices), and the contraction is B×Q×P×K instead of B×Q×P×K×H×W.
 
 For a linear layer with per-sample ReLU, Σ_b max(w·a_b, 0) = w⁺·Σ_b a_b⁺ + w⁻·Σ_b a_b⁻ (with
 x⁺ = max(x, 0), x⁻ = max(-x, 0)), so only per-class sums of a⁺ and a⁻ are kept: O(P) per class,
@@ -47,31 +47,32 @@ def _pad(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
+def _touch(n_in: int, k: int, stride: int, dilation: int, pad: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """T[i, h] = 1 if kernel offset i reads input row h at some output position. Shape: (k, n_in)."""
+    out = torch.arange(n_out, device=like.device)
+    t = torch.zeros(k, n_in, dtype=like.dtype, device=like.device)
+    for i in range(k):
+        h = out * stride + i * dilation - pad
+        t[i, h[(h >= 0) & (h < n_in)]] = 1
+    return t
+
+
 def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """U[b, p, k]: the input pixels that kernel offset k of `m` touches, summed over output positions.
 
-    Shape: x (B, P, H, W) -> (B, P, kh*kw).
+    Separable: U = T_rows · x · T_colsᵀ with 0/1 "touch" matrices, two small matmuls that handle
+    stride, dilation and zero padding without copying the input. Shape: x (B, P, H, W) -> (B, P, kh*kw).
     """
-    xp = _pad(m, x)  # (B, P, Hp, Wp)
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    if sh == sw == 1:
-        # Stride 1: each offset sums an ho x wo box; an integral image gives all boxes in two passes.
-        # float32 cumulative sums stay accurate to ~1e-4 up to 64x64 maps; larger ones use float64.
-        wide = xp.dtype == torch.float64 or xp.shape[2] * xp.shape[3] > 4096
-        acc = xp.to(torch.float64) if wide else xp.float()
-        integral = F.pad(acc.cumsum(2).cumsum(3), (1, 0, 1, 0))  # (B, P, Hp+1, Wp+1)
-        r0 = torch.arange(kh, device=x.device) * dh
-        c0 = torch.arange(kw, device=x.device) * dw
-        rows = integral.index_select(2, torch.cat([r0 + ho, r0]))  # (B, P, 2kh, Wp+1)
-        hi, lo = rows[:, :, :kh], rows[:, :, kh:]
-        box = (hi.index_select(3, c0 + wo) - hi.index_select(3, c0) - lo.index_select(3, c0 + wo)
-               + lo.index_select(3, c0))  # (B, P, kh, kw)
-        return box.to(x.dtype).flatten(2)
-    rows = torch.stack([xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, :].sum(2) for i in range(kh)], 2)  # (B, P, kh, Wp)
-    cols = [rows[..., j * dw: j * dw + sw * (wo - 1) + 1: sw].sum(-1) for j in range(kw)]  # kw × (B, P, kh)
-    return torch.stack(cols, -1).flatten(2)  # (B, P, kh*kw)
+    left, right, top, bottom = _explicit_padding(m)
+    if m.padding_mode != "zeros":  # reflect/replicate/circular padding holds real pixels: pad for real
+        x, left, right, top, bottom = _pad(m, x), 0, 0, 0, 0
+    h, w = x.shape[2], x.shape[3]
+    ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    rows = _touch(h, kh, sh, dh, top, ho, x)  # (kh, H)
+    cols = _touch(w, kw, sw, dw, left, wo, x)  # (kw, W)
+    return torch.matmul(torch.matmul(rows, x), cols.T).flatten(2)  # (B, P, kh, kw) -> (B, P, K)
 
 
 def conv_contribution(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +148,9 @@ class LayerAccumulator:
             # float32 sums of non-negative terms are ample for thresholds at 0.2-0.4; float64 inputs stay float64.
             dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
             self.state[key] = torch.zeros(self.num_slots, *values.shape[1:], dtype=dtype, device=values.device)
-        self.state[key].index_add_(0, slots, values.to(self.state[key].dtype))
+        onehot = F.one_hot(slots, self.num_slots).to(self.state[key].dtype).T  # (C, B)
+        # A matmul with a one-hot matrix: much faster than index_add_ over samples on CPU.
+        self.state[key] += (onehot @ values.to(onehot.dtype).flatten(1)).view_as(self.state[key])
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
