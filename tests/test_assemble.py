@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import modellego
+from helpers import randomise_bn
 from modellego.assemble import Assembly, InputAdapter, assemble, can_pad, side_by_side
 from modellego.errors import UserError
 from modellego.evaluate import count_flops
@@ -31,19 +32,6 @@ NORMS = {"a": (0.1, 0.3), "b": (0.1, 0.3), "c": (0.45, 0.2)}
 SEEDS = {"a": 1, "b": 2, "c": 2}
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
-
-def randomise_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so BatchNorm matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.3 * (torch.rand(n, generator=g) - 0.5))
-    return model
 
 
 def make_source(name: str, width: float, seed: int, mean: float = 0.1, std: float = 0.3, *, dataset: str | None = None,

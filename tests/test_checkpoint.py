@@ -25,14 +25,6 @@ TINY_WIDTH = {"lenet5": 0.25, "alexnet": 0.125, "mobilenet_v2": 0.125}
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build(name: str, seed: int = 0, num_classes: int = 5) -> nn.Module:
     torch.manual_seed(seed)
     model = modellego.create_model(name, num_classes=num_classes, in_channels=3, width=TINY_WIDTH.get(name, 0.0625))

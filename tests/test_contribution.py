@@ -20,15 +20,6 @@ from modellego.contribution import (
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions are dominated by thread start-up; one thread is much faster on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # (name, Conv2d kwargs). in_channels defaults to 4, out_channels to 6, kernel_size to 3.
 CONV_CASES = [
     ("plain", {}),

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import modellego
+from helpers import randomise_bn
 from modellego.checkpoint import weights_hash
 from modellego.disassemble import compose_plans, masked_forward
 from modellego.errors import UnsupportedGraphError, UserError
@@ -31,27 +32,6 @@ ZOO = [
 ]
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so BatchNorm slicing matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(0.3 * (torch.rand(n, generator=g) - 0.5))
-    return model
 
 
 def build(name: str, width: float, seed: int = 0) -> nn.Module:

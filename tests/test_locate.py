@@ -15,14 +15,6 @@ from modellego.graph import trace
 from modellego.locate import Thresholds, keep_channels, locate_class
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --- Hand computation of Eqs. 3-10 (numpy / plain torch ops, no library code) -----------------
 
 
