@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-images", type=int, default=5000, help="random union training images used to fine-tune")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table2.jsonl"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = {"mnist": load_dataset("mnist"), "fashion-mnist": load_dataset("fashion-mnist")}
     rows = []
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if not all(p.exists() for p in paths.values()):
             print(f"skipping {arch}: run benchmarks/train_zoo.py --models {arch} first", file=sys.stderr)
             continue
-        sources = {d: modellego.load(paths[d]) for d in data}
+        sources = {d: modellego.load(paths[d]).to(device) for d in data}
         t = time.perf_counter()
         profiles = {d: modellego.profile(m, batches(data[d].train, 256, transform=model_transform(m, data[d])))
                     for d, m in sources.items()}
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 base_sum += test_accuracy(m, ds, task).mean_per_class * len(task)
             n = sum(len(t) for t in tasks.values())
             row = {"model": arch, "width": ZOO[arch]["width"], "pair": name, "base": round(base_sum / n, 2),
-                   "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads()}
+                   "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "device": str(device)}
             for mode in ("padded", "parallel"):
                 asm = assemble(comps, mode=mode)
                 shape = (get_info(asm).input.channels, *get_info(asm).input.size)
@@ -99,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), file=sys.stderr, flush=True)
-    print("| model | tasks | Base | Score1 none | Score1 paper | Score1 calibrated | Score2 | padded MFLOPs | parallel MFLOPs "
-          "| padded params | parallel params | padded ms | parallel ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | tasks | Base | Score1 none | Score1 paper | Score1 calibrated | Score1 density | Score2 "
+          "| padded MFLOPs | parallel MFLOPs | padded params | parallel params | padded ms | parallel ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} w{r['width']} | {r['pair']} | {r['base']} | {r['score1_none']} | {r['score1_paper']} | "
-              f"**{r['score1_calibrated']}** | {r.get('score2', '-')} | {r['padded_flops'] / 1e6:.1f} | "
+              f"{r['score1_calibrated']} | **{r['score1_density']}** | {r.get('score2', '-')} | {r['padded_flops'] / 1e6:.1f} | "
               f"{r['parallel_flops'] / 1e6:.1f} | {r['padded_params']:,} | {r['parallel_params']:,} | "
               f"{r['padded_latency_ms']} | {r['parallel_latency_ms']} |")
     return 0

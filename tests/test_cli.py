@@ -35,7 +35,7 @@ def quiet(argv: list[str]) -> tuple[int, str]:
 def run(tmp_path_factory) -> dict[str, str]:
     """One pipeline: a trained model, its profile, two components and two assemblies."""
     d = tmp_path_factory.mktemp("cli")
-    p = {k: str(d / k) for k in ("model", "c012", "c34", "asm_paper", "asm_cal")}
+    p = {k: str(d / k) for k in ("model", "c012", "c34", "asm_paper", "asm_cal", "asm_den", "merged")}
     p["profile"] = str(d / "model.profile.safetensors")
     p["out"] = {}
     _, p["out"]["train"] = quiet(["train", *TRAIN, "-o", p["model"]])
@@ -45,9 +45,11 @@ def run(tmp_path_factory) -> dict[str, str]:
                                  "--data", "synthetic", "-o", p["c012"]])
     _, p["out"]["c34"] = quiet(["disassemble", p["model"], "--classes", "class3,CLASS4", "--profile", p["profile"],
                                 "--calibrate", "none", "-o", p["c34"]])
-    for scaling, key in (("paper", "asm_paper"), ("calibrated", "asm_cal")):
+    for scaling, key in (("paper", "asm_paper"), ("calibrated", "asm_cal"), ("density", "asm_den")):
         _, p["out"][key] = quiet(["assemble", p["c012"], p["c34"], "--scaling", scaling,
                                   "--images-per-class", "50", "-o", p[key]])
+    _, p["out"]["merged"] = quiet(["merge", p["model"], p["c012"], p["c34"], "--data", "synthetic",
+                                   "--calibration-images", "500", "-o", p["merged"]])
     return p
 
 
@@ -134,7 +136,7 @@ def test_evaluate_component(run, capsys) -> None:
     assert result["cost"]["params"] < sum(p.numel() for p in modellego.load(run["model"]).parameters())
 
 
-@pytest.mark.parametrize("key,scaling", [("asm_paper", "paper"), ("asm_cal", "calibrated")])
+@pytest.mark.parametrize("key,scaling", [("asm_paper", "paper"), ("asm_cal", "calibrated"), ("asm_den", "density")])
 def test_assemble_and_evaluate_without_data(run, capsys, key: str, scaling: str) -> None:
     assert f"padded assembly of 2 components, 5 classes" in run["out"][key] and f"scaling {scaling}" in run["out"][key]
     asm = modellego.load(run[key])
@@ -147,6 +149,21 @@ def test_assemble_and_evaluate_without_data(run, capsys, key: str, scaling: str)
     check_report(result, [0, 1, 2, 3, 4])
     assert result["kind"] == "assembly" and result["dataset"] == "synthetic"
     assert result["accuracy"]["mean_per_class"] > 40
+
+
+def test_merge_of_two_components(run, capsys) -> None:
+    assert "classes ['class0', 'class1', 'class2', 'class3', 'class4']" in run["out"]["merged"]
+    merged = modellego.load(run["merged"])
+    info = get_info(merged)
+    assert info.kind == "component" and info.classes == (0, 1, 2, 3, 4)
+    assert info.provenance["calibration"]["method"] == "bn+refit+balance" and len(info.provenance["merged_from"]) == 2
+    # Before calibration it is exactly the library's merge.
+    source, comps = modellego.load(run["model"]), [modellego.load(run[k]) for k in ("c012", "c34")]
+    want = modellego.merge(source, comps)
+    assert get_info(want).pruning == info.pruning
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert max(n(c) for c in comps) <= n(merged) < n(comps[0]) + n(comps[1])
+    check_report(evaluate_json(capsys, run["merged"], "--data", "synthetic"), [0, 1, 2, 3, 4])
 
 
 def test_parallel_assembly_without_scaling(run, tmp_path, capsys) -> None:
@@ -223,6 +240,7 @@ def _error_cases(run: dict, junk: str, out: str) -> dict[str, tuple[list[str], s
                                       "-o", out], "--data"),
         "unknown calibration": (["disassemble", m, "--classes", "0", "--profile", p, "--data", "synthetic",
                                  "--calibrate", "bn+bogus", "-o", out], "unknown calibration"),
+        "merge with another source": (["merge", c012, run["c34"], "-o", out], "not cut from this source"),
     }
 
 
@@ -230,7 +248,8 @@ CASES = ["class out of range", "duplicate classes", "empty class list", "unknown
          "threshold above 1",
          "threshold 0", "profile of another model", "random bytes (evaluate)", "random bytes (assemble)",
          "random bytes (disassemble)", "missing model file", "unknown model", "unknown dataset",
-         "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration"]
+         "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration",
+         "merge with another source"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -214,6 +214,21 @@ def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(chunked.s_hat(slot), whole.s_hat(slot), rtol=0, atol=1e-10)
 
 
+def test_layers_sharing_a_workspace_equal_layers_with_their_own() -> None:
+    convs = [make_conv({"padding": 1}), make_conv({"groups": 2, "out_channels": 8}), make_conv({"stride": 2})]
+    x = _inputs("conv", 10)
+    slots = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0, 0, 2])
+    ws = contrib.Workspace()
+    shared = [LayerAccumulator(m, 3, "sample", ws) for m in convs]
+    alone = [LayerAccumulator(m, 3, "sample") for m in convs]
+    for start, stop in ((0, 3), (3, 10)):  # interleaved, as in a forward pass
+        for acc in shared + alone:
+            acc.update(x[start:stop], slots[start:stop])
+    for a, b in zip(shared, alone):
+        for slot in range(3):
+            torch.testing.assert_close(a.s_hat(slot), b.s_hat(slot), rtol=0, atol=0)
+
+
 def test_accumulator_without_samples_is_zero() -> None:
     m = make_conv({"groups": 2, "out_channels": 8})
     acc = LayerAccumulator(m, 2, "sample")

@@ -97,8 +97,8 @@ def test_fit_head_never_produces_nan_and_lowers_cross_entropy() -> None:
     z[torch.arange(60), y] += 1.0
     z[:, 2:] *= 10  # the second component shouts
     groups = torch.tensor([0, 0, 1, 1])
-    scale, bias, energy = fit_head(z, y, groups)
-    assert all(torch.isfinite(t).all() for t in (scale, bias, energy))
+    scale, bias, energy, weight = fit_head(z, y, groups)
+    assert all(torch.isfinite(t).all() for t in (scale, bias, energy)) and weight.shape == (0,)
     std = z.std()
     lse = torch.stack([(z / std)[:, groups == k].logsumexp(1) for k in range(2)], 1)
     out = z * scale + bias + (lse * energy)[:, groups]
@@ -168,7 +168,7 @@ def test_none_leaves_outputs_identical_to_the_raw_logits(trained) -> None:
     assert get_info(asm).provenance["scaling"]["method"] == "none"
 
 
-@pytest.mark.parametrize("method", ["paper", "calibrated"])
+@pytest.mark.parametrize("method", ["paper", "calibrated", "density"])
 def test_scaling_changes_only_the_head(trained, method: str) -> None:
     ds, _, comps = trained
     asm = _assembly(comps)
@@ -178,7 +178,8 @@ def test_scaling_changes_only_the_head(trained, method: str) -> None:
     logits = asm.logits(x)
     report = scale_assembly(asm, fit, method)
     after = asm.state_dict()
-    assert before.keys() == after.keys()
+    added = set(after) - set(before)
+    assert set(before) <= set(after) and all(k.startswith("probe.") for k in added) and bool(added) == (method == "density")
     body = [k for k in before if not k.startswith("head.")]
     assert body and all(torch.equal(before[k], after[k]) for k in body)
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("head."))
@@ -246,20 +247,56 @@ def test_calibrated_does_not_raise_the_training_cross_entropy(trained, inflate: 
     assert ce_cal <= ce_none
 
 
-def test_calibrated_restores_accuracy_of_an_inflated_component(trained) -> None:
+def test_calibrated_and_density_restore_accuracy_of_an_inflated_component(trained) -> None:
     ds, _, comps = trained
     acc = {}
     for inflate in (1.0, 10.0):
         asm = _assembly(comps, inflate)
         union, fit = _fit_images(asm, ds)
-        for method in ("none", "calibrated"):
+        for method in ("none", "calibrated", "density"):
             scale_assembly(asm, fit, method)
             acc[inflate, method] = accuracy_on(asm, union).mean_per_class  # held-out test images
     # Inflating one component's logits ten-fold hurts the raw assembly...
     assert acc[10.0, "none"] < acc[1.0, "none"] - 15
-    # ...and the calibrated head, fitted on training images only, brings it back.
-    assert acc[10.0, "calibrated"] > acc[10.0, "none"] + 15
-    assert acc[10.0, "calibrated"] >= acc[1.0, "none"] - 5
+    # ...and the fitted heads, fitted on training images only, bring it back.
+    for method in ("calibrated", "density"):
+        assert acc[10.0, method] > acc[10.0, "none"] + 15
+        assert acc[10.0, method] >= acc[1.0, "none"] - 5
+
+
+@pytest.mark.parametrize("mode", ["padded", "parallel"])
+def test_density_adds_one_score_per_component_and_round_trips(trained, mode: str, tmp_path) -> None:
+    ds, _, comps = trained
+    asm = assemble([copy.deepcopy(c) for c in comps], mode=mode)
+    _, fit = _fit_images(asm, ds)
+    report = scale_assembly(asm, fit, "density")
+    assert asm.probe is not None and len(report["density_weight"]) == len(asm.probe.layers) > 2
+    x = fit[0][0][:16]
+    with torch.no_grad():
+        extra = asm(x) - asm.head(asm.logits(x))  # (B, T): the density term alone
+    groups = asm.head.groups
+    for g in range(2):  # the same number on every output of one component: its "mine" score
+        torch.testing.assert_close(extra[:, groups == g], extra[:, groups == g][:, :1].expand(-1, 3), rtol=0, atol=1e-5)
+    assert not torch.allclose(extra[:, 0], extra[:, 3])
+    assert get_info(asm).assembly["density"] == asm.probe.spec()
+    back = modellego.load(modellego.save(asm, tmp_path / "asm.safetensors"))
+    assert back.probe is not None and back.probe.layers == asm.probe.layers
+    with torch.no_grad():
+        assert torch.equal(back(x), asm(x))
+    # Another scaling removes the probe, from the model and from its description.
+    scale_assembly(back, fit, "calibrated")
+    assert back.probe is None and "density" not in get_info(back).assembly
+    assert not any(k.startswith("probe.") for k in back.state_dict())
+
+
+def test_density_needs_recorded_layer_inputs(trained) -> None:
+    ds, _, comps = trained
+    asm = _assembly(comps)
+    info = get_info(asm)
+    set_info(asm, info.replace(assembly={k: v for k, v in info.assembly.items() if k != "layer_inputs"}))
+    _, fit = _fit_images(asm, ds)
+    with pytest.raises(UserError, match="assemble it again"):
+        scale_assembly(asm, fit, "density")
 
 
 def test_bad_scaling_arguments_raise_user_error(trained) -> None:

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .density import MAX_FEATURES, DensityProbe, capture
 from .errors import UserError
 from .graph import ChannelGraph, trace
 from .info import INFO_ATTR, InputSpec, ModelInfo, get_info, set_info
@@ -98,6 +99,7 @@ class Assembly(nn.Module):
         self.body = body
         self.head = head
         self.adapters = adapters
+        self.probe: DensityProbe | None = None  # per-component "not mine" scores, set by density scaling
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The components' logits side by side, before the head. Shape: (B, T)."""
@@ -108,7 +110,10 @@ class Assembly(nn.Module):
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.logits(x))
+        if self.probe is None:
+            return self.head(self.logits(x))
+        z, inputs = capture(self.body, self.probe.layers, lambda: self.logits(x))
+        return self.head(z) + self.probe(inputs)[:, self.head.groups]
 
 
 def _example(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -192,7 +197,8 @@ def _positions(graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
 
 @torch.no_grad()
 def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], stacked_input: bool) -> tuple[
-        nn.Module, dict[str, dict[str, int]]]:
+        nn.Module, dict[str, dict[str, int]], dict[str, list[list[int]]]]:
+    """The block-diagonal body, its layer sizes, and each component's feature positions in every layer's input."""
     param = next(components[0].parameters())
     graphs = [trace(c, _example(i, param.device, param.dtype)) for c, i in zip(components, infos)]
     if not _same_graph(graphs):
@@ -203,9 +209,12 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
     body = copy.deepcopy(components[0])
     body.__dict__.pop(INFO_ATTR, None)  # the body is no longer component 0
     sizes: dict[str, dict[str, int]] = {}
+    inputs: dict[str, list[list[int]]] = {}
     for name, layer in g0.layers.items():
         out_idx = [p[g.layers[name].node] for p, g in zip(pos, graphs)]
         in_idx = [p[g.layers[name].input] for p, g in zip(pos, graphs)]
+        if all(len(i) <= MAX_FEATURES for i in in_idx):  # where each component's features are (density scores)
+            inputs[name] = [i.tolist() for i in in_idx]
         out_n = int(max(int(t.max()) for t in out_idx if len(t)) + 1)
         in_n = int(max(int(t.max()) for t in in_idx if len(t)) + 1)
         new = fresh_like(layer.module, out_n, in_n)
@@ -232,7 +241,7 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
             new.num_batches_tracked.copy_(components[0].get_submodule(name).num_batches_tracked)
         body.set_submodule(name, new)
         sizes[name] = {"out": n}
-    return body.eval(), sizes
+    return body.eval(), sizes, inputs
 
 
 def _label_map(infos: Sequence[ModelInfo]) -> list[dict[str, Any]]:
@@ -284,15 +293,18 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Modul
         input_spec = _raw_spec(infos)
     else:
         stacked = len({(i.input.mean, i.input.std) for i in infos}) == 1
-        body, sizes = _padded_body(components, infos, stacked)
+        body, sizes, inputs = _padded_body(components, infos, stacked)
         adapters = None if stacked else nn.ModuleList([InputAdapter(i.input) for i in infos])
         model = Assembly("padded", body, OutputHead(groups), adapters)
-        spec.update(arch=infos[0].arch, arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, adapters=not stacked)
+        spec.update(arch=infos[0].arch, arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, adapters=not stacked,
+                    layer_inputs=inputs)
         input_spec = infos[0].input if stacked else _raw_spec(infos)
     info = ModelInfo(
         arch=None, arch_kwargs={}, class_names=names, classes=tuple(range(len(names))), input=input_spec,
         dataset="+".join(dict.fromkeys(str(i.dataset) for i in infos)), kind="assembly",
         provenance={"label_map": label_map, "scaling": {"method": "none"}}, assembly=spec)
+    # Head and adapters are built on the CPU; the assembly lives where its components do.
+    model.to(device=next(components[0].parameters()).device)
     return set_info(model.eval(), info)
 
 
@@ -311,7 +323,11 @@ def assembly_skeleton(info: ModelInfo) -> Assembly:
         body = resize_layers(create_model(spec["arch"], **spec["arch_kwargs"]), spec["layer_sizes"])
     else:
         raise UserError(f"unknown assembly mode {spec['mode']!r}")
-    return Assembly(spec["mode"], body, OutputHead(groups), adapters)
+    asm = Assembly(spec["mode"], body, OutputHead(groups), adapters)
+    if spec.get("density"):
+        asm.probe = DensityProbe([(d["component"], d["layer"], d["features"], d["classes"]) for d in spec["density"]],
+                                 len(comps))
+    return asm
 
 
 def side_by_side(components: Sequence[nn.Module], x_raw: torch.Tensor) -> torch.Tensor:

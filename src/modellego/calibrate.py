@@ -76,7 +76,7 @@ def _logits(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x).double() for x in inputs])
+        return torch.cat([model(x).double().cpu() for x in inputs])  # fits run on the CPU in float64
     finally:
         model.train(was_training)
 
@@ -171,20 +171,20 @@ def calibrate(
     if "affine" in methods:
         target = _logits(source, xs)[:, list(task)]
         a, b = fit_affine(_logits(component, xs), target)
-        fc.weight.mul_(a.to(fc.weight.dtype)[:, None])
-        fc.bias.copy_(a.to(fc.bias.dtype) * fc.bias + b.to(fc.bias.dtype))
+        fc.weight.mul_(a.to(fc.weight)[:, None])
+        fc.bias.copy_(a.to(fc.bias) * fc.bias + b.to(fc.bias))
         report["affine_scale"] = [round(float(v), 4) for v in a]
     if "refit" in methods:
         target = _logits(source, xs)[:, list(task)]
         feats = _penultimate(component, fc, xs)
         w, b = fit_ridge(feats, target)
-        fc.weight.copy_(w.to(fc.weight.dtype))
-        fc.bias.copy_(b.to(fc.bias.dtype))
+        fc.weight.copy_(w.to(fc.weight))
+        fc.bias.copy_(b.to(fc.bias))
         report["refit_r2"] = round(float(1 - ((feats @ w.T + b - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()), 4)
     if "balance" in methods:
         pos = {c: i for i, c in enumerate(task_labels)}
         prior = torch.bincount(torch.tensor([pos[int(c)] for c in labels]), minlength=len(task)).double() / len(labels)
         b = fit_balance(_logits(component, xs), prior)
-        fc.bias.add_(b.to(fc.bias.dtype))
+        fc.bias.add_(b.to(fc.bias))
         report["balance_bias"] = [round(float(v), 4) for v in b]
     return report

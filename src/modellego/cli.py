@@ -21,7 +21,8 @@ EXAMPLES = {
     "profile": "modellego profile runs/vgg-fashion --data fashion-mnist -o runs/vgg-fashion.profile",
     "disassemble": "modellego disassemble runs/vgg-fashion --classes 0-2 --profile runs/vgg-fashion.profile -o runs/vgg-fashion-0-2",
     "models": "modellego models",
-    "assemble": "modellego assemble runs/mnist-0-4 runs/fashion-5-9 -o runs/asm --scaling calibrated",
+    "assemble": "modellego assemble runs/mnist-0-4 runs/fashion-5-9 -o runs/asm --scaling density",
+    "merge": "modellego merge runs/vgg-fashion runs/vgg-fashion-0-2 runs/vgg-fashion-7 -o runs/vgg-fashion-0-2-7 --data fashion-mnist",
     "demo": "modellego demo --cache .cache/demo",
 }
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modellego", description="Model LEGO: disassemble and assemble trained CNN classifiers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  " + "\n  ".join(EXAMPLES[k] for k in ("demo", "train", "profile", "disassemble", "assemble")))
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES[k] for k in ("demo", "train", "profile", "disassemble", "assemble", "merge")))
     p.add_argument("--version", action="version", version=f"modellego {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -94,8 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("components", nargs="+", help="component (or model) files")
     s.add_argument("--mode", choices=["auto", "padded", "parallel"], default="auto",
                    help="padded: block-diagonal layers (the paper); parallel: side by side; auto: padded when possible")
-    s.add_argument("--scaling", choices=["none", "paper", "calibrated"], default="calibrated",
-                   help="make the components' logits comparable from training images (default: calibrated)")
+    s.add_argument("--scaling", choices=["none", "paper", "calibrated", "density"], default="density",
+                   help="make the components' outputs comparable from training images: none, paper (Eqs. 12-14), "
+                        "calibrated (fitted scale, bias and confidence weight) or density (calibrated plus each "
+                        "component's Gaussian 'mine' score on its own features; default)")
     s.add_argument("--images-per-class", type=int, default=200, help="training images per class for scaling (default 200)")
     s.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning epochs on the union task")
     s.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -103,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true")
     s.add_argument("--device")
     s.add_argument("-o", "--output", required=True)
+
+    s = add("merge", "merge components of one source model through the union of their channels (no training)")
+    s.add_argument("source", help="the model the components were cut from")
+    s.add_argument("components", nargs="+", help="component files of that model")
+    s.add_argument("--calibrate", default=None,
+                   help="as for disassemble (default: bn+refit+balance when --data is given, else none)")
+    s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
+    data_args(s, required=False)
+    s.add_argument("-o", "--output", required=True, help="merged component folder or .safetensors file")
 
     s = add("demo", "train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables")
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
@@ -228,7 +240,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .checkpoint import load, save
-    from .calibrate import DEFAULT_CALIBRATION
     from .disassemble import disassemble
     from .locate import Thresholds
     from .evaluate import count_params
@@ -238,9 +249,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     info = model.modellego_info
     classes = parse_classes(args.classes, info.class_names)
     faithful_note = args.calibrate is None and not args.data
-    if args.calibrate is None:
-        args.calibrate = DEFAULT_CALIBRATION if args.data else "none"
-    if args.calibrate != "none" and not args.data:
+    if args.calibrate not in (None, "none") and not args.data:
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if args.profile:
         if _thresholds(args) != Thresholds():
@@ -250,17 +259,41 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         prof = _profile_from_args(model, args, classes)
     else:
         raise UserError("give --profile PROFILE or --data NAME to profile the model first")
-    calibration = None
-    if args.calibrate != "none":
-        from .protocol import calibration_batches
-        labels = [info.classes[c] for c in classes]
-        calibration = calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
-    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=args.calibrate)
+    method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
+    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method)
     path = save(component, args.output)
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
           f"{count_params(component):,} of {count_params(model):,} parameters")
     if faithful_note:
         print("note: no --data, so no calibration: this is the paper's faithful cut", file=sys.stderr)
+    return 0
+
+
+def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | None]:
+    """The calibration method and training batches that --calibrate / --data ask for."""
+    from .calibrate import DEFAULT_CALIBRATION
+    method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
+    if method == "none":
+        return method, None
+    if not args.data:
+        raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
+    from .protocol import calibration_batches
+    return method, calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .checkpoint import load, save
+    from .evaluate import count_params
+    from .merge import merge
+    device = _device(args)
+    source = load(args.source, map_location=device)
+    components = [load(p, map_location=device) for p in args.components]
+    labels = list(dict.fromkeys(c for comp in components for c in comp.modellego_info.classes))
+    method, calibration = _calibration(source, args, labels)
+    merged = merge(source, components, calibration=calibration, calibrate=method)
+    path = save(merged, args.output)
+    print(f"saved {path}: classes {list(merged.modellego_info.class_names)}, {count_params(merged):,} parameters "
+          f"(components: {', '.join(f'{count_params(c):,}' for c in components)}), calibration {method}")
     return 0
 
 
@@ -294,7 +327,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile,
-            "disassemble": cmd_disassemble, "assemble": cmd_assemble, "demo": cmd_demo}
+            "disassemble": cmd_disassemble, "assemble": cmd_assemble, "merge": cmd_merge, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -113,11 +113,41 @@ def disassemble(
     shape = profile.provenance.get("input_shape")
     if not shape:
         raise UserError("the profile does not record the input shape")
-    param = next(model.parameters())
-    example = torch.randn(2, *shape, device=param.device, dtype=param.dtype)
+    example = _example(model, shape)
     graph = trace(model, example)
     classes = check_classes(classes, graph.num_classes)
     keep = keep_channels(graph, profile.task_in_masks(classes), classes)
+    provenance = {
+        "task": list(classes),
+        "thresholds": profile.thresholds.to_json(),
+        "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
+    }
+    return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
+                   calibrate=calibrate, verify=verify)
+
+
+def _example(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    param = next(model.parameters())
+    return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
+
+
+def extract(
+    model: nn.Module,
+    graph: ChannelGraph,
+    example: torch.Tensor,
+    keep: Mapping[int, Sequence[int]],
+    classes: Sequence[int],
+    *,
+    provenance: dict[str, Any],
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    calibrate: str = DEFAULT_CALIBRATION,
+    verify: bool = True,
+) -> nn.Module:
+    """The component of `model` keeping channels `keep` (per channel space) and outputs `classes`.
+
+    Checks it against the masked source (`verify`), calibrates it if `calibration` is given, and
+    attaches its description; `provenance` is merged into the description's provenance.
+    """
     plan = build_plan(graph, keep)
     component = prune_layers(copy.deepcopy(model), plan).eval()
     if verify:
@@ -128,7 +158,7 @@ def disassemble(
                 got = component(example)
         except RuntimeError as e:  # e.g. a hard-coded view no longer fits the pruned tensor
             raise UnsupportedGraphError(f"{hint} ({e})") from e
-        want = masked_forward(model, graph, keep, example)[:, classes]
+        want = masked_forward(model, graph, keep, example)[:, list(classes)]
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
             raise UnsupportedGraphError(hint)
     src = get_info(model)
@@ -138,6 +168,8 @@ def disassemble(
     if calibration is not None:
         calibration_report = calibrate_logits(component, model, classes, calibration, calibrate,
                                               task_labels=[source_classes[c] for c in classes])
+    source = {"sha256": weights_hash(model.state_dict()), "kind": src.kind if src else "model",
+              "dataset": src.dataset if src else None}
     info = ModelInfo(
         arch=src.arch if src else None,
         arch_kwargs=dict(src.arch_kwargs) if src else {},
@@ -147,14 +179,7 @@ def disassemble(
         dataset=src.dataset if src else None,
         kind="component",
         pruning=compose_plans(src.pruning if src else None, plan),
-        provenance={
-            "source": {"sha256": profile.model_sha256, "kind": src.kind if src else "model",
-                       "dataset": src.dataset if src else None},
-            "task": list(classes),
-            "thresholds": profile.thresholds.to_json(),
-            "calibration": calibration_report,
-            "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
-        },
+        provenance={**provenance, "source": source, "calibration": calibration_report},
     )
     set_info(component, info)
     return component

@@ -88,6 +88,7 @@ def accuracy(
                 cols = torch.tensor([out_classes.index(c) for c in task]) if restrict else torch.arange(len(out_classes))
                 col_class = torch.tensor(out_classes)[cols]
                 task_t = torch.tensor(task)
+            y = y.cpu()
             keep = torch.isin(y, task_t)
             if not keep.any():
                 continue

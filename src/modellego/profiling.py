@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._io import atomic_path
 from .checkpoint import weights_hash
-from .contribution import LayerAccumulator, class_slots, relative
+from .contribution import LayerAccumulator, Workspace, class_slots, relative
 from .errors import CorruptFileError, UserError
 from .graph import ChannelGraph, trace
 from .hooks import forward_hooks
@@ -146,7 +146,8 @@ def contributions(
     if mode not in ("sample", "mean"):
         raise UserError(f"mode must be 'sample' or 'mean', got {mode!r}")
     modules = dict(model.named_modules())
-    accs = {name: LayerAccumulator(modules[name], len(classes), mode) for name in graph.layers}
+    workspace = Workspace()
+    accs = {name: LayerAccumulator(modules[name], len(classes), mode, workspace) for name in graph.layers}
     current: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):

@@ -1,8 +1,8 @@
 """Making an assembly's outputs comparable: the paper's parameter scaling and a calibrated head.
 
 Components that never met in training speak on different scales, and each one is confident on
-images it has never seen. Two training-free fixes, both fitted on TRAINING images only and both
-stored in the assembly's `OutputHead` (nothing else changes):
+images it has never seen. Three training-free fixes, all fitted on TRAINING images only and
+stored in the assembly's `OutputHead` (and `DensityProbe`); no network weight changes:
 
 - ``paper`` (Eqs. 12-14, last layer): e_j = mean logit of output j over training images of class
   j; output j is scaled by ē / e_j. A class without a positive e_j (no image, or a non-positive
@@ -11,6 +11,9 @@ stored in the assembly's `OutputHead` (nothing else changes):
   log-sum-exp of its own logits (its "this image is mine" confidence), fitted by minimising the
   cross-entropy of the assembled outputs on a few training images per class. Only
   2·T + (number of components) numbers are fitted; the network's weights never change.
+- ``density``: ``calibrated`` plus, per component, Gaussian densities of its own features at
+  every layer (`modellego.density`), a stronger "not mine" signal; one more weight per layer and
+  component is fitted with the head.
 """
 from __future__ import annotations
 
@@ -21,11 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from .assemble import Assembly
+from .density import fit_probe
 from .errors import UserError
 from .info import get_info, set_info
 
 log = logging.getLogger(__name__)
-SCALINGS = ("none", "paper", "calibrated")
+SCALINGS = ("none", "paper", "calibrated", "density")
 
 
 @torch.no_grad()
@@ -62,33 +66,43 @@ def paper_scale(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[in
     return scale, skipped
 
 
-def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, l2: float = 1e-3, steps: int = 200
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale, bias and per-group energy weight minimising cross-entropy (+ a small L2 penalty).
+def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: torch.Tensor | None = None,
+             owner: torch.Tensor | None = None, l2: float = 1e-3, steps: int = 200
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale, bias, per-group energy weight and per-site density weight minimising cross-entropy.
 
-    The fit runs on logits divided by their spread, and the penalty pulls towards the identity
-    there: towards the raw logits up to one positive factor, which leaves every argmax unchanged.
+    The fit runs on logits divided by their spread, and a small L2 penalty pulls towards the
+    identity there: towards the raw logits up to one positive factor, which leaves every argmax
+    unchanged. `sites` (N, K) are standardised density scores of component `owner` (K,), see
+    `modellego.density`; without them the site weights are empty.
+    Shape: z (N, T), y (N,), groups (T,) -> (T,), (T,), (G,), (K,).
     """
     t, g = z.shape[1], int(groups.max()) + 1
     std = z.std().clamp(min=1e-6)
     zn = z / std  # fit on a unit scale, undo below
     lse = torch.stack([zn[:, groups == k].logsumexp(1) for k in range(g)], 1)  # (N, G)
+    if sites is None:
+        sites, owner = z.new_zeros(len(z), 0), torch.zeros(0, dtype=torch.long)
+    to_group = F.one_hot(owner, g).to(z.dtype)  # (K, G)
     scale = torch.ones(t, dtype=z.dtype, requires_grad=True)
     bias = torch.zeros(t, dtype=z.dtype, requires_grad=True)
     energy = torch.zeros(g, dtype=z.dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([scale, bias, energy], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+    weight = torch.zeros(sites.shape[1], dtype=z.dtype, requires_grad=True)
+    params = [scale, bias, energy, weight]
+    opt = torch.optim.LBFGS(params, lr=1, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        out = zn * scale + bias + (lse * energy)[:, groups]
-        loss = F.cross_entropy(out, y) + l2 * ((scale - 1).square().sum() + bias.square().sum() + energy.square().sum())
+        out = zn * scale + bias + (lse * energy + (sites * weight) @ to_group)[:, groups]
+        penalty = (scale - 1).square().sum() + bias.square().sum() + energy.square().sum() + weight.square().sum()
+        loss = F.cross_entropy(out, y) + l2 * penalty
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
     # out = (z/std)·s + b + e·lse(z/std): express on raw z (lse of z/std is what the head must see).
-    return (scale / std).detach(), bias.detach(), energy.detach()
+    return (scale / std).detach(), bias.detach(), energy.detach(), weight.detach()
 
 
 def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], method: str = "calibrated"
@@ -106,8 +120,13 @@ def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, tor
         head.bias.zero_()
         head.energy.zero_()
         head.temperature.fill_(1)
-    if method != "none":
+    assembly.probe = None
+    probe = sites = None
+    if method == "density":
+        probe, z, y, sites = fit_probe(assembly, batches)
+    elif method != "none":
         z, y = assembled_logits(assembly, batches)
+    if method != "none":
         report["images"] = int(len(y))
         missing = sorted(set(range(z.shape[1])) - set(y.tolist()))
         if missing:
@@ -122,14 +141,23 @@ def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, tor
                 if skipped:
                     log.warning("paper scaling left outputs %s unscaled (no image or a non-positive mean logit)", skipped)
             else:
-                scale, bias, energy = fit_head(z, y, head.groups.cpu())
+                scale, bias, energy, weight = fit_head(z, y, head.groups.cpu(), sites=sites,
+                                                       owner=probe.owner.cpu() if probe is not None else None)
                 std = z.std().clamp(min=1e-6)
-                head.scale.copy_(scale.to(head.scale.dtype))
-                head.bias.copy_(bias.to(head.bias.dtype))
-                head.energy.copy_(energy.to(head.energy.dtype))
+                head.scale.copy_(scale)
+                head.bias.copy_(bias)
+                head.energy.copy_(energy)
                 head.temperature.fill_(float(std))
+                if probe is not None:
+                    probe.weight.copy_(weight)
+                    assembly.probe = probe
+                    report["density_weight"] = [round(float(v), 4) for v in weight]
         report["scale"] = [round(float(v), 5) for v in head.scale]
     info = get_info(assembly)
     if info is not None:
-        set_info(assembly, info.replace(provenance={**info.provenance, "scaling": report}))
+        spec = {k: v for k, v in (info.assembly or {}).items() if k != "density"}
+        if assembly.probe is not None:
+            spec["density"] = assembly.probe.spec()
+        set_info(assembly, info.replace(provenance={**info.provenance, "scaling": report},
+                                        assembly=spec if info.assembly is not None else None))
     return report

@@ -1,0 +1,99 @@
+"""Profiling, disassembly, calibration and assembly on a CUDA device give the CPU's results.
+
+These run only where a GPU is present; everything else in the suite runs on the CPU.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modellego
+from helpers import randomise_bn
+from modellego.assemble import InputAdapter, assemble, side_by_side
+from modellego.info import InputSpec, get_info, set_info
+from modellego.scaling import scale_assembly
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.filterwarnings("ignore:no class uses channel space")]
+CUDA = torch.device("cuda")
+NUM_CLASSES = 5
+SHAPE = (1, 28, 28)
+ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125)]
+
+
+def build(name: str, width: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = randomise_bn(modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=SHAPE[0], width=width), seed)
+    spec = InputSpec(SHAPE[0], SHAPE[1:], (0.1,), (0.3,))
+    return set_info(model.eval(), get_info(model).replace(input=spec, dataset=f"d{seed}")).double()
+
+
+def data(n: int = 30, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g, dtype=torch.float64), torch.arange(n) % NUM_CLASSES
+
+
+def on(model: nn.Module, device: torch.device) -> nn.Module:
+    return copy.deepcopy(model).to(device)
+
+
+@pytest.mark.parametrize("name,width", ZOO, ids=[z[0] for z in ZOO])
+def test_profile_and_component_on_cuda_equal_cpu(name: str, width: float) -> None:
+    model = build(name, width)
+    x, y = data()
+    cpu, gpu = (modellego.profile(on(model, d), [(x[:16], y[:16]), (x[16:], y[16:])], select=False)
+                for d in (torch.device("cpu"), CUDA))
+    assert cpu.layers == gpu.layers and cpu.model_sha256 == gpu.model_sha256
+    for layer in cpu.layers:
+        assert torch.equal(cpu.in_masks[layer], gpu.in_masks[layer].cpu()), layer
+        assert torch.equal(cpu.out_masks[layer], gpu.out_masks[layer].cpu()), layer
+
+    classes = [3, 1]
+    comp_cpu = modellego.disassemble(model, classes, profile=cpu)
+    comp_gpu = modellego.disassemble(on(model, CUDA), classes, profile=gpu)
+    assert all(p.device.type == "cuda" for p in comp_gpu.parameters())
+    x_test = torch.randn(4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(comp_gpu(x_test.to(CUDA)).cpu(), comp_cpu(x_test), rtol=0, atol=1e-9)
+
+
+def test_sample_selection_and_calibration_on_cuda() -> None:
+    model = build("resnet18", 0.0625)
+    x, _ = data(60)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # a random model is "correct" on its own predictions
+    task = sorted(set(y.tolist()))
+    comps = []
+    for d in (torch.device("cpu"), CUDA):
+        m = on(model, d)
+        prof = modellego.profile(m, [(x, y)], classes=task, fraction=0.5, min_per_class=1)
+        assert prof.provenance["selection"]["selected"] == {str(c): -(-int((y == c).sum()) // 2) for c in task}
+        comps.append(modellego.disassemble(m, task, profile=prof, calibration=[(x, y)]))
+    x_test = torch.randn(6, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(comps[1](x_test.to(CUDA)).cpu(), comps[0](x_test), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["padded", "parallel"])
+def test_assembly_and_scaling_on_cuda(mode: str, tmp_path) -> None:
+    model_a, model_b = build("resnet18", 0.0625, 1), build("resnet18", 0.0625, 2)
+    x, y = data()
+    comps = [modellego.disassemble(on(m, CUDA), cls, profile=modellego.profile(on(m, CUDA), [(x, y)], select=False))
+             for m, cls in ((model_a, [0, 2]), (model_b, [4, 1, 3]))]
+    asm = assemble(comps, mode=mode)
+    assert all(t.device.type == "cuda" for t in asm.state_dict().values())
+    x_raw = torch.rand(5, *SHAPE, dtype=torch.float64, device=CUDA)
+    x_in = x_raw if asm.adapters is not None else InputAdapter(get_info(asm).input).to(CUDA)(x_raw)
+    with torch.no_grad():
+        torch.testing.assert_close(asm(x_in), side_by_side(comps, x_raw), rtol=0, atol=1e-9)
+    # Calibrated scaling runs on the device and only reweights outputs.
+    labels = torch.arange(len(x_raw) * 4, device=CUDA) % 5
+    scale_assembly(asm, [(x_in.repeat(4, 1, 1, 1), labels)], "calibrated")
+    assert asm.head.scale.device.type == "cuda"
+    path = modellego.save(asm, tmp_path / "asm.safetensors")
+    back = modellego.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(back.double()(x_in.cpu()), asm(x_in).cpu(), rtol=0, atol=1e-9)
