@@ -89,11 +89,27 @@ def test_assembly_and_scaling_on_cuda(mode: str, tmp_path) -> None:
     x_in = x_raw if asm.adapters is not None else InputAdapter(get_info(asm).input).to(CUDA)(x_raw)
     with torch.no_grad():
         torch.testing.assert_close(asm(x_in), side_by_side(comps, x_raw), rtol=0, atol=1e-9)
-    # Calibrated scaling runs on the device and only reweights outputs.
+    # Calibrated and density scaling run on the device.
     labels = torch.arange(len(x_raw) * 4, device=CUDA) % 5
     scale_assembly(asm, [(x_in.repeat(4, 1, 1, 1), labels)], "calibrated")
     assert asm.head.scale.device.type == "cuda"
+    scale_assembly(asm, [(x_in.repeat(4, 1, 1, 1), labels)], "density")
+    assert asm.probe is not None and all(t.device.type == "cuda" for t in asm.probe.state_dict().values())
     path = modellego.save(asm, tmp_path / "asm.safetensors")
     back = modellego.load(path)
     with torch.no_grad():
         torch.testing.assert_close(back.double()(x_in.cpu()), asm(x_in).cpu(), rtol=0, atol=1e-9)
+
+
+def test_merge_on_cuda_equals_cpu() -> None:
+    model = build("googlenet", 0.0625)
+    x, y = data()
+    merged = []
+    for d in (torch.device("cpu"), CUDA):
+        m = on(model, d)
+        prof = modellego.profile(m, [(x, y)], select=False)
+        comps = [modellego.disassemble(m, t, profile=prof) for t in ([0, 2], [3])]
+        merged.append(modellego.merge(m, comps))
+    x_test = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(merged[1](x_test.to(CUDA)).cpu(), merged[0](x_test), rtol=0, atol=1e-9)

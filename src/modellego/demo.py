@@ -42,7 +42,7 @@ def _source(cache: Path, data: str, arch: str, width: float, epochs: int, device
 
 
 def _assembly_demo(models: dict, profiles: dict) -> None:
-    """MNIST 0-4 + Fashion-MNIST 5-9: assembled without training, three ways of scaling."""
+    """MNIST 0-4 + Fashion-MNIST 5-9: assembled without training, each way of scaling."""
     parts, base_sum, n = [], 0.0, 0
     for data, task in (("mnist", [0, 1, 2, 3, 4]), ("fashion-mnist", [5, 6, 7, 8, 9])):
         prof, ds = profiles[data]

@@ -180,4 +180,5 @@ def fit_probe(assembly: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     raw = probe.double().site_scores(inputs)  # (N, K)
     probe.loc.copy_(raw.mean(0))
     probe.spread.copy_(raw.std(0).clamp(min=1e-9))
-    return probe.float().to(device), z, y, (raw - probe.loc) / probe.spread
+    standardised = (raw - probe.loc) / probe.spread
+    return probe.float().to(device), z, y, standardised
