@@ -113,7 +113,7 @@ def disassemble(
     shape = profile.provenance.get("input_shape")
     if not shape:
         raise UserError("the profile does not record the input shape")
-    example = _example(model, shape)
+    example = example_input(model, shape)
     graph = trace(model, example)
     classes = check_classes(classes, graph.num_classes)
     keep = keep_channels(graph, profile.task_in_masks(classes), classes)
@@ -126,7 +126,8 @@ def disassemble(
                    calibrate=calibrate, verify=verify)
 
 
-def _example(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+def example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """A random batch of two inputs of `shape` on the model's device and dtype."""
     param = next(model.parameters())
     return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
 

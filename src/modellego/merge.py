@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .calibrate import DEFAULT_CALIBRATION
 from .checkpoint import weights_hash
-from .disassemble import _example, extract
+from .disassemble import example_input, extract
 from .errors import UserError
 from .graph import ChannelGraph, trace
 from .info import get_info
@@ -80,7 +80,7 @@ def merge(
     shape = (src_info.input.channels, *src_info.input.size) if src_info and src_info.input else None
     if shape is None:
         raise UserError("the source model has no input description; load it from a file or set ModelInfo.input")
-    example = _example(source, shape)
+    example = example_input(source, shape)
     graph = trace(source, example)
     source_plan = src_info.pruning if src_info else None
     kept: dict[int, set[int]] = {}
