@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                 acc = test_accuracy(asm, union)
                 row[f"score1_{method}"] = round(acc.mean_per_class, 2)
                 row[f"worst_{method}"] = round(acc.worst_class, 2)
+            # The density head scores every layer of every component: what it adds to a forward pass.
+            shape = (get_info(asm).input.channels, *get_info(asm).input.size)
+            row["padded_density_latency_ms"] = round(measure_latency(asm, shape, batch=64, repeats=10), 2)
             if args.finetune_epochs:
                 tuned = copy.deepcopy(asm)
                 scale_assembly(tuned, fit_images, "none")
@@ -103,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), file=sys.stderr, flush=True)
     print("| model | tasks | Base | Score1 none | Score1 paper | Score1 calibrated | Score1 density | Score2 "
-          "| padded MFLOPs | parallel MFLOPs | padded params | parallel params | padded ms | parallel ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| padded MFLOPs | parallel MFLOPs | padded params | parallel params | padded ms | parallel ms | padded + density ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} w{r['width']} | {r['pair']} | {r['base']} | {r['score1_none']} | {r['score1_paper']} | "
               f"{r['score1_calibrated']} | **{r['score1_density']}** | {r.get('score2', '-')} | {r['padded_flops'] / 1e6:.1f} | "
               f"{r['parallel_flops'] / 1e6:.1f} | {r['padded_params']:,} | {r['parallel_params']:,} | "
-              f"{r['padded_latency_ms']} | {r['parallel_latency_ms']} |")
+              f"{r['padded_latency_ms']} | {r['parallel_latency_ms']} | {r['padded_density_latency_ms']} |")
     return 0
 
 
