@@ -1,5 +1,5 @@
 """The `modellego` command end to end on the synthetic dataset: train, evaluate, profile,
-disassemble, assemble, evaluate again; and one-line errors for bad input."""
+disassemble, assemble, merge, evaluate again; and one-line errors for bad input."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +14,7 @@ import modellego
 from modellego.checkpoint import read_header, weights_hash
 from modellego.cli import EXAMPLES, main
 from modellego.models import list_models
-from modellego.info import get_info
+from modellego.info import InputSpec, get_info, set_info
 from modellego.profiling import Profile
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
@@ -164,6 +164,21 @@ def test_merge_of_two_components(run, capsys) -> None:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert max(n(c) for c in comps) <= n(merged) < n(comps[0]) + n(comps[1])
     check_report(evaluate_json(capsys, run["merged"], "--data", "synthetic"), [0, 1, 2, 3, 4])
+
+
+def test_padding_components_of_other_input_shapes_fails_with_one_line(run, tmp_path, capsys) -> None:
+    torch.manual_seed(0)
+    small = modellego.create_model("vgg11_bn", num_classes=4, in_channels=1, width=0.0625).eval()  # as the fixture's, but grey 28x28
+    set_info(small, get_info(small).replace(input=InputSpec(1, (28, 28), (0.5,), (0.25,)), dataset="synthetic"))
+    x = torch.randn(8, 1, 28, 28)
+    comp = modellego.disassemble(small, [1], profile=modellego.profile(small, [(x, torch.arange(8) % 4)], select=False))
+    other = str(modellego.save(comp, tmp_path / "small"))
+    out = tmp_path / "asm"
+    capsys.readouterr()
+    assert main(["assemble", run["c012"], other, "--mode", "padded", "--scaling", "none", "-o", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot pad these components: input channels or sizes differ" in err[0]
+    assert not out.exists()
 
 
 def test_parallel_assembly_without_scaling(run, tmp_path, capsys) -> None:
