@@ -24,6 +24,8 @@ import torch.nn.functional as F
 EPS = 1e-5
 # Largest (samples × Q × P) block materialised at once for convolutions (elements).
 CHUNK_ELEMENTS = 1 << 24
+# Class-sorted chunks with at most this many runs of one class are summed by slices, not a one-hot matmul.
+SLICE_RUNS = 4
 
 
 def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
@@ -222,7 +224,7 @@ class LayerAccumulator:
         state = self.state["relu_sum"]
         if s.device.type == "cpu":
             runs, counts = torch.unique_consecutive(slots, return_counts=True)
-            if len(runs) <= 4:  # batches of selected samples come sorted by class: a few slice sums
+            if len(runs) <= SLICE_RUNS:  # batches of selected samples come sorted by class: a few slice sums
                 start = 0
                 for c, n in zip(runs.tolist(), counts.tolist()):
                     state[:, c] += s[:, start: start + n].sum(1)
