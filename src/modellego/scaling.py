@@ -105,10 +105,13 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
     return (scale / std).detach(), bias.detach(), energy.detach(), weight.detach()
 
 
-def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], method: str = "calibrated"
+def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], method: str = "density"
                    ) -> dict[str, object]:
     """Set the assembly's head from training images (labels: assembled output indices), in place.
 
+    Args:
+        method: one of `SCALINGS`: ``none``, ``paper`` (Eqs. 12-14), ``calibrated`` or
+            ``density`` (the calibrated head plus per-component Gaussian scores; the default).
     Returns what was done (method, images, skipped outputs, fitted values).
     """
     if method not in SCALINGS:
