@@ -181,6 +181,21 @@ def test_padding_components_of_other_input_shapes_fails_with_one_line(run, tmp_p
     assert not out.exists()
 
 
+def test_assemble_with_finetuning_then_density(run, tmp_path) -> None:
+    out = str(tmp_path / "tuned")
+    _, text = quiet(["assemble", run["c012"], run["c34"], "--finetune-epochs", "1", "--images-per-class", "30",
+                     "-o", out])
+    assert "scaling density" in text
+    asm = modellego.load(out)
+    prov = get_info(asm).provenance
+    assert prov["finetune"]["epochs"] == 1 and prov["scaling"]["method"] == "density"
+    assert asm.probe is not None
+    # The body was trained: it differs from the untuned assembly of the same components.
+    plain = modellego.assemble([modellego.load(run["c012"]), modellego.load(run["c34"])])
+    tuned, untuned = asm.state_dict(), plain.state_dict()
+    assert any(not torch.equal(tuned[k], untuned[k]) for k in untuned if k.startswith("body."))
+
+
 def test_parallel_assembly_without_scaling(run, tmp_path, capsys) -> None:
     out = str(tmp_path / "par")
     assert main(["assemble", run["c012"], run["c34"], "--mode", "parallel", "--scaling", "none", "-o", out]) == 0

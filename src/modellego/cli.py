@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                         "calibrated (fitted scale, bias and confidence weight) or density (calibrated plus each "
                         "component's Gaussian 'mine' score on its own features; default)")
     s.add_argument("--images-per-class", type=int, default=200, help="training images per class for scaling (default 200)")
-    s.add_argument("--finetune-epochs", type=int, default=0, help="optional fine-tuning epochs on the union task")
+    s.add_argument("--finetune-epochs", type=int, default=0,
+                   help="optional fine-tuning epochs on the union task (before scaling, which is then fitted to the tuned network)")
     s.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     s.add_argument("--data-dir", help="folder with the components' datasets (default: the offline copies)")
     s.add_argument("--download", action="store_true")
@@ -311,10 +312,10 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     info = asm.modellego_info
     if args.scaling != "none" or args.finetune_epochs:
         ds = union_dataset(asm, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+        if args.finetune_epochs:  # first, so that the head is fitted to the network it will sit on
+            finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
         if args.scaling != "none":
             scale_assembly(asm, scaling_batches(asm, ds, per_class=args.images_per_class), args.scaling)
-        if args.finetune_epochs:
-            finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
     path = save(asm, args.output)
     print(f"saved {path}: {info.assembly['mode']} assembly of {len(components)} components, "
           f"{len(info.classes)} classes ({', '.join(info.class_names)}), scaling {args.scaling}")

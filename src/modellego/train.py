@@ -88,12 +88,15 @@ def fit(
     label_map: dict[int, int] | None = None,
     device: torch.device | None = None,
     progress: bool = True,
+    keep_initial: bool = False,
 ) -> list[dict[str, float]]:
     """Train `model` in place with SGD; keep the weights of the best validation epoch.
 
     Args:
         classes: train only on samples of these source classes.
         label_map: source class -> output index (for components and assemblies).
+        keep_initial: the weights before training compete too (epoch 0), so the result is never
+            worse on validation than the model given.
     Returns: one record per epoch (loss, validation accuracy, seconds).
     """
     device = device or default_device()
@@ -112,6 +115,14 @@ def fit(
             lookup[src] = out
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, None
+    validate = val is not None and len(val) > 0
+
+    def val_accuracy() -> float:
+        return accuracy(model, batches(val, 512, transform=transform_eval, classes=classes), classes=classes).overall
+
+    if keep_initial and validate:  # training that only makes things worse gives the model back unchanged
+        best_acc, best_state = val_accuracy(), copy.deepcopy(model.state_dict())
+        history.append({"epoch": 0, "val_accuracy": best_acc})
     for epoch in range(epochs):
         model.train()
         it.set_epoch(epoch)
@@ -134,11 +145,10 @@ def fit(
             n += len(y)
             bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
         record = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
-        if val is not None and len(val):
-            acc = accuracy(model, batches(val, 512, transform=transform_eval, classes=classes), classes=classes)
-            record["val_accuracy"] = acc.overall
-            if acc.overall > best_acc:
-                best_acc, best_state = acc.overall, copy.deepcopy(model.state_dict())
+        if validate:
+            record["val_accuracy"] = val_accuracy()
+            if record["val_accuracy"] > best_acc:
+                best_acc, best_state = record["val_accuracy"], copy.deepcopy(model.state_dict())
         history.append(record)
         log.info("epoch %d: %s", epoch + 1, record)
     if best_state is not None:
@@ -177,14 +187,15 @@ def finetune(model: nn.Module, ds: Dataset, *, epochs: int, lr: float = 0.01, ba
              device: torch.device | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Fine-tune a component or assembly in place on `ds` (labels = the model's output classes).
 
-    The paper's Score2 is measured after this (10 epochs there). The best validation epoch is kept.
+    The paper's Score2 is measured after this (10 epochs there). The best validation epoch is kept,
+    the weights given included: fine-tuning never returns a model worse on validation.
     """
     from .protocol import model_transform
     if epochs < 1:
         raise UserError(f"fine-tuning needs at least one epoch, got {epochs}")
     history = fit(model, ds.train, ds.val, transform_train=augmentation("none"), transform_eval=model_transform(model, ds),
                   epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device or next(model.parameters()).device,
-                  progress=progress)
+                  progress=progress, keep_initial=True)
     info = get_info(model)
     if info is not None:
         set_info(model, info.replace(provenance={**info.provenance, "finetune": {"epochs": epochs, "lr": lr, "history": history}}))
