@@ -139,6 +139,8 @@ ACC_LAYERS = {
     "grouped": lambda: make_conv({"groups": 2, "out_channels": 8}),
     "depthwise": lambda: make_conv({"groups": 4, "out_channels": 4, "padding": 1}),
     "linear": lambda: nn.Linear(4, 6).double(),
+    "pointwise": lambda: make_conv({"kernel_size": 1, "out_channels": 6}),
+    "pointwise_strided_grouped": lambda: make_conv({"kernel_size": 1, "stride": 2, "groups": 2, "out_channels": 6}),
 }
 
 
@@ -199,6 +201,13 @@ def test_linear_sample_mode_factorisation_is_literal_relu_then_sum() -> None:
     factorised = w.clamp(min=0) * x.clamp(min=0).sum(0) + (-w).clamp(min=0) * (-x).clamp(min=0).sum(0)
     torch.testing.assert_close(factorised, literal, rtol=0, atol=1e-10)
     torch.testing.assert_close(acc.s_hat(0), literal, rtol=0, atol=1e-10)
+
+
+def test_pointwise_conv_keeps_o_p_state_per_class() -> None:
+    m = ACC_LAYERS["pointwise_strided_grouped"]()
+    acc = LayerAccumulator(m, 3, "sample")
+    acc.update(_inputs("conv", 5), torch.tensor([0, 1, 2, 2, 0]))
+    assert set(acc.state) == {"pos", "neg"} and acc.state["pos"].shape == (3, 4)  # (C, P), never (P, C, Qg)
 
 
 def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ matmuls with 0/1 "touch" matrices), and the contraction is B×Q×P×K instead of
 
 For a linear layer with per-sample ReLU, Σ_b max(w·a_b, 0) = w⁺·Σ_b a_b⁺ + w⁻·Σ_b a_b⁻ (with
 x⁺ = max(x, 0), x⁻ = max(-x, 0)), so only per-class sums of a⁺ and a⁻ are kept: O(P) per class,
-never O(B×Q×P).
+never O(B×Q×P). A 1×1 convolution has one weight per (q, p) and takes the same path on U.
 
 `literal_contribution` is the formula as written, for tests and benchmarks.
 """
@@ -208,6 +208,12 @@ class LayerAccumulator:
         if self.mode == "mean":
             self._add("sum", slots, window_sums(m, x))  # (B, P, K)
             return
+        if m.kernel_size == (1, 1):
+            # One weight per (q, p): s = w·U, so ReLU(s) = w⁺·U⁺ + w⁻·U⁻ exactly, as for a linear layer.
+            u = window_sums(m, x)[:, :, 0]  # (B, P)
+            self._add("pos", slots, u.clamp(min=0))
+            self._add("neg", slots, (-u).clamp(min=0))
+            return
         per_sample = m.out_channels * (m.in_channels // m.groups)
         step = max(1, CHUNK_ELEMENTS // per_sample)
         w = _grouped_weight(m).to(x.dtype)  # (P, K, Qg)
@@ -246,6 +252,11 @@ class LayerAccumulator:
             if self.mode == "sample":
                 return w.clamp(min=0) * self.state["pos"][slot] + (-w).clamp(min=0) * self.state["neg"][slot]
             return (w * self.state["sum"][slot]).clamp(min=0)
+        if "pos" in self.state:  # a 1×1 convolution in "sample" mode
+            g = m.groups
+            wg = w.reshape(g, m.out_channels // g, -1)  # (g, Qg, Pg)
+            pos, neg = (self.state[k][slot].reshape(g, 1, -1) for k in ("pos", "neg"))  # (g, 1, Pg)
+            return (wg.clamp(min=0) * pos + (-wg).clamp(min=0) * neg).reshape(m.out_channels, -1)  # (Q, Pg)
         if self.mode == "mean":
             u = self.state["sum"][slot]  # (P, K)
             g = m.groups
