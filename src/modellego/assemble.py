@@ -166,7 +166,7 @@ def _positions(graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
     or repeated over positions (a flatten) maps through its layout.
     """
     g0 = graphs[0]
-    input_spaces = {g0.find(seg.space) for n, r in g0.roles.items() if r == "input" for seg in g0.layouts[n]}
+    input_spaces = g0.input_spaces
     reps = sorted({g0.find(s) for s in g0.space_size})
     sizes = [{s: g.space_size[s] for s in reps} for g in graphs]
     offsets: list[dict[int, int]] = []

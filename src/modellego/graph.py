@@ -122,6 +122,11 @@ class ChannelGraph:
     def num_classes(self) -> int:
         return feature_count(self.layouts[self.output])
 
+    @property
+    def input_spaces(self) -> set[int]:
+        """Representatives of the channel spaces of the model's input (the image channels)."""
+        return {self.find(seg.space) for n, r in self.roles.items() if r == "input" for seg in self.layouts[n]}
+
 
 def is_depthwise(m: nn.Conv2d) -> bool:
     """One input and one output channel per group (and more than one group).

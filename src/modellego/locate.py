@@ -149,7 +149,7 @@ def keep_channels(
             masks[seg.space] |= part
             offset += seg.features
     keep: dict[int, list[int]] = {}
-    input_spaces = {graph.find(seg.space) for n, r in graph.roles.items() if r == "input" for seg in graph.layouts[n]}
+    input_spaces = graph.input_spaces
     out_segments = graph.segments(graph.output)
     if len(out_segments) != 1 or out_segments[0].spatial != 1:
         raise UserError("the model output must be produced by one Linear or Conv layer")

@@ -90,7 +90,7 @@ def merge(
             kept.setdefault(graph.find(s), set()).update(idx)
         classes += [c for c in info.provenance["task"] if c not in classes]
     out_space = graph.segments(graph.output)[0].space
-    inputs = {graph.find(seg.space) for n, r in graph.roles.items() if r == "input" for seg in graph.layouts[n]}
+    inputs = graph.input_spaces
     keep = {}
     for s in sorted({graph.find(s) for s in graph.space_size}):
         if s == out_space:
