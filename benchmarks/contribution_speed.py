@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from rows import record  # the script's folder is on sys.path
+
 METHODS = ("forward", "profile", "literal")
 
 
@@ -122,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows[model, method] = row
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            record(row, args.out)
     print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| model | forward s | profile s | literal s | profile / forward | literal / profile (time) "
           "| extra MiB profile | extra MiB literal | literal / profile (extra memory) |")

@@ -11,13 +11,13 @@ Rows go to benchmarks/results/density_latency.jsonl; a Markdown table is printed
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
 from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                "padded_density_ms": round(with_density, 2), "sites": len(asm.probe.layers),
                "threads": torch.get_num_threads(), "torch": torch.__version__}
         rows.append(row)
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        record(row, args.out)
     print("| model | Gaussian sites | padded ms | padded + density ms | overhead |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -9,7 +9,6 @@ images (MNIST's training split less validation). Run it alone: other jobs on the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
 from train_zoo import ZOO  # noqa: E402
 
 from modellego.models import create_model  # noqa: E402
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"model": name, "width": ZOO[name]["width"], "batch": args.batch, "s_per_step": round(step, 4),
                "s_per_epoch": round(step * EPOCH_IMAGES / args.batch, 1), "bf16": args.bf16,
                "channels_last": args.channels_last, "threads": torch.get_num_threads(), "torch": torch.__version__}
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        record(row, args.out, echo=False)
         print(f"| {name} | {row['width']} | {row['s_per_step']} | {row['s_per_epoch']} |", flush=True)
     return 0
 

@@ -25,7 +25,6 @@ Models whose checkpoint is not in the cache are skipped with a message unless ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
 
 import modellego  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
@@ -99,9 +99,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
         }
         rows.append(row)
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        record(row, args.out)
     print(f"{model_name} {data}: done in {time.perf_counter() - t_all:.1f}s", file=sys.stderr, flush=True)
     return rows
 

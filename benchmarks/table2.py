@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
 from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["score2"] = round(test_accuracy(tuned, union).mean_per_class, 2)
                 row["finetune"] = f"{args.finetune_epochs} epochs x {len(idx)} images, {time.perf_counter() - t:.0f} s"
             rows.append(row)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            record(row, args.out)
     print("| model | tasks | Base | Score1 none | Score1 paper | Score1 calibrated | Score1 density | Score2 "
           "| padded MFLOPs | parallel MFLOPs | padded params | parallel params | padded ms | parallel ms | padded + density ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

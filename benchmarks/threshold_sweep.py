@@ -7,7 +7,6 @@ Rows go to benchmarks/results/threshold_sweep.jsonl; a Markdown table is printed
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
 from train_zoo import get_model  # noqa: E402
 
 import modellego  # noqa: E402
@@ -55,9 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                "params_pct": faithful["params_pct"], "flops_pct": faithful["flops_pct"],
                "profile_s": round(seconds, 1), "torch": torch.__version__}
         rows.append(row)
-        with args.out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        record(row, args.out)
     print("| conv α, β | linear α, β | Masked-Base | Disa (paper) | Disa (calibrated) | params % | FLOPs % |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

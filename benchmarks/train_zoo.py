@@ -10,7 +10,6 @@ a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 import modellego
 from modellego.train import TrainConfig, train
+from rows import record  # the script's folder is on sys.path (importers put it there too)
 
 # Widths and budgets sized for a 2-core CPU (epoch times in BENCHMARKS.md).
 ZOO = {
@@ -74,9 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": prov.get("threads"), "torch": torch.__version__, "wall_s": round(time.perf_counter() - t, 1),
             }
             rows.append(row)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            record(row, args.out)
     print("| model | width | data | epochs | lr | train images | s/epoch | val % | test % | params |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
