@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 import modellego
-from helpers import randomise_bn
+from helpers import described_model
 from modellego.assemble import Assembly, InputAdapter, assemble, can_pad, side_by_side
 from modellego.errors import UserError
 from modellego.evaluate import count_flops
-from modellego.info import InputSpec, get_info, set_info
+from modellego.info import InputSpec, get_info
 from modellego.scaling import scale_assembly
 
 NUM_CLASSES = 6
@@ -36,10 +36,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 def make_source(name: str, width: float, seed: int, mean: float = 0.1, std: float = 0.3, *, dataset: str | None = None,
                 size: tuple[int, int] = (28, 28), channels: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    model = randomise_bn(modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=channels, width=width), seed)
-    spec = InputSpec(channels, size, (mean,) * channels, (std,) * channels)
-    return set_info(model.eval(), get_info(model).replace(input=spec, dataset=dataset or f"d{seed}"))
+    return described_model(name, width, seed, num_classes=NUM_CLASSES, channels=channels, size=size, mean=mean,
+                           std=std, dataset=dataset or f"d{seed}")
 
 
 def profile_of(model: nn.Module):

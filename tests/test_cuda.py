@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 import modellego
-from helpers import randomise_bn
+from helpers import described_model
 from modellego.assemble import InputAdapter, assemble, side_by_side
-from modellego.info import InputSpec, get_info, set_info
+from modellego.info import get_info
 from modellego.scaling import scale_assembly
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -25,10 +25,8 @@ ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet
 
 
 def build(name: str, width: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = randomise_bn(modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=SHAPE[0], width=width), seed)
-    spec = InputSpec(SHAPE[0], SHAPE[1:], (0.1,), (0.3,))
-    return set_info(model.eval(), get_info(model).replace(input=spec, dataset=f"d{seed}")).double()
+    return described_model(name, width, seed, num_classes=NUM_CLASSES, channels=SHAPE[0], size=SHAPE[1:],
+                           dataset=f"d{seed}").double()
 
 
 def data(n: int = 30, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 
 import modellego
-from helpers import randomise_bn
+from helpers import described_model
 from modellego.assemble import assemble
 from modellego.disassemble import masked_forward
 from modellego.errors import UserError
 from modellego.graph import trace
-from modellego.info import InputSpec, get_info, set_info
+from modellego.info import get_info
 from modellego.locate import keep_channels
 
 NUM_CLASSES = 5
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
 def build(name: str, width: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = randomise_bn(modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=SHAPE[0], width=width), seed)
-    return set_info(model.eval(), get_info(model).replace(input=InputSpec(SHAPE[0], SHAPE[1:], (0.1,), (0.3,))))
+    return described_model(name, width, seed, num_classes=NUM_CLASSES, channels=SHAPE[0], size=SHAPE[1:])
 
 
 def profile_of(model: nn.Module, seed: int = 1):
