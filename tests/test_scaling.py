@@ -371,7 +371,7 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 @pytest.mark.parametrize("method,allowed", [
     ("bn", "bn"), ("affine", "fc"), ("refit", "fc"), ("balance", "bias"), ("bn+affine", "bn+fc"),
-    ("none", "nothing"),
+    ("none", "nothing"), ("recon", "layers"),
 ])
 def test_each_calibration_touches_only_what_it_names(vgg, method: str, allowed: str) -> None:
     source, comp, data = vgg
@@ -380,13 +380,15 @@ def test_each_calibration_touches_only_what_it_names(vgg, method: str, allowed: 
     bn_names = {n for n, m in comp.named_modules() if isinstance(m, nn.BatchNorm2d)}
     before = {k: v.clone() for k, v in comp.state_dict().items()}
     src_before = {k: v.clone() for k, v in source.state_dict().items()}
-    report = calibrate(comp, source, [1, 4, 5], data, method)
+    report = calibrate(comp, source, [1, 4, 5], data, method, plan=get_info(comp).pruning)
     changed = _changed(before, comp.state_dict())
     assert not _changed(src_before, source.state_dict())  # the source is never touched
     bn_keys = {k for k in before if k.rsplit(".", 1)[0] in bn_names and k.rsplit(".", 1)[1] in BN_BUFFERS}
     fc_keys = {f"{fc_name}.weight", f"{fc_name}.bias"}
+    layer_keys = {f"{n}.{p}" for n, m in comp.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                  for p, _ in m.named_parameters()}
     want = {"bn": bn_keys, "fc": fc_keys, "bias": {f"{fc_name}.bias"}, "bn+fc": bn_keys | fc_keys,
-            "nothing": set()}[allowed]
+            "nothing": set(), "layers": layer_keys}[allowed]
     assert changed == want
     assert report["method"] == method
     if "bn" in method:

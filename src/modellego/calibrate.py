@@ -3,8 +3,10 @@
 A component as cut keeps the channels that matter most to its classes, but its logits lose the
 small positive contributions of every dropped input: they shrink (6-11x on VGG-16 here) and a
 class whose logit came mostly from dropped inputs loses every argmax. No gradient step fixes
-this; three closed-form corrections from a few TRAINING images of the task's classes do:
+this; closed-form corrections from a few TRAINING images of the task's classes do:
 
+- ``recon``: every kept Conv2d and Linear layer refitted by least squares to reproduce the source
+  layer's kept outputs (`modellego.reconstruct`; brings back what the cut took from every layer);
 - ``bn``: re-estimate BatchNorm running statistics on the kept channels;
 - ``affine``: per class, a scale and offset of its logit fitted by least squares to the source
   model's logit of that class on the same images (the component learns to say what the source
@@ -13,23 +15,27 @@ this; three closed-form corrections from a few TRAINING images of the task's cla
   to the source model's task logits (one linear solve: a closed-form distillation of one layer);
 - ``balance``: per-class biases set so each class is predicted as often as it occurs.
 
-Methods combine with ``+`` (e.g. ``"bn+affine"``); each touches only what it names: BatchNorm
-statistics, or the last layer's weights and biases.
+Methods combine with ``+`` (e.g. ``"bn+affine"``) and run in the order listed above. Each
+touches only what it names: every layer's weights (``recon``), BatchNorm statistics, or the last
+layer's weights and biases.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .reconstruct import reconstruct
 
 log = logging.getLogger(__name__)
-METHODS = ("none", "bn", "affine", "refit", "balance")
+METHODS = ("none", "recon", "bn", "affine", "refit", "balance")
 # Best on the measurements in BENCHMARKS.md; "bn" is a no-op on models without BatchNorm.
 DEFAULT_CALIBRATION = "bn+refit+balance"
+# Under a FLOPs budget whole features are lost, which only a refit of every layer brings back.
+BUDGET_CALIBRATION = "recon+balance"
 
 
 def parse_methods(method: str) -> list[str]:
@@ -133,6 +139,7 @@ def calibrate(
     method: str = DEFAULT_CALIBRATION,
     *,
     task_labels: Sequence[int] | None = None,
+    plan: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
 ) -> dict[str, object]:
     """Calibrate `component` in place from training batches of its task; returns what was done.
 
@@ -141,9 +148,10 @@ def calibrate(
         source: the model it was cut from.
         task: output indices of the task in `source`.
         batches: (inputs, labels) of TRAINING images; samples of other classes are ignored.
-        method: ``none``, ``bn``, ``affine``, ``refit``, ``balance`` or a ``+`` combination.
+        method: ``none``, ``recon``, ``bn``, ``affine``, ``refit``, ``balance`` or a ``+`` combination.
         task_labels: the label of each task class in `batches` (default: `task`; they differ
             when `source` is itself a component, whose outputs are a subset of a dataset's classes).
+        plan: the pruning plan that cut `component` from `source`; ``recon`` needs it.
     """
     methods = parse_methods(method)
     report: dict[str, object] = {"method": "+".join(methods) or "none"}
@@ -166,6 +174,10 @@ def calibrate(
     needs_bias = [m for m in methods if m in ("affine", "refit", "balance")]
     if needs_bias and fc.bias is None:  # fail before changing anything
         raise UserError(f"{needs_bias[0]} calibration needs a last layer with a bias")
+    if "recon" in methods:
+        if plan is None:
+            raise UserError("recon calibration needs the pruning plan that cut the component from the source")
+        report["recon_r2"] = reconstruct(component, source, plan, xs)
     if "bn" in methods:
         report["bn_layers"] = recompute_batchnorm(component, xs)
     if "affine" in methods:

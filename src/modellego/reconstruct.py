@@ -1,0 +1,206 @@
+"""Layer-wise least-squares reconstruction of a component (training-free; beyond the paper).
+
+Cutting channels removes, from every kept filter, the contributions of its dropped inputs. The
+last-layer fixes of `modellego.calibrate` cannot bring back features lost deeper in the network.
+Reconstruction refits every kept Conv2d and Linear layer in closed form, first to last. Each
+layer's weights and bias are solved by ridge regression so that, on training images of the task,
+the layer's output from the component's own (already reconstructed) inputs matches the source
+layer's output on the kept channels. This is the reconstruction step of channel pruning (He et
+al., 2017; ThiNet) applied to an MDA component. It uses no labels and no gradient step.
+
+The source's BatchNorm statistics stay valid, since each layer again produces what the source's
+layer produced. Do not combine with ``bn`` re-estimation, which renormalises to the task's images.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+from .graph import is_depthwise
+from .hooks import forward_hooks
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has run."""
+
+
+def _run_until(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) -> torch.Tensor:
+    """The input (or output) of layer `name` on `x`; the forward pass stops there."""
+    got: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor | None = None):
+        got.append((out if output else inputs[0]).detach())
+        raise _Stop
+
+    with forward_hooks(model, {name: hook}, pre=not output), torch.no_grad():
+        try:
+            model(x)
+        except _Stop:
+            pass
+    if not got:
+        raise UserError(f"layer {name!r} did not run in the forward pass; it cannot be reconstructed")
+    return got[0]
+
+
+def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the Conv2d and Linear layers of `model` in the order a forward pass runs them."""
+    order: list[str] = []
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if name not in order:
+                order.append(name)
+        return hook
+
+    with forward_hooks(model, {n: hook_for(n) for n in names}), torch.no_grad():
+        model(x[:1])
+    return order
+
+
+class _Normal:
+    """Streaming normal equations of one layer: Σxxᵀ, Σxyᵀ, Σx, Σy, Σy² per group (float64)."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] | None = None
+        self.n = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Shape: x (G, N, F), y (G, N, T): G independent groups of N rows."""
+        # Products in the data's precision (float32 is 2-4x faster), sums in float64.
+        y = y.to(x.dtype)
+        parts = [x.transpose(1, 2) @ x, x.transpose(1, 2) @ y, x.sum(1), y.sum(1), (y * y).sum(1)]
+        parts = [p.double().cpu() for p in parts]  # (G,F,F) (G,F,T) (G,F) (G,T) (G,T)
+        self.sums = parts if self.sums is None else [a + p for a, p in zip(self.sums, parts)]
+        self.n += x.shape[1]
+
+    def solve(self, ridge: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """W (G, F, T), b (G, T) minimising Σ||x W + b - y||² + λ||W||² per group, and the fit's R²."""
+        gram, cross, sx, sy, syy = self.sums
+        mx, my = sx / self.n, sy / self.n  # (G, F), (G, T)
+        if intercept:
+            gram = gram - self.n * mx[:, :, None] * mx[:, None, :]
+            cross = cross - self.n * mx[:, :, None] * my[:, None, :]
+        lam = ridge * gram.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)  # (G,)  scale-free ridge
+        eye = torch.eye(gram.shape[1], dtype=gram.dtype)
+        w = torch.linalg.solve(gram + lam[:, None, None] * eye, cross)  # (G, F, T)
+        b = my - (mx[:, None, :] @ w)[:, 0] if intercept else None  # (G, T)
+        # Residual from the moments: Σy² - 2<W, C> + <W, G W> (centred when fitting an intercept).
+        var = float((syy - self.n * my * my).sum())
+        yy = var if intercept else float(syy.sum())
+        rss = yy - 2 * float((w * cross).sum()) + float((w * (gram @ w)).sum())
+        return w, b, (1 - rss / var if var > 0 else 1.0)
+
+
+def _rows(x: torch.Tensor, limit: int, gen: torch.Generator) -> torch.Tensor:
+    """At most `limit` random row indices of `x` (all, in order, when it has fewer)."""
+    n = x.shape[-2]
+    if n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:limit].sort().values
+
+
+def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, gen: torch.Generator):
+    """Regression rows of a convolution at up to `limit` random output positions.
+
+    Only the sampled patches are gathered (an unfold of the whole batch would cost B·L·P·K).
+    Shape: x (G, N, F), y (G, N, T), with G = 1 and F = P·K, or G = channels and F = K (depthwise).
+    """
+    b, q, oh, ow = out.shape
+    n = b * oh * ow
+    pos = torch.arange(n) if n <= limit else torch.randperm(n, generator=gen)[:limit].sort().values
+    pos = pos.to(out.device)
+    bi, rest = pos // (oh * ow), pos % (oh * ow)
+    oy, ox = rest // ow, rest % ow
+    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
+    padded = F.pad(inp, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (B, H+2ph, W+2pw, P)
+    dy = torch.arange(kh, device=out.device) * dh
+    dx = torch.arange(kw, device=out.device) * dw
+    rows = (oy * sh)[:, None, None] + dy[None, :, None]  # (N, kh, 1)
+    cols = (ox * sw)[:, None, None] + dx[None, None, :]  # (N, 1, kw)
+    patches = padded[bi[:, None, None], rows, cols]  # (N, kh, kw, P)
+    target = out[bi, :, oy, ox]  # (N, Q)
+    if is_depthwise(m):
+        x = patches.permute(3, 0, 1, 2).reshape(q, len(pos), kh * kw)  # (C, N, K)
+        return x, target.T[:, :, None]  # (C, N, 1)
+    x = patches.permute(0, 3, 1, 2).reshape(1, len(pos), -1)  # (1, N, P*K), unfold's order
+    return x, target[None]  # (1, N, Q)
+
+
+def _check(m: nn.Module, name: str) -> None:
+    if isinstance(m, nn.Conv2d):
+        if m.groups > 1 and not is_depthwise(m):
+            raise UserError(f"cannot reconstruct {name!r}: grouped convolution with groups={m.groups}")
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise UserError(f"cannot reconstruct {name!r}: padding {m.padding!r} ({m.padding_mode})")
+
+
+@torch.no_grad()
+def reconstruct(
+    component: nn.Module,
+    source: nn.Module,
+    plan: Mapping[str, Mapping[str, Sequence[int]]],
+    inputs: Sequence[torch.Tensor],
+    *,
+    ridge: float = 1e-3,
+    rows_per_batch: int = 8192,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Refit every Conv2d and Linear layer of `component` to reproduce `source`'s kept outputs (in place).
+
+    Args:
+        component: the component, cut from `source` with `plan`.
+        source: the model it was cut from (not modified).
+        plan: the pruning plan relative to `source` (`modellego.prune.build_plan`).
+        inputs: batches of TRAINING images of the task. Shape: (B, C, H, W) each.
+        ridge: ridge strength relative to the mean feature variance.
+        rows_per_batch: regression rows (output positions) sampled per batch and layer; bounds
+            time and memory on large feature maps.
+        seed: seed of that sampling.
+
+    Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
+    """
+    modules, src_modules = dict(component.named_modules()), dict(source.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    r2: dict[str, float] = {}
+    for name in execution_order(component, inputs[0]):
+        m = modules[name]
+        _check(m, name)
+        if name not in plan or name not in src_modules:
+            raise UserError(f"cannot reconstruct {name!r}: the pruning plan or the source lacks it")
+        out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
+        eqs = _Normal()
+        for x in inputs:
+            inp = _run_until(component, name, x, output=False)
+            target = _run_until(source, name, x, output=True).index_select(1, out_idx.to(x.device))
+            if isinstance(m, nn.Conv2d):
+                eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
+            else:
+                xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
+                idx = _rows(xi, rows_per_batch, gen).to(xi.device)
+                eqs.update(xi[:, idx], yi[:, idx])
+        w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
+        r2[name] = round(fit, 4)
+        _write(m, w, b)
+        log.debug("reconstructed %s: R² %.4f over %d rows", name, r2[name], eqs.n)
+    return r2
+
+
+def _write(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """Store solved weights. Shape: w (G, F, T), b (G, T)."""
+    if isinstance(m, nn.Conv2d) and is_depthwise(m):
+        weight = w[:, :, 0].reshape(m.weight.shape)  # (C, K) -> (C, 1, kh, kw)
+        bias = b[:, 0] if b is not None else None
+    else:
+        weight = w[0].T.reshape(m.weight.shape)  # (T, F) -> (Q, P, kh, kw) or (Q, P)
+        bias = b[0] if b is not None else None
+    m.weight.copy_(weight.to(m.weight))
+    if bias is not None:
+        m.bias.copy_(bias.to(m.bias))

@@ -1,0 +1,131 @@
+"""Layer-wise least-squares reconstruction: exact on known targets, optimal on pruned components."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import modellego
+from helpers import described_model
+from modellego.calibrate import calibrate
+from modellego.errors import UserError
+from modellego.graph import trace
+from modellego.info import get_info
+from modellego.prune import build_plan
+from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct
+
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
+
+
+def _images(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
+    return list(x.split(n // 2))
+
+
+def _keep_all_plan(model: nn.Module) -> dict:
+    graph = trace(model, torch.zeros(1, 1, 28, 28, dtype=torch.float64))
+    return build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
+
+
+def _depthwise_net() -> nn.Module:
+    """Conv, BatchNorm, depthwise conv, 1×1 conv, pooling, Linear: the MobileNet pattern, small."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), nn.ReLU(),
+        nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5),
+    ).eval()
+
+
+@pytest.mark.parametrize("name,images", [("lenet5", 400), ("resnet18", 96), ("depthwise", 96)])
+def test_reconstruction_restores_a_perturbed_model(name: str, images: int) -> None:
+    """Every layer's target is exactly reachable, so the refit must find the source's weights."""
+    if name == "depthwise":
+        source = _depthwise_net().double()
+    else:
+        source = described_model(name, {"lenet5": 0.5, "resnet18": 0.0625}[name], seed=0, num_classes=5).double()
+    broken = copy.deepcopy(source)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in broken.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype))
+    x_new = torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        assert not torch.allclose(broken(x_new), source(x_new), atol=1e-3)
+    r2 = reconstruct(broken, source, _keep_all_plan(source), _images(images, 2), ridge=1e-12)
+    assert set(r2) == set(execution_order(source, x_new))
+    assert min(r2.values()) > 1 - 1e-9
+    with torch.no_grad():
+        torch.testing.assert_close(broken(x_new), source(x_new), rtol=1e-6, atol=1e-6)
+
+
+def test_normal_equations_equal_a_literal_least_squares_fit() -> None:
+    """The streamed, row-sampled normal equations solve the same problem as lstsq on the unfolded input."""
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1).double()
+    x = torch.randn(6, 3, 9, 9, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64)  # any target of the right shape
+    eqs = _Normal()
+    for part_x, part_y in zip(x.split(4), y.split(4)):
+        eqs.update(*_conv_rows(conv, part_x, part_y, 10**6, g))
+    w, b, r2 = eqs.solve(ridge=1e-14, intercept=True)
+    cols = F.unfold(x, 3, 1, 1, 2).transpose(1, 2).reshape(-1, 27)  # (B*L, P*K)
+    design = torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], 1)
+    target = y.reshape(6, 4, 25).transpose(1, 2).reshape(-1, 4)  # (B*L, Q)
+    sol = torch.linalg.lstsq(design, target).solution
+    torch.testing.assert_close(w[0], sol[:27], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(b[0], sol[27], rtol=1e-7, atol=1e-9)
+    resid = ((design @ sol - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum()
+    assert abs(r2 - (1 - float(resid))) < 1e-9
+
+
+def test_reconstruction_fits_the_kept_outputs_better_than_the_cut() -> None:
+    """On a pruned component, each refitted layer reproduces the source's kept outputs at least as well."""
+    source = described_model("vgg11_bn", 0.125, seed=4, num_classes=6, dataset="d")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(96, 1, 28, 28, generator=g)
+    y = torch.arange(96) % 6
+    prof = modellego.profile(source, [(x, y)], select=False)
+    task = [1, 4, 5]
+    cut = modellego.disassemble(source, task, profile=prof)
+    plan = get_info(cut).pruning
+    fitted = copy.deepcopy(cut)
+    report = calibrate(fitted, source, task, [(x, y)], "recon", plan=plan)
+    assert report["method"] == "recon" and set(report["recon_r2"]) == set(plan) - {
+        n for n, m in source.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    images = x[torch.isin(y, torch.tensor(task))]
+    with torch.no_grad():
+        want = source(images)[:, task]
+        err_cut = float(((cut(images) - want) ** 2).mean())
+        err_fit = float(((fitted(images) - want) ** 2).mean())
+    assert err_fit < 0.5 * err_cut
+    # The first layer reads the image, whose channels are always kept: its refit leaves it as cut.
+    first = execution_order(cut, images)[0]
+    assert report["recon_r2"][first] > 0.9999
+    torch.testing.assert_close(dict(fitted.named_modules())[first].weight, dict(cut.named_modules())[first].weight,
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_recon_without_a_plan_raises_user_error() -> None:
+    source = described_model("lenet5", 0.25, seed=0, num_classes=3)
+    x, y = torch.randn(12, 1, 28, 28), torch.arange(12) % 3
+    with pytest.raises(UserError, match="pruning plan"):
+        calibrate(copy.deepcopy(source), source, [0, 1, 2], [(x, y)], "recon")
+
+
+def test_disassemble_with_recon_records_the_fit_and_still_loads(tmp_path) -> None:
+    source = described_model("resnet18", 0.0625, seed=2, num_classes=4, dataset="d")
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(64, 1, 28, 28, generator=g), torch.arange(64) % 4
+    prof = modellego.profile(source, [(x, y)], select=False)
+    comp = modellego.disassemble(source, [0, 2], profile=prof, calibration=[(x, y)], calibrate="recon+balance")
+    r2 = get_info(comp).provenance["calibration"]["recon_r2"]
+    assert len(r2) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in comp.modules())
+    back = modellego.load(modellego.save(comp, tmp_path / "c"))
+    with torch.no_grad():
+        assert torch.equal(back(x[:3]), comp(x[:3]))
