@@ -271,6 +271,10 @@ def _error_cases(run: dict, junk: str, out: str) -> dict[str, tuple[list[str], s
         "unknown calibration": (["disassemble", m, "--classes", "0", "--profile", p, "--data", "synthetic",
                                  "--calibrate", "bn+bogus", "-o", out], "unknown calibration"),
         "merge with another source": (["merge", c012, run["c34"], "-o", out], "not cut from this source"),
+        "budget without contributions": (["disassemble", m, "--classes", "0", "--flops", "0.5", *cut],
+                                         "--keep-contributions"),
+        "budget above 1": (["disassemble", m, "--classes", "0", "--flops", "2", "--data", "synthetic",
+                            "--calibrate", "none", "-o", out], "(0, 1]"),
     }
 
 
@@ -279,7 +283,7 @@ CASES = ["class out of range", "duplicate classes", "empty class list", "unknown
          "threshold 0", "profile of another model", "random bytes (evaluate)", "random bytes (assemble)",
          "random bytes (disassemble)", "missing model file", "unknown model", "unknown dataset",
          "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration",
-         "merge with another source"]
+         "merge with another source", "budget without contributions", "budget above 1"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -314,3 +318,20 @@ def test_every_zoo_model_trains_saves_reloads_and_evaluates(arch: str, tmp_path,
     result = evaluate_json(capsys, str(out), "--data", "synthetic")
     assert result["arch"] == arch and result["cost"]["params"] == sum(p.numel() for p in a.parameters())
     assert result["cost"]["flops"] > 0 and 0 <= result["accuracy"]["overall"] <= 100
+
+
+def test_disassemble_under_a_flops_budget(run, tmp_path, capsys) -> None:
+    from modellego.evaluate import count_flops
+    prof = str(tmp_path / "r.profile.safetensors")
+    assert main(["profile", run["model"], "--data", "synthetic", "--keep-contributions", "-o", prof]) == 0
+    assert Profile.load(prof).contributions is not None
+    out = str(tmp_path / "budget")
+    capsys.readouterr()
+    assert main(["disassemble", run["model"], "--classes", "0-2", "--profile", prof, "--flops", "0.5",
+                 "--data", "synthetic", "--calibration-images", "300", "-o", out]) == 0
+    assert "of the FLOPs" in capsys.readouterr().out
+    comp, model = modellego.load(out), modellego.load(run["model"])
+    shape = Profile.load(prof).provenance["input_shape"]
+    assert count_flops(comp, shape) <= 0.5 * count_flops(model, shape)
+    prov = get_info(comp).provenance
+    assert prov["calibration"]["method"] == "recon+balance" and prov["flops_budget"]["budget"] == 0.5

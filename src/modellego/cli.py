@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     data_args(s)
     _profile_args(s)
+    s.add_argument("--keep-contributions", action="store_true",
+                   help="store every class's relative contributions (4 bytes per weight and class) so that "
+                        "`disassemble --flops` can locate again without profiling")
     s.add_argument("-o", "--output", required=True, help="profile file (.safetensors)")
 
     s = add("disassemble", "cut a task's component out of a model (no training)")
@@ -84,9 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
     s.add_argument("--calibrate", default=None,
                    help="training-free logit calibration from --data training images: none (the paper's faithful "
-                        "cut), bn, affine, refit, balance or a '+' combination (default: bn+refit+balance when "
-                        "--data is given, else none)")
+                        "cut), recon, bn, affine, refit, balance or a '+' combination (default: bn+refit+balance "
+                        "when --data is given, else none; recon+balance with --flops)")
     s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
+    s.add_argument("--flops", type=float, default=None,
+                   help="FLOPs budget as a fraction of the model's, e.g. 0.5: every layer keeps the same share of "
+                        "its most relevant inputs, the largest that fits (needs a profile made with "
+                        "--keep-contributions, or --data)")
     data_args(s, required=False)
     _profile_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
@@ -216,20 +223,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_from_args(model, args: argparse.Namespace, classes=None):
+def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_contributions: bool = False):
     from .data import batches
     from .profiling import profile
     from .protocol import model_transform
     ds = _dataset(args)
     it = batches(ds.train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
     return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, fraction=args.fraction,
-                   min_per_class=args.min_per_class, max_per_class=args.max_per_class, progress=True)
+                   min_per_class=args.min_per_class, max_per_class=args.max_per_class, progress=True,
+                   keep_contributions=keep_contributions)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .checkpoint import load
     model = load(args.model, map_location=_device(args))
-    prof = _profile_from_args(model, args)
+    prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions)
     path = prof.save(args.output)
     sel = prof.provenance["selection"]["selected"]
     print(f"saved {path}: {len(prof.classes)} classes, {len(prof.layers)} layers, "
@@ -240,6 +248,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
+    from .calibrate import BUDGET_CALIBRATION
     from .checkpoint import load, save
     from .disassemble import disassemble
     from .locate import Thresholds
@@ -257,23 +266,28 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
             raise UserError("the thresholds are those the profile was made with; re-profile to change them")
         prof = Profile.load(args.profile)
     elif args.data:
-        prof = _profile_from_args(model, args, classes)
+        prof = _profile_from_args(model, args, classes, keep_contributions=args.flops is not None)
     else:
         raise UserError("give --profile PROFILE or --data NAME to profile the model first")
-    method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
-    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method)
+    method, calibration = _calibration(model, args, [info.classes[c] for c in classes],
+                                       default=BUDGET_CALIBRATION if args.flops is not None else None)
+    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops)
     path = save(component, args.output)
+    budget = component.modellego_info.provenance.get("flops_budget")
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
-          f"{count_params(component):,} of {count_params(model):,} parameters")
+          f"{count_params(component):,} of {count_params(model):,} parameters"
+          + (f", {budget['flops_ratio']:.1%} of the FLOPs (every layer keeps {budget['keep_fraction']:.1%} "
+             "of its inputs)" if budget else ""))
     if faithful_note:
         print("note: no --data, so no calibration: this is the paper's faithful cut", file=sys.stderr)
     return 0
 
 
-def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | None]:
+def _calibration(model, args: argparse.Namespace, labels, default: str | None = None) -> tuple[str, list | None]:
     """The calibration method and training batches that --calibrate / --data ask for."""
     from .calibrate import DEFAULT_CALIBRATION
-    method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
+    default = default or DEFAULT_CALIBRATION
+    method = args.calibrate if args.calibrate is not None else (default if args.data else "none")
     if method == "none":
         return method, None
     if not args.data:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .budget import locate_budget
 from .calibrate import DEFAULT_CALIBRATION, calibrate as calibrate_logits
 from .checkpoint import weights_hash
 from .errors import UnsupportedGraphError, UserError
@@ -78,6 +79,7 @@ def disassemble(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     calibrate: str = DEFAULT_CALIBRATION,
+    flops: float | None = None,
     verify: bool = True,
     **profile_kwargs: Any,
 ) -> nn.Module:
@@ -95,6 +97,9 @@ def disassemble(
             source's numbering). Given, the component's logits are calibrated with `calibrate`
             (no gradient step; see `modellego.calibrate`); ``None`` keeps the paper's faithful cut.
         calibrate: calibration method when `calibration` is given (``"none"`` to skip).
+        flops: a FLOPs budget, as a fraction of the source's: instead of the paper's β, keep in
+            every layer the same share of the most relevant inputs, the largest that fits (see
+            `modellego.budget`; needs a profile with contributions, kept when profiling here).
         verify: check on a random input that the component equals the source with the dropped
             channels zeroed (catches forward passes that hard-code channel counts).
         **profile_kwargs: passed to `modellego.profile` when profiling here.
@@ -107,6 +112,8 @@ def disassemble(
     if profile is None:
         if batches is None:
             raise UserError("disassemble needs a profile or training batches to compute one")
+        if flops is not None:
+            profile_kwargs["keep_contributions"] = True
         profile = run_profile(model, batches, classes=classes, **profile_kwargs)
     elif profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
         raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
@@ -116,12 +123,17 @@ def disassemble(
     example = example_input(model, shape)
     graph = trace(model, example)
     classes = check_classes(classes, graph.num_classes)
-    keep = keep_channels(graph, profile.task_in_masks(classes), classes)
     provenance = {
         "task": list(classes),
         "thresholds": profile.thresholds.to_json(),
         "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
     }
+    if flops is None:
+        keep = keep_channels(graph, profile.task_in_masks(classes), classes)
+    else:
+        budgeted = locate_budget(model, graph, example, profile, classes, flops)
+        keep = budgeted.keep
+        provenance["flops_budget"] = {"budget": flops, **budgeted.to_json()}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
                    calibrate=calibrate, verify=verify)
 
@@ -168,7 +180,7 @@ def extract(
     calibration_report: dict[str, object] = {"method": "none"}
     if calibration is not None:
         calibration_report = calibrate_logits(component, model, classes, calibration, calibrate,
-                                              task_labels=[source_classes[c] for c in classes])
+                                              task_labels=[source_classes[c] for c in classes], plan=plan)
     source = {"sha256": weights_hash(model.state_dict()), "kind": src.kind if src else "model",
               "dataset": src.dataset if src else None}
     info = ModelInfo(

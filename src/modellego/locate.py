@@ -11,6 +11,7 @@ Rules (the paper leaves the graph to the implementer):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,13 @@ def minmax(s: torch.Tensor) -> torch.Tensor:
     return (s - lo).to(torch.float64) / (hi - lo).to(torch.float64)
 
 
-def relevant_inputs(layer: Layer, r: torch.Tensor, out_mask: torch.Tensor, th: Thresholds) -> torch.Tensor:
+def relevant_inputs(
+    layer: Layer,
+    r: torch.Tensor,
+    out_mask: torch.Tensor,
+    th: Thresholds,
+    keep_fraction: float | None = None,
+) -> torch.Tensor:
     """The input channels (features) of `layer` that matter to its relevant outputs.
 
     Args:
@@ -63,6 +70,10 @@ def relevant_inputs(layer: Layer, r: torch.Tensor, out_mask: torch.Tensor, th: T
         r: relative contributions, Shape: (Q, P // groups).
         out_mask: relevant outputs, Shape: (Q,) bool.
         th: thresholds.
+        keep_fraction: ``None`` applies the paper's β (Eq. 10). A fraction f in (0, 1] instead
+            keeps the ceil(f·P) inputs that most relevant outputs rely on (Eq. 6 count, ties broken
+            by the summed relative contribution), so every layer keeps the same share: the rule
+            `modellego.budget` tunes to a FLOPs budget.
 
     Returns: Shape (P,) bool.
     """
@@ -71,7 +82,15 @@ def relevant_inputs(layer: Layer, r: torch.Tensor, out_mask: torch.Tensor, th: T
     alpha, beta = th.for_layer(layer)
     r_hat = (r >= alpha) & out_mask[:, None]  # (Q, P)  Eq. 9 with Appendix C's output gating
     s = r_hat.sum(0)  # (P,)  Eq. 6
-    return minmax(s) >= beta  # Eqs. 8, 10
+    if keep_fraction is None:
+        return minmax(s) >= beta  # Eqs. 8, 10
+    # The tie-break term is below 1, so it only orders inputs of equal count.
+    score = s.double() + (r.double() * out_mask[:, None]).sum(0) / (int(out_mask.sum()) + 1)  # (P,)
+    k = math.ceil(keep_fraction * len(score))
+    order = torch.sort(score, descending=True, stable=True).indices[:k]
+    keep = torch.zeros(len(score), dtype=torch.bool)
+    keep[order] = True
+    return keep & (score > 0)
 
 
 def _or(rel: dict[fx.Node, torch.Tensor], node: fx.Node, mask: torch.Tensor) -> None:
@@ -83,6 +102,7 @@ def locate_class(
     contributions: Mapping[str, torch.Tensor],
     cls: int,
     thresholds: Thresholds,
+    keep_fraction: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Relevant inputs and outputs of every layer for class `cls`.
 
@@ -91,6 +111,8 @@ def locate_class(
         contributions: relative contribution r per layer name, Shape: (Q, P // groups).
         cls: output index of the class.
         thresholds: α and β.
+        keep_fraction: ``None`` for the paper's β rule, else the share of inputs every layer
+            keeps (see `relevant_inputs`).
 
     Returns: (in_masks, out_masks) keyed by layer name, bool tensors of Shape (P,) and (Q,).
     """
@@ -108,7 +130,7 @@ def locate_class(
         inputs = _tensor_args(node)
         if role == "layer":
             layer = graph.layers[node.target]
-            in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds)
+            in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction)
             out_masks[layer.name], in_masks[layer.name] = mask, in_mask
             _or(rel, layer.input, in_mask)
         elif role in ("pass", "add"):

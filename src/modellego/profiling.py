@@ -47,6 +47,9 @@ class Profile:
         out_masks: per layer, Shape (len(classes), Q) bool.
         thresholds: α and β used.
         provenance: model hash, input shape, mode, samples per class, timings.
+        contributions: per layer, the relative contributions r (Eq. 5) the masks came from,
+            Shape (len(classes), Q, P // groups); kept only on request (``keep_contributions``),
+            so that channels can be located again, e.g. under a FLOPs budget, without profiling.
     """
 
     classes: tuple[int, ...]
@@ -55,6 +58,7 @@ class Profile:
     out_masks: dict[str, torch.Tensor]
     thresholds: Thresholds
     provenance: dict[str, Any] = field(default_factory=dict)
+    contributions: dict[str, torch.Tensor] | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -91,6 +95,7 @@ class Profile:
         path = Path(path)
         tensors = {f"in/{k}": v.to(torch.uint8).contiguous() for k, v in self.in_masks.items()}
         tensors |= {f"out/{k}": v.to(torch.uint8).contiguous() for k, v in self.out_masks.items()}
+        tensors |= {f"r/{k}": v.contiguous() for k, v in (self.contributions or {}).items()}
         header = {
             "format": "modellego-profile", "format_version": 1, "library_version": __version__,
             "classes": list(self.classes), "class_names": list(self.class_names),
@@ -122,8 +127,15 @@ class Profile:
             out_masks = {k: tensors[f"out/{k}"].bool() for k in header["layers"]}
             if any(v.ndim != 2 or v.shape[0] != n for v in [*in_masks.values(), *out_masks.values()]):
                 raise ValueError("mask shapes do not match the class count")
+            contributions = None
+            if any(k.startswith("r/") for k in tensors):
+                contributions = {k: tensors[f"r/{k}"] for k in header["layers"]}
+                for k, r in contributions.items():
+                    want = (n, out_masks[k].shape[1])
+                    if r.ndim != 3 or tuple(r.shape[:2]) != want or not r.is_floating_point():
+                        raise ValueError(f"contributions of {k} have shape {tuple(r.shape)}, expected {want} + (P,)")
             return cls(tuple(header["classes"]), tuple(header["class_names"]), in_masks, out_masks,
-                       Thresholds(**header["thresholds"]), header.get("provenance", {}))
+                       Thresholds(**header["thresholds"]), header.get("provenance", {}), contributions)
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptFileError(f"{path}: malformed profile ({e})") from e
 
@@ -185,6 +197,7 @@ def profile(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     device: torch.device | str | None = None,
     progress: bool = False,
+    keep_contributions: bool = False,
 ) -> Profile:
     """Profile `model`: select samples, accumulate relative contributions, locate every class.
 
@@ -201,6 +214,9 @@ def profile(
         memory_budget: bytes of contribution state to hold at once when choosing `class_chunk`.
         device: where to run (default: where the model's parameters are).
         progress: show a progress bar.
+        keep_contributions: keep every class's relative contributions in the profile (one
+            float per weight and class: 4 bytes × parameters × classes), so it can be located
+            again without profiling (`modellego.disassemble(..., flops=...)` needs them).
     """
     thresholds = thresholds or Thresholds()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -232,6 +248,7 @@ def profile(
     names = class_names_of(model, n_out)
     in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
+    kept_r: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     t1 = time.perf_counter()
     bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True)
     for i in range(0, len(classes), chunk):
@@ -243,6 +260,8 @@ def profile(
             for k in graph.layers:
                 in_masks[k].append(ins[k])
                 out_masks[k].append(outs[k])
+                if keep_contributions:
+                    kept_r[k].append(r[k].cpu())  # native dtype: relocating reproduces the masks exactly
             bar.update(1)
         del accs
     bar.close()
@@ -261,4 +280,5 @@ def profile(
     }
     return Profile(tuple(classes), tuple(names[c] for c in classes),
                    {k: torch.stack(v) for k, v in in_masks.items()},
-                   {k: torch.stack(v) for k, v in out_masks.items()}, thresholds, provenance)
+                   {k: torch.stack(v) for k, v in out_masks.items()}, thresholds, provenance,
+                   {k: torch.stack(v) for k, v in kept_r.items()} if keep_contributions else None)

@@ -1,0 +1,138 @@
+"""Component locating under a FLOPs budget (beyond the paper).
+
+With the paper's thresholds the component's size is whatever α and β give. On the width-scaled
+networks here that is 80-99% of the source's FLOPs, because the early high-resolution layers serve
+every class. A budget turns the question around. Every layer keeps the same share f of its inputs,
+ranked by relevance (`modellego.locate.relevant_inputs`), and f is the largest share whose
+component fits the budget. It is found by bisection: FLOPs grow with f. A uniform share avoids
+the narrow bottleneck layers that raising β everywhere creates (BENCHMARKS.md, threshold sweep).
+
+Needs a profile that kept its relative contributions (``profile(..., keep_contributions=True)``):
+each trial re-locates from them, without profiling again.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+from .graph import ChannelGraph, is_depthwise
+from .hooks import forward_hooks
+from .locate import keep_channels, locate_class
+from .profiling import Profile
+from .prune import Plan, build_plan
+
+log = logging.getLogger(__name__)
+
+
+def output_positions(model: nn.Module, graph: ChannelGraph, example: torch.Tensor) -> dict[str, int]:
+    """Output positions per sample of every Conv2d/Linear layer (H·W for a convolution, 1 for a Linear on vectors)."""
+    positions: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            dims = out.shape[2:] if isinstance(module, nn.Conv2d) else out.shape[1:-1]
+            positions[name] = math.prod(dims)
+        return hook
+
+    with forward_hooks(model, {n: hook_for(n) for n in graph.layers}), torch.no_grad():
+        model(example[:1])
+    return positions
+
+
+def plan_flops(model: nn.Module, plan: Plan, positions: Mapping[str, int]) -> int:
+    """FLOPs of one sample through the Conv2d and Linear layers a plan keeps (multiply-add = 2).
+
+    Counts what `torch.utils.flop_counter` counts for these layers, without building the component.
+    """
+    modules = dict(model.named_modules())
+    total = 0
+    for name, pos in positions.items():
+        m, dims = modules[name], plan[name]
+        n_out, n_in = len(dims["out"]), len(dims["in"])
+        if isinstance(m, nn.Conv2d):
+            per_filter = (1 if is_depthwise(m) else n_in) * math.prod(m.kernel_size)
+        else:
+            per_filter = n_in
+        total += 2 * pos * n_out * per_filter
+    return total
+
+
+@dataclass(frozen=True)
+class Budgeted:
+    """The channels kept under a budget, with how they were chosen."""
+
+    keep: dict[int, list[int]]
+    keep_fraction: float
+    flops_ratio: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"keep_fraction": round(self.keep_fraction, 6), "flops_ratio": round(self.flops_ratio, 6)}
+
+
+def locate_budget(
+    model: nn.Module,
+    graph: ChannelGraph,
+    example: torch.Tensor,
+    profile: Profile,
+    classes: Sequence[int],
+    flops: float,
+    *,
+    steps: int = 16,
+) -> Budgeted:
+    """The most relevant channels of `classes` that fit `flops` × the source model's FLOPs.
+
+    Args:
+        model: the profiled model.
+        graph: its traced graph.
+        example: an example input batch.
+        profile: a profile of `model` with contributions kept.
+        classes: the task (output indices).
+        flops: the budget, a fraction of the source's FLOPs in (0, 1].
+        steps: bisection steps on the kept share.
+
+    Raises:
+        UserError: no contributions in the profile, a budget outside (0, 1], or one that even
+            the smallest component exceeds.
+    """
+    if not 0.0 < flops <= 1.0:
+        raise UserError(f"the FLOPs budget must be a fraction in (0, 1], got {flops}")
+    if profile.contributions is None:
+        raise UserError("locating under a FLOPs budget needs a profile that kept its contributions; "
+                        "profile with keep_contributions=True (CLI: modellego profile --keep-contributions)")
+    rows = profile.rows(classes)
+    per_class = [{k: v[row] for k, v in profile.contributions.items()} for row in rows]
+    positions = output_positions(model, graph, example)
+    full = plan_flops(model, build_plan(graph, {s: range(n) for s, n in graph.space_size.items()}), positions)
+
+    def trial(f: float) -> Budgeted:
+        masks: dict[str, torch.Tensor] = {}
+        for c, r in zip(classes, per_class):
+            ins, _ = locate_class(graph, r, c, profile.thresholds, keep_fraction=f)
+            masks = {k: masks[k] | v if k in masks else v for k, v in ins.items()}
+        keep = keep_channels(graph, masks, classes)
+        return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full)
+
+    best = trial(1.0)
+    if best.flops_ratio <= flops:
+        return best
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        got = trial(mid)
+        if got.flops_ratio <= flops:
+            lo, best = mid, got
+        else:
+            hi = mid
+    if best is None:
+        smallest = trial(hi).flops_ratio
+        raise UserError(f"no component of classes {list(classes)} fits {flops:.1%} of the FLOPs; the smallest "
+                        f"found keeps {smallest:.1%}")
+    log.info("FLOPs budget %.1f%%: every layer keeps %.1f%% of its inputs, %.1f%% of the FLOPs",
+             100 * flops, 100 * best.keep_fraction, 100 * best.flops_ratio)
+    return best

@@ -1,0 +1,129 @@
+"""Locating under a FLOPs budget, and profiles that keep their contributions."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import modellego
+from helpers import described_model
+from modellego.budget import locate_budget, output_positions, plan_flops
+from modellego.disassemble import example_input
+from modellego.errors import CorruptFileError, UserError
+from modellego.evaluate import count_flops
+from modellego.graph import trace
+from modellego.info import get_info
+from modellego.locate import Thresholds, locate_class, relevant_inputs
+from modellego.profiling import Profile
+from safetensors.torch import load_file, save_file
+
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
+SHAPE = (1, 28, 28)
+
+
+def _setup(name: str, width: float, seed: int = 0):
+    model = described_model(name, width, seed=seed, num_classes=5, dataset="d")
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.randn(40, *SHAPE, generator=g), torch.arange(40) % 5
+    return model, x, modellego.profile(model, [(x, y)], select=False, keep_contributions=True)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return _setup("resnet18", 0.125)
+
+
+@pytest.mark.parametrize("name,width", [("lenet5", 0.5), ("vgg11_bn", 0.125), ("resnet18", 0.125),
+                                        ("googlenet", 0.0625), ("mobilenet_v2", 0.125)])
+def test_budgeted_component_fits_and_is_exact(name: str, width: float) -> None:
+    model, x, prof = _setup(name, width)
+    full = count_flops(model, SHAPE)
+    for budget in (0.6, 0.3):
+        comp = modellego.disassemble(model, [0, 3], profile=prof, flops=budget)
+        got = count_flops(comp, SHAPE)
+        recorded = get_info(comp).provenance["flops_budget"]
+        assert got <= budget * full
+        # The analytic count used by the search is the one torch's flop counter reports.
+        assert recorded["flops_ratio"] == pytest.approx(got / full, abs=1e-6)
+        assert recorded["budget"] == budget and 0 < recorded["keep_fraction"] <= 1
+    # Exactness is checked inside disassemble (verify=True): component == masked source.
+
+
+def test_plan_flops_of_the_full_plan_is_the_models_flops(resnet) -> None:
+    model, x, _ = resnet
+    graph = trace(model, x[:1])
+    plan = modellego.prune.build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
+    assert plan_flops(model, plan, output_positions(model, graph, x[:1])) == count_flops(model, SHAPE)
+
+
+def test_a_larger_budget_keeps_at_least_as_much(resnet) -> None:
+    model, x, prof = resnet
+    graph = trace(model, x[:2])
+    small = locate_budget(model, graph, x[:2], prof, [1, 2], 0.25)
+    large = locate_budget(model, graph, x[:2], prof, [1, 2], 0.6)
+    assert small.flops_ratio <= 0.25 < large.flops_ratio <= 0.6
+    assert small.keep_fraction < large.keep_fraction
+    assert sum(map(len, small.keep.values())) < sum(map(len, large.keep.values()))
+
+
+def test_keep_fraction_rule_by_hand() -> None:
+    layer = trace(nn.Sequential(nn.Linear(4, 3)), torch.zeros(1, 4)).layers["0"]
+    r = torch.tensor([[1.0, 0.5, 0.0, 0.35],
+                      [0.1, 1.0, 0.0, 0.45],
+                      [0.9, 0.9, 0.9, 0.9]], dtype=torch.float64)
+    out_mask = torch.tensor([True, True, False])
+    th = Thresholds(linear_alpha=0.4)
+    # Eq. 6 counts over relevant outputs 0, 1: [1, 2, 0, 1]; ties (inputs 0 and 3) by summed r: 1.1 > 0.8.
+    assert relevant_inputs(layer, r, out_mask, th, 0.25).tolist() == [False, True, False, False]
+    assert relevant_inputs(layer, r, out_mask, th, 0.5).tolist() == [True, True, False, False]
+    assert relevant_inputs(layer, r, out_mask, th, 0.75).tolist() == [True, True, False, True]
+    # Input 2 contributes nothing to a relevant output: never kept, whatever the share.
+    assert relevant_inputs(layer, r, out_mask, th, 1.0).tolist() == [True, True, False, True]
+
+
+def test_stored_contributions_relocate_to_the_stored_masks(resnet, tmp_path) -> None:
+    model, x, prof = resnet
+    back = Profile.load(prof.save(tmp_path / "p.safetensors"))
+    assert back.contributions.keys() == prof.contributions.keys()
+    assert all(torch.equal(back.contributions[k], prof.contributions[k]) for k in prof.contributions)
+    graph = trace(model, x[:1])
+    for row, c in enumerate(back.classes):
+        ins, outs = locate_class(graph, {k: v[row] for k, v in back.contributions.items()}, c, back.thresholds)
+        assert all(torch.equal(ins[k], back.in_masks[k][row]) for k in ins)
+        assert all(torch.equal(outs[k], back.out_masks[k][row]) for k in outs)
+
+
+def test_budget_errors(resnet) -> None:
+    model, x, prof = resnet
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match=r"\(0, 1\]"):
+            modellego.disassemble(model, [0], profile=prof, flops=bad)
+    with pytest.raises(UserError, match="no component"):
+        modellego.disassemble(model, [0, 1, 2, 3, 4], profile=prof, flops=1e-6)
+    plain = modellego.profile(model, [(x, torch.arange(40) % 5)], select=False)
+    assert plain.contributions is None
+    with pytest.raises(UserError, match="keep_contributions"):
+        modellego.disassemble(model, [0], profile=plain, flops=0.5)
+
+
+def test_disassemble_from_batches_with_a_budget_profiles_with_contributions(resnet) -> None:
+    model, x, _ = resnet
+    comp = modellego.disassemble(model, [2, 4], batches=[(x, torch.arange(40) % 5)], select=False, flops=0.4)
+    assert count_flops(comp, SHAPE) <= 0.4 * count_flops(model, SHAPE)
+
+
+def test_malformed_stored_contributions_are_refused(resnet, tmp_path) -> None:
+    _, _, prof = resnet
+    path = prof.save(tmp_path / "p.safetensors")
+    tensors = load_file(str(path))
+    layer = prof.layers[0]
+    tensors[f"r/{layer}"] = tensors[f"r/{layer}"][:, :1].contiguous()  # wrong output count
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(CorruptFileError, match=layer):
+        Profile.load(bad)
