@@ -6,7 +6,11 @@ is cut twice from that profile:
 
 - Disa (paper): the faithful cut, ``disassemble(model, task, profile=prof)``;
 - Disa (calibrated): the same cut plus the training-free logit calibration
-  (``calibration=calibration_batches(model, ds, task)``: 2,000 training images of the task).
+  (``calibration=calibration_batches(model, ds, task)``: 2,000 training images of the task);
+- Disa (recon): the same cut with every layer refitted to the source's kept outputs by least
+  squares, then class-balanced (``calibrate="recon+balance"``; multi-class tasks only);
+- Disa @ budget: the channels located under a FLOPs budget (``flops=0.5`` by default: every layer
+  keeps the same share of its most relevant inputs), then ``recon+balance`` (multi-class tasks only).
 
 Accuracies are the paper's mean per-class accuracy (%) on the test images of the task's classes:
 Base (source, argmax over all classes), Masked-Base (source, argmax over the task's classes: the
@@ -19,6 +23,7 @@ the same architecture). Results: one JSON row per (model, data, task) appended t
     python benchmarks/table1.py --models lenet5 --data mnist     # a subset (re-runnable)
     python benchmarks/table1.py --models resnet18 --tasks 0-2 3-9
     python benchmarks/table1.py --models googlenet --train       # train missing checkpoints first
+    python benchmarks/table1.py --budget 0.3 --no-recon          # another budget, no recon column
 
 Models whose checkpoint is not in the cache are skipped with a message unless ``--train`` is given.
 """
@@ -35,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
 
 import modellego  # noqa: E402
+from modellego.calibrate import BUDGET_CALIBRATION  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
+from modellego.evaluate import count_flops, count_params  # noqa: E402
+from modellego.info import get_info  # noqa: E402
 from modellego.protocol import calibration_batches, compare, model_transform, test_accuracy  # noqa: E402
 from modellego.tasks import parse_classes  # noqa: E402
 from train_zoo import DATA, ZOO, checkpoint_path, get_model  # noqa: E402
@@ -56,7 +64,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
 
     t = time.perf_counter()
     train_it = batches(ds.train, args.batch, transform=model_transform(model, ds), device=device)
-    prof = modellego.profile(model, train_it)
+    prof = modellego.profile(model, train_it, keep_contributions=True)
     profile_s = time.perf_counter() - t
     print(f"{model_name} {data}: profiled in {profile_s:.1f}s {prof.provenance['seconds']}", file=sys.stderr,
           flush=True)
@@ -79,6 +87,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
         cal_params = sum(p.numel() for p in calibrated.parameters())
         faithful_params = sum(p.numel() for p in faithful.parameters())
 
+        extra = _recon_and_budget(model, prof, ds, task, calib, args) if len(task) > 1 else {}
         r = report.row()
         row = {
             "model": model_name, "width": ZOO[model_name]["width"], "data": data, "task": spec, "classes": task,
@@ -95,7 +104,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
             "profile_s": round(profile_s, 2), "profile_split_s": prof.provenance["seconds"],
             "profile_samples": prof.provenance["selection"].get("selected"),
             "disassemble_s": round(faithful_s, 3), "calibrated_disassemble_s": round(calibrated_s, 3),
-            "eval_s": round(eval_s, 2),
+            "eval_s": round(eval_s, 2), **extra,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
         }
         rows.append(row)
@@ -104,21 +113,51 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
     return rows
 
 
+def _recon_and_budget(model, prof, ds, task: list[int], calib, args: argparse.Namespace) -> dict:
+    """The recon column (paper thresholds) and the FLOPs-budget columns of one multi-class task."""
+    out: dict = {}
+    shape = prof.provenance["input_shape"]
+    if args.recon:
+        t = time.perf_counter()
+        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=BUDGET_CALIBRATION)
+        acc = test_accuracy(comp, ds, task)
+        out |= {"disa_recon": _r(acc.mean_per_class), "worst_disa_recon": _r(acc.worst_class),
+                "recon_disassemble_s": round(time.perf_counter() - t, 2)}
+    if args.budget:
+        t = time.perf_counter()
+        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=BUDGET_CALIBRATION,
+                                     flops=args.budget)
+        seconds = time.perf_counter() - t
+        acc = test_accuracy(comp, ds, task)
+        budget = get_info(comp).provenance["flops_budget"]
+        out |= {"budget": args.budget, "disa_budget": _r(acc.mean_per_class), "worst_disa_budget": _r(acc.worst_class),
+                "budget_flops_pct": _r(100 * count_flops(comp, shape) / count_flops(model, shape)),
+                "budget_params_pct": _r(100 * count_params(comp) / count_params(model)),
+                "budget_keep_fraction": budget["keep_fraction"], "budget_disassemble_s": round(seconds, 2)}
+    return out
+
+
+def _cell(r: dict, key: str) -> str:
+    return f"{r[key]:.2f} ({r['worst_' + key]:.1f})" if key in r else "-"
+
+
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
     print(f"\n{rows[0]['device']}, {rows[0]['threads']} threads, torch {rows[0]['torch']}; "
           "accuracies: mean per-class % on the task's test images (worst class in brackets)")
-    print("| model | data | task | Base | Masked-Base | Disa (paper) | Disa (calibrated) | params % | FLOPs % "
-          "| profile s | disassemble s (paper / calibrated) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | data | task | Base | Masked-Base | Disa (paper) | Disa (calibrated) | Disa (recon) | params % "
+          "| FLOPs % | Disa @ budget | params % | FLOPs % | profile s | disassemble s (paper / calibrated / recon / "
+          "budget) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        seconds = " / ".join(f"{r[k]:.1f}" if k in r else "-" for k in (
+            "disassemble_s", "calibrated_disassemble_s", "recon_disassemble_s", "budget_disassemble_s"))
         print(f"| {r['model']} | {r['data']} | {r['task']} | {r['base']:.2f} ({r['worst_base']:.1f}) | "
-              f"{r['masked_base']:.2f} ({r['worst_masked_base']:.1f}) | "
-              f"{r['disa_paper']:.2f} ({r['worst_disa_paper']:.1f}) | "
-              f"{r['disa_calibrated']:.2f} ({r['worst_disa_calibrated']:.1f}) | "
-              f"{r['params_pct']:.2f} | {r['flops_pct']:.2f} | {r['profile_s']:.1f} | "
-              f"{r['disassemble_s']:.2f} / {r['calibrated_disassemble_s']:.2f} |")
+              f"{_cell(r, 'masked_base')} | {_cell(r, 'disa_paper')} | {_cell(r, 'disa_calibrated')} | "
+              f"{_cell(r, 'disa_recon')} | {r['params_pct']:.2f} | {r['flops_pct']:.2f} | {_cell(r, 'disa_budget')} | "
+              f"{r.get('budget_params_pct', '-')} | {r.get('budget_flops_pct', '-')} | {r['profile_s']:.1f} | "
+              f"{seconds} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", action="store_true", help="train checkpoints missing from the cache")
     p.add_argument("--batch", type=int, default=256, help="batch size of the profiling pass over the training set")
     p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--budget", type=float, default=0.5, help="FLOPs budget of the budget column (0: no such column)")
+    p.add_argument("--no-recon", dest="recon", action="store_false", help="skip the recon column")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table1.jsonl"))
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

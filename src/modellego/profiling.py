@@ -132,7 +132,8 @@ class Profile:
                 contributions = {k: tensors[f"r/{k}"] for k in header["layers"]}
                 for k, r in contributions.items():
                     want = (n, out_masks[k].shape[1])
-                    if r.ndim != 3 or tuple(r.shape[:2]) != want or not r.is_floating_point():
+                    if (r.ndim != 3 or tuple(r.shape[:2]) != want or not r.is_floating_point()
+                            or in_masks[k].shape[1] % max(r.shape[2], 1)):
                         raise ValueError(f"contributions of {k} have shape {tuple(r.shape)}, expected {want} + (P,)")
             return cls(tuple(header["classes"]), tuple(header["class_names"]), in_masks, out_masks,
                        Thresholds(**header["thresholds"]), header.get("provenance", {}), contributions)
