@@ -129,3 +129,19 @@ def test_disassemble_with_recon_records_the_fit_and_still_loads(tmp_path) -> Non
     back = modellego.load(modellego.save(comp, tmp_path / "c"))
     with torch.no_grad():
         assert torch.equal(back(x[:3]), comp(x[:3]))
+
+
+def test_merge_can_reconstruct_too() -> None:
+    source = described_model("vgg11_bn", 0.125, seed=3, num_classes=6, dataset="d")
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(96, 1, 28, 28, generator=g), torch.arange(96) % 6
+    prof = modellego.profile(source, [(x, y)], select=False)
+    parts = [modellego.disassemble(source, task, profile=prof) for task in ([0, 1], [4])]
+    merged = modellego.merge(source, parts, calibration=[(x, y)], calibrate="recon")
+    report = get_info(merged).provenance["calibration"]
+    assert report["method"] == "recon" and min(report["recon_r2"].values()) > 0
+    images = x[torch.isin(y, torch.tensor([0, 1, 4]))]
+    plain = modellego.merge(source, parts)
+    with torch.no_grad():
+        want = source(images)[:, [0, 1, 4]]
+        assert ((merged(images) - want) ** 2).mean() < ((plain(images) - want) ** 2).mean()
