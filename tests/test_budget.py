@@ -127,3 +127,13 @@ def test_malformed_stored_contributions_are_refused(resnet, tmp_path) -> None:
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(CorruptFileError, match=layer):
         Profile.load(bad)
+
+
+def test_only_the_chosen_trial_warns_about_unused_spaces(caplog) -> None:
+    model, x, prof = _setup("googlenet", 0.0625)  # at 5% of the FLOPs, whole inception branches go unused
+    graph = trace(model, x[:2])
+    with caplog.at_level("WARNING", logger="modellego.locate"):
+        got = locate_budget(model, graph, x[:2], prof, [1], 0.05)
+    messages = [r.getMessage() for r in caplog.records if "no class uses" in r.getMessage()]
+    assert messages and len(messages) == len(set(messages))  # sixteen bisection trials, one set of warnings
+    assert got.flops_ratio <= 0.05

@@ -110,17 +110,16 @@ def locate_budget(
     positions = output_positions(model, graph, example)
     full = plan_flops(model, build_plan(graph, {s: range(n) for s, n in graph.space_size.items()}), positions)
 
-    def trial(f: float) -> Budgeted:
+    def trial(f: float, warn: bool = False) -> Budgeted:
         masks: dict[str, torch.Tensor] = {}
         for c, r in zip(classes, per_class):
             ins, _ = locate_class(graph, r, c, profile.thresholds, keep_fraction=f)
             masks = {k: masks[k] | v if k in masks else v for k, v in ins.items()}
-        keep = keep_channels(graph, masks, classes)
+        keep = keep_channels(graph, masks, classes, warn=warn)  # trials stay quiet; the choice warns
         return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full)
 
-    best = trial(1.0)
-    if best.flops_ratio <= flops:
-        return best
+    if trial(1.0).flops_ratio <= flops:
+        return trial(1.0, warn=True)
     lo, hi, best = 0.0, 1.0, None
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -135,4 +134,4 @@ def locate_budget(
                         f"found keeps {smallest:.1%}")
     log.info("FLOPs budget %.1f%%: every layer keeps %.1f%% of its inputs, %.1f%% of the FLOPs",
              100 * flops, 100 * best.keep_fraction, 100 * best.flops_ratio)
-    return best
+    return trial(best.keep_fraction, warn=True)

@@ -154,12 +154,14 @@ def keep_channels(
     graph: ChannelGraph,
     in_masks: Mapping[str, torch.Tensor],
     classes: Sequence[int],
+    *,
+    warn: bool = True,
 ) -> dict[int, list[int]]:
     """Kept channels per channel space for a task: the union of what any layer reads.
 
     Spaces merged by a residual add keep the union of all their readers' needs. The input image
     keeps every channel; the logits keep `classes` in the given order. A space nobody reads keeps
-    one channel (a zero-width layer is not a valid module), with a warning.
+    one channel (a zero-width layer is not a valid module), with a warning unless `warn` is off.
     """
     reps = sorted({graph.find(s) for s in graph.space_size})
     masks = {s: torch.zeros(graph.space_size[s], dtype=torch.bool) for s in reps}
@@ -186,7 +188,9 @@ def keep_channels(
         else:
             idx = torch.nonzero(masks[s]).flatten().tolist()
             if not idx:
-                log.warning("no class uses channel space %d (%d channels); keeping one channel", s, graph.space_size[s])
+                if warn:
+                    log.warning("no class uses channel space %d (%d channels); keeping one channel", s,
+                                graph.space_size[s])
                 idx = [0]
             if s in depthwise_spaces and len(idx) < 2 <= graph.space_size[s]:
                 idx = sorted(set(idx) | {next(c for c in range(graph.space_size[s]) if c not in idx)})
