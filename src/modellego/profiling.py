@@ -166,8 +166,7 @@ def contributions(
     def hook_for(name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             # The accumulator reduces x before returning, so later in-place ops cannot alter what it saw.
-            x = inputs[0] if current["all"] else inputs[0][current["keep"]]
-            accs[name].update(x, current["slots"])
+            accs[name].update(inputs[0], current["slots"])
         return hook
 
     n_out = graph.num_classes
@@ -175,9 +174,16 @@ def contributions(
     with forward_hooks(model, {name: hook_for(name) for name in graph.layers}), torch.no_grad():
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            current["keep"], current["slots"] = class_slots(y, classes, n_out)
-            current["all"] = bool(current["keep"].all())
-            if current["keep"].any():
+            keep, slots = class_slots(y, classes, n_out)
+            if not bool(keep.all()):
+                x = x[keep]  # samples of other classes never run
+            if device.type == "cpu":
+                # Class-sorted samples let every layer sum each class as one slice of its per-sample
+                # contributions instead of a one-hot matmul, which broadcasts into many small ones.
+                order = torch.argsort(slots, stable=True)
+                x, slots = x[order], slots[order]
+            current["slots"] = slots
+            if len(slots):
                 model(x)
     return accs
 
