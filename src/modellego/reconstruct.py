@@ -99,9 +99,8 @@ class _Normal:
         return w, b, (1 - rss / var if var > 0 else 1.0)
 
 
-def _rows(x: torch.Tensor, limit: int, gen: torch.Generator) -> torch.Tensor:
-    """At most `limit` random row indices of `x` (all, in order, when it has fewer)."""
-    n = x.shape[-2]
+def _sample(n: int, limit: int, gen: torch.Generator) -> torch.Tensor:
+    """At most `limit` sorted random indices of range(n) (all of them when n <= limit)."""
     if n <= limit:
         return torch.arange(n)
     return torch.randperm(n, generator=gen)[:limit].sort().values
@@ -115,8 +114,7 @@ def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, g
     """
     b, q, oh, ow = out.shape
     n = b * oh * ow
-    pos = torch.arange(n) if n <= limit else torch.randperm(n, generator=gen)[:limit].sort().values
-    pos = pos.to(out.device)
+    pos = _sample(n, limit, gen).to(out.device)
     bi, rest = pos // (oh * ow), pos % (oh * ow)
     oy, ox = rest // ow, rest % ow
     (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
@@ -184,7 +182,7 @@ def reconstruct(
                 eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
             else:
                 xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
-                idx = _rows(xi, rows_per_batch, gen).to(xi.device)
+                idx = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
                 eqs.update(xi[:, idx], yi[:, idx])
         w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
         r2[name] = round(fit, 4)
