@@ -111,3 +111,18 @@ def test_merge_on_cuda_equals_cpu() -> None:
     x_test = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(merged[1](x_test.to(CUDA)).cpu(), merged[0](x_test), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name,width", [("resnet18", 0.0625), ("mobilenet_v2", 0.125)])
+def test_budget_and_recon_on_cuda_equal_cpu(name: str, width: float) -> None:
+    """One CPU profile with contributions; the budgeted, refitted component on each device."""
+    model = build(name, width)
+    x, y = data(60)
+    prof = modellego.profile(model, [(x, y)], select=False, keep_contributions=True)
+    comps = [modellego.disassemble(on(model, d), [0, 2, 4], profile=prof, flops=0.5, calibration=[(x, y)],
+                                   calibrate="recon+balance") for d in (torch.device("cpu"), CUDA)]
+    assert get_info(comps[0]).pruning == get_info(comps[1]).pruning  # same channels located
+    assert all(p.device.type == "cuda" for p in comps[1].parameters())
+    x_test = torch.randn(4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(comps[1](x_test.to(CUDA)).cpu(), comps[0](x_test), rtol=1e-6, atol=1e-8)
