@@ -17,6 +17,7 @@ from modellego.graph import trace
 from modellego.info import get_info
 from modellego.locate import Thresholds, locate_class, relevant_inputs
 from modellego.profiling import Profile
+from modellego.prune import full_plan
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
@@ -54,8 +55,7 @@ def test_budgeted_component_fits_and_is_exact(name: str, width: float) -> None:
 def test_plan_flops_of_the_full_plan_is_the_models_flops(resnet) -> None:
     model, x, _ = resnet
     graph = trace(model, x[:1])
-    plan = modellego.prune.build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
-    assert plan_flops(model, plan, output_positions(model, graph, x[:1])) == count_flops(model, SHAPE)
+    assert plan_flops(model, full_plan(graph), output_positions(model, graph, x[:1])) == count_flops(model, SHAPE)
 
 
 def test_a_larger_budget_keeps_at_least_as_much(resnet) -> None:

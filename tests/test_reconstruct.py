@@ -14,7 +14,7 @@ from modellego.calibrate import calibrate
 from modellego.errors import UserError
 from modellego.graph import trace
 from modellego.info import get_info
-from modellego.prune import build_plan
+from modellego.prune import full_plan
 from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
@@ -28,7 +28,7 @@ def _images(n: int, seed: int) -> list[torch.Tensor]:
 
 def _keep_all_plan(model: nn.Module) -> dict:
     graph = trace(model, torch.zeros(1, 1, 28, 28, dtype=torch.float64))
-    return build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
+    return full_plan(graph)
 
 
 def _depthwise_net() -> nn.Module:

@@ -25,7 +25,7 @@ from .graph import ChannelGraph, is_depthwise
 from .hooks import forward_hooks
 from .locate import keep_channels, locate_class
 from .profiling import Profile
-from .prune import Plan, build_plan
+from .prune import Plan, build_plan, full_plan
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def locate_budget(
     rows = profile.rows(classes)
     per_class = [{k: v[row] for k, v in profile.contributions.items()} for row in rows]
     positions = output_positions(model, graph, example)
-    full = plan_flops(model, build_plan(graph, {s: range(n) for s, n in graph.space_size.items()}), positions)
+    full = plan_flops(model, full_plan(graph), positions)
 
     def trial(f: float, warn: bool = False) -> Budgeted:
         masks: dict[str, torch.Tensor] = {}

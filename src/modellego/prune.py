@@ -46,6 +46,11 @@ def build_plan(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Plan:
     return plan
 
 
+def full_plan(graph: ChannelGraph) -> Plan:
+    """The plan that keeps every channel: the source model itself."""
+    return build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
+
+
 def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.detach().index_select(dim, idx.to(t.device)).clone()
 
