@@ -145,3 +145,17 @@ def test_merge_can_reconstruct_too() -> None:
     with torch.no_grad():
         want = source(images)[:, [0, 1, 4]]
         assert ((merged(images) - want) ** 2).mean() < ((plain(images) - want) ** 2).mean()
+
+
+def test_a_refused_reconstruction_changes_nothing() -> None:
+    source = described_model("lenet5", 0.5, seed=0, num_classes=5).double()
+    comp = copy.deepcopy(source)
+    with torch.no_grad():
+        comp.features.conv1.weight.mul_(2)  # so a refit of the first layer would change it
+    plan = _keep_all_plan(source)
+    last = execution_order(source, torch.zeros(1, 1, 28, 28, dtype=torch.float64))[-1]
+    del plan[last]
+    before = {k: v.clone() for k, v in comp.state_dict().items()}
+    with pytest.raises(UserError, match=last):
+        reconstruct(comp, source, plan, _images(40, 3))
+    assert all(torch.equal(before[k], v) for k, v in comp.state_dict().items())

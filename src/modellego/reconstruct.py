@@ -167,12 +167,14 @@ def reconstruct(
     """
     modules, src_modules = dict(component.named_modules()), dict(source.named_modules())
     gen = torch.Generator().manual_seed(seed)
-    r2: dict[str, float] = {}
-    for name in execution_order(component, inputs[0]):
-        m = modules[name]
-        _check(m, name)
+    order = execution_order(component, inputs[0])
+    for name in order:  # refuse before any layer changes, so a failure leaves the component as it was
+        _check(modules[name], name)
         if name not in plan or name not in src_modules:
             raise UserError(f"cannot reconstruct {name!r}: the pruning plan or the source lacks it")
+    r2: dict[str, float] = {}
+    for name in order:
+        m = modules[name]
         out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
         eqs = _Normal()
         for x in inputs:
