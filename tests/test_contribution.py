@@ -71,8 +71,11 @@ def brute_force(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
+@pytest.mark.parametrize("form", ["separable", "kron"])  # the two forms of window_sums
 @pytest.mark.parametrize("kwargs", [c[1] for c in CONV_CASES], ids=[c[0] for c in CONV_CASES])
-def test_conv_contribution_matches_literal_and_brute_force(kwargs: dict) -> None:
+def test_conv_contribution_matches_literal_and_brute_force(monkeypatch: pytest.MonkeyPatch, kwargs: dict,
+                                                           form: str) -> None:
+    monkeypatch.setattr(contrib, "KRON_PIXELS", 0 if form == "separable" else 10_000)
     m = make_conv(kwargs)
     torch.manual_seed(1)
     x = torch.randn(3, 4, 11, 10, dtype=torch.float64)
@@ -221,6 +224,24 @@ def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatc
     chunked.update(x, slots)
     for slot in range(2):
         torch.testing.assert_close(chunked.s_hat(slot), whole.s_hat(slot), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("slice_runs", [0, 64])  # 0: every chunk is summed by the one-hot matmul
+@pytest.mark.parametrize("tile", [1, 20])  # tiles of one input channel, or one tile for all
+@pytest.mark.parametrize("kind", ["conv", "grouped"])
+def test_cpu_tiles_and_both_class_sums_match_literal(monkeypatch: pytest.MonkeyPatch, kind: str, tile: int,
+                                                     slice_runs: int) -> None:
+    m = ACC_LAYERS[kind]()
+    x = _inputs("conv", 10)
+    slots = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 1, 0])  # class runs, one class split in two
+    monkeypatch.setattr(contrib, "TILE_ELEMENTS", tile * m.out_channels // m.groups * 3)  # 3 samples a chunk
+    monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", m.out_channels * m.in_channels // m.groups * 3)
+    monkeypatch.setattr(contrib, "SLICE_RUNS", slice_runs)
+    acc = LayerAccumulator(m, 3, "sample")
+    acc.update(x, slots)
+    s = literal_contribution(m, x).clamp(min=0)  # (B, Q, Pg)
+    for slot in range(3):
+        torch.testing.assert_close(acc.s_hat(slot), s[slots == slot].sum(0), rtol=0, atol=1e-10)
 
 
 def test_layers_sharing_a_workspace_equal_layers_with_their_own() -> None:

@@ -24,6 +24,13 @@ import torch.nn.functional as F
 EPS = 1e-5
 # Largest (samples × Q × P) block materialised at once for convolutions (elements).
 CHUNK_ELEMENTS = 1 << 24
+# On a CPU the block is contracted, rectified and summed in tiles of input channels of at most
+# this many elements (8 MiB in float32): a tile stays in the last-level cache between the three
+# passes. Measured on VGG-16's 512-channel layers: the three passes took about half the time of
+# one untiled 64 MiB block; 4 MiB and 16 MiB tiles were slower, and tiny tiles add call overhead.
+TILE_ELEMENTS = 1 << 21
+# Feature maps of at most this many pixels take the one-matmul form of `window_sums`.
+KRON_PIXELS = 256
 # Class-sorted chunks with at most this many runs of one class are summed by slices (one pass over
 # the chunk), not by a one-hot matmul; profiling sorts every CPU batch by class.
 SLICE_RUNS = 64
@@ -87,6 +94,11 @@ def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     rows = _touch(h, kh, sh, dh, top, ho, x)  # (kh, H)
     cols = _touch(w, kw, sw, dw, left, wo, x)  # (kw, W)
+    if h * w <= KRON_PIXELS:
+        # Small maps: one large matmul with the (K, H·W) product of the touch matrices beats the
+        # B·P tiny matmuls of the separable form (measured 2-3.5× on 8×8 to 2×2 maps).
+        touch = torch.kron(rows, cols)  # (K, H*W)
+        return (x.reshape(-1, h * w) @ touch.T).view(x.shape[0], x.shape[1], -1)  # (B*P, H*W) -> (B, P, K)
     return torch.matmul(torch.matmul(rows, x), cols.T).flatten(2)  # (B, P, kh, kw) -> (B, P, K)
 
 
@@ -218,28 +230,27 @@ class LayerAccumulator:
         per_sample = m.out_channels * (m.in_channels // m.groups)
         step = max(1, CHUNK_ELEMENTS // per_sample)
         w = _grouped_weight(m).to(x.dtype)  # (P, K, Qg)
+        if "relu_sum" not in self.state:
+            self.state["relu_sum"] = x.new_zeros(w.shape[0], self.num_slots, w.shape[2])  # (P, C, Qg)
+        state = self.state["relu_sum"]
+        cpu = x.device.type == "cpu"
         for i in range(0, x.shape[0], step):
             u = window_sums(m, x[i: i + step]).transpose(0, 1)  # (P, b, K)
-            s = torch.bmm(u, w, out=self.workspace.get((u.shape[0], u.shape[1], w.shape[2]), u))  # (P, b, Qg)
-            s.clamp_(min=0)  # ReLU per sample, in place
-            if "relu_sum" not in self.state:
-                self.state["relu_sum"] = s.new_zeros(s.shape[0], self.num_slots, s.shape[2])  # (P, C, Qg)
-            self._sum_by_slot(s, slots[i: i + step])
-
-    def _sum_by_slot(self, s: torch.Tensor, slots: torch.Tensor) -> None:
-        """Add each sample of s (Shape: (P, b, Qg)) into its class slot of the state."""
-        state = self.state["relu_sum"]
-        if s.device.type == "cpu":
-            runs, counts = torch.unique_consecutive(slots, return_counts=True)
-            if len(runs) <= SLICE_RUNS:  # batches of selected samples come sorted by class: a few slice sums
-                start = 0
-                for c, n in zip(runs.tolist(), counts.tolist()):
-                    state[:, c] += s[:, start: start + n].sum(1)
-                    start += n
-                return
-        # One batched matmul: index_add over samples is several times slower on a CPU, and on a
-        # GPU this path never waits for the device (no unique(), no boolean indexing).
-        state += torch.matmul(_onehot(slots, self.num_slots, s.dtype), s)  # (C, b) @ (P, b, Qg) -> (P, C, Qg)
+            p, b, qg = u.shape[0], u.shape[1], w.shape[2]
+            runs = _class_runs(slots[i: i + step]) if cpu else None
+            # Without runs, one batched matmul sums by class: index_add over samples is several times
+            # slower on a CPU, and on a GPU this path never waits for the device (no unique()).
+            onehot = _onehot(slots[i: i + step], self.num_slots, u.dtype) if runs is None else None  # (C, b)
+            tile = max(1, TILE_ELEMENTS // (b * qg)) if cpu else p
+            for j in range(0, p, tile):
+                t = min(tile, p - j)
+                s = torch.bmm(u[j: j + t], w[j: j + t], out=self.workspace.get((t, b, qg), u))  # (t, b, Qg)
+                s.clamp_(min=0)  # ReLU per sample, in place
+                if onehot is not None:
+                    state[j: j + t] += torch.matmul(onehot, s)  # (C, b) @ (t, b, Qg) -> (t, C, Qg)
+                    continue
+                for c, first, n in runs:
+                    state[j: j + t, c] += s[:, first: first + n].sum(1)  # (t, Qg)
 
     def s_hat(self, slot: int) -> torch.Tensor:
         """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
@@ -269,6 +280,15 @@ class LayerAccumulator:
         per_p = self.state["relu_sum"][:, slot, :]  # (P, Qg)
         p, qg = per_p.shape
         return per_p.reshape(g, p // g, qg).transpose(1, 2).reshape(g * qg, p // g)  # (Q, Pg)
+
+
+def _class_runs(slots: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(slot, first, count) of each run of equal slots, or None past SLICE_RUNS runs (a host sync)."""
+    values, counts = torch.unique_consecutive(slots, return_counts=True)
+    if len(values) > SLICE_RUNS:
+        return None
+    firsts = [0, *torch.cumsum(counts, 0).tolist()[:-1]]
+    return list(zip(values.tolist(), firsts, counts.tolist()))
 
 
 def class_slots(labels: torch.Tensor, classes: Sequence[int], num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
