@@ -10,19 +10,28 @@ al., 2017; ThiNet) applied to an MDA component. It uses no labels and no gradien
 
 The source's BatchNorm statistics stay valid, since each layer again produces what the source's
 layer produced. Do not combine with ``bn`` re-estimation, which renormalises to the task's images.
+
+Residual adds. A layer whose output reaches an add through at most one BatchNorm (the last
+convolution of a residual branch, or a shortcut's projection) is fitted so that the add's output,
+not the layer's own, matches the source: its target also absorbs the difference between the
+source's and the component's other operand, divided by the BatchNorm's per-channel scale. The
+shortcut's error would otherwise pass from block to block uncorrected; He et al. (2017) use the
+same target for multi-branch networks.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
-from .graph import is_depthwise
-from .hooks import forward_hooks
+from .graph import ADD_FUNCTIONS, is_depthwise
+from .hooks import forward_hooks, preserve_training
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,103 @@ def _run_until(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) ->
     if not got:
         raise UserError(f"layer {name!r} did not run in the forward pass; it cannot be reconstructed")
     return got[0]
+
+
+@dataclass(frozen=True)
+class Join:
+    """A layer whose output reaches a residual add through at most one BatchNorm."""
+
+    other: str  # the fx node of the add's other operand
+    norm: str | None  # the BatchNorm module between the layer and the add
+
+
+def residual_joins(gm: fx.GraphModule) -> dict[str, Join]:
+    """Layers (by module name) whose output flows, through at most one BatchNorm, into a two-operand add."""
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    joins: dict[str, Join] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.Conv2d, nn.Linear)):
+            continue
+        cur, norm = node, None
+        if len(cur.users) == 1:
+            user = next(iter(cur.users))
+            if user.op == "call_module" and isinstance(modules[user.target], nn.modules.batchnorm._BatchNorm):
+                cur, norm = user, user.target
+        if len(cur.users) != 1 or calls[node.target] > 1 or (norm is not None and calls[norm] > 1):
+            continue
+        add = next(iter(cur.users))
+        if add.op != "call_function" or add.target not in ADD_FUNCTIONS or add.kwargs or len(add.args) != 2:
+            continue
+        other = add.args[1] if add.args[0] is cur else add.args[0]
+        if isinstance(other, fx.Node) and other is not cur:
+            joins[node.target] = Join(other.name, norm)
+    return joins
+
+
+def _layers_before(gm: fx.GraphModule, name: str) -> set[str]:
+    """Module names of every call that the value of node `name` depends on."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    seen, stack, found = set(), [nodes[name]], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            found.add(n.target)
+        stack.extend(n.all_input_nodes)
+    return found
+
+
+class _Capture(fx.Interpreter):
+    """Runs a traced model until the value of one node is known."""
+
+    def __init__(self, gm: fx.GraphModule, name: str) -> None:
+        super().__init__(gm)
+        self.name = name
+        self.value: torch.Tensor | None = None
+
+    def run_node(self, n: fx.Node) -> object:
+        out = super().run_node(n)
+        if n.name == self.name:
+            self.value = out.detach()
+            raise _Stop
+        return out
+
+
+def _node_value(gm: fx.GraphModule, name: str, x: torch.Tensor) -> torch.Tensor:
+    cap = _Capture(gm, name)
+    try:
+        cap.run(x)
+    except _Stop:
+        pass
+    assert cap.value is not None, name
+    return cap.value
+
+
+def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel slope of an eval-mode BatchNorm (ones without one). Shape: (n,)."""
+    if norm is None:
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    return scale.detach().to(like)
+
+
+def _absorb(target: torch.Tensor, gap: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The layer target that makes the add match the source: target + gap / scale, channel by channel.
+
+    A channel the BatchNorm nearly zeroes keeps its plain target (no division blow-up).
+    Shape: target and gap (B, Q, ...), scale (Q,).
+    """
+    ok = scale.abs() > 1e-6
+    inv = torch.where(ok, 1 / torch.where(ok, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    return target + gap * inv.view(1, -1, *([1] * (gap.dim() - 2)))
 
 
 def execution_order(model: nn.Module, x: torch.Tensor) -> list[str]:
@@ -172,25 +278,60 @@ def reconstruct(
         _check(modules[name], name)
         if name not in plan or name not in src_modules:
             raise UserError(f"cannot reconstruct {name!r}: the pruning plan or the source lacks it")
+    comp_gm, src_gm = _traced(component), _traced(source)
+    joins: dict[str, Join] = {}
+    if comp_gm is not None and src_gm is not None:
+        src_nodes = {n.name for n in src_gm.graph.nodes}
+        rank = {n: i for i, n in enumerate(order)}
+        # Only an operand that is final when the layer is refitted can be compensated: a shortcut's
+        # projection that runs after its branch is fitted last instead, against the refitted branch.
+        joins = {k: j for k, j in residual_joins(comp_gm).items()
+                 if j.other in src_nodes and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
     r2: dict[str, float] = {}
-    for name in order:
-        m = modules[name]
-        out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
-        eqs = _Normal()
-        for x in inputs:
-            inp = _run_until(component, name, x, output=False)
-            target = _run_until(source, name, x, output=True).index_select(1, out_idx.to(x.device))
-            if isinstance(m, nn.Conv2d):
-                eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
-            else:
-                xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
-                idx = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
-                eqs.update(xi[:, idx], yi[:, idx])
-        w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
-        r2[name] = round(fit, 4)
-        _write(m, w, b)
-        log.debug("reconstructed %s: R² %.4f over %d rows", name, r2[name], eqs.n)
+    with preserve_training(component), preserve_training(source):
+        component.eval()
+        source.eval()
+        for name in order:
+            r2[name] = _refit(name, modules[name], component, source, plan, inputs, joins.get(name),
+                              (comp_gm, src_gm), ridge=ridge, rows_per_batch=rows_per_batch, gen=gen)
     return r2
+
+
+def _traced(model: nn.Module) -> fx.GraphModule | None:
+    """The model traced by torch.fx, sharing its modules; None when it does not trace (no joins then)."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception:  # fx raises many types; reconstruction then fits every layer to its own output
+        log.debug("%s does not trace; residual adds are not compensated", type(model).__name__)
+        return None
+
+
+def _refit(name: str, m: nn.Module, component: nn.Module, source: nn.Module,
+           plan: Mapping[str, Mapping[str, Sequence[int]]], inputs: Sequence[torch.Tensor], join: Join | None,
+           graphs: tuple[fx.GraphModule | None, fx.GraphModule | None], *, ridge: float, rows_per_batch: int,
+           gen: torch.Generator) -> float:
+    """Refit one layer of `component` in place; returns its R²."""
+    out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
+    norm = dict(component.named_modules())[join.norm] if join is not None and join.norm else None
+    eqs = _Normal()
+    for x in inputs:
+        inp = _run_until(component, name, x, output=False)
+        target = _run_until(source, name, x, output=True).index_select(1, out_idx.to(x.device))
+        if join is not None:
+            other_src = _node_value(graphs[1], join.other, x).index_select(1, out_idx.to(x.device))
+            other_comp = _node_value(graphs[0], join.other, x)
+            if other_comp.shape == target.shape == other_src.shape:
+                target = _absorb(target, other_src - other_comp, _norm_scale(norm, target.shape[1], target))
+        if isinstance(m, nn.Conv2d):
+            eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
+        else:
+            xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
+            idx = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
+            eqs.update(xi[:, idx], yi[:, idx])
+    w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
+    _write(m, w, b)
+    log.debug("reconstructed %s: R² %.4f over %d rows", name, fit, eqs.n)
+    return round(fit, 4)
 
 
 def _write(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
