@@ -15,7 +15,8 @@ from modellego.errors import UserError
 from modellego.graph import trace
 from modellego.info import get_info
 from modellego.prune import full_plan
-from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct
+import modellego.reconstruct as recon_module
+from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct, residual_joins
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -159,3 +160,45 @@ def test_a_refused_reconstruction_changes_nothing() -> None:
     with pytest.raises(UserError, match=last):
         reconstruct(comp, source, plan, _images(40, 3))
     assert all(torch.equal(before[k], v) for k, v in comp.state_dict().items())
+
+
+def test_residual_joins_of_a_resnet() -> None:
+    """conv2 of every block and every shortcut projection feed an add through one BatchNorm."""
+    model = described_model("resnet18", 0.0625, seed=0, num_classes=4)
+    joins = residual_joins(torch.fx.symbolic_trace(model))
+    want = {f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)} | {
+        f"layer{s}.0.downsample.0" for s in range(2, 5)}
+    assert set(joins) == want
+    assert joins["layer1.0.conv2"].norm == "layer1.0.bn2"
+    assert joins["layer2.0.downsample.0"].norm == "layer2.0.downsample.1"
+    assert joins["layer2.0.downsample.0"].other == "layer2_0_bn2"  # the branch it is added to
+
+
+def test_compensating_the_shortcut_brings_the_residual_stream_closer() -> None:
+    """With the add's output as target, a pruned ResNet's residual stream follows the source's better."""
+    source = described_model("resnet18", 0.125, seed=2, num_classes=6, dataset="d")
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(96, 1, 28, 28, generator=g), torch.arange(96) % 6
+    prof = modellego.profile(source, [(x, y)], select=False, keep_contributions=True)
+    task = [0, 3, 5]
+    cut = modellego.disassemble(source, task, profile=prof, flops=0.5)
+    plan = get_info(cut).pruning
+    kept = torch.tensor(plan["fc"]["in"])  # channels of the last stream, before pooling
+    images = x[torch.isin(y, torch.tensor(task))]
+
+    def error(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(((_pooled(model, images) - _pooled(source, images)[:, kept]) ** 2).mean())
+
+    compensated = copy.deepcopy(cut)
+    reconstruct(compensated, source, plan, [images])
+    plain = copy.deepcopy(cut)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recon_module, "residual_joins", lambda gm: {})
+        reconstruct(plain, source, plan, [images])
+    assert error(compensated) < 0.8 * error(plain)
+
+
+def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+        model.relu(model.bn1(model.conv1(x)))))))))

@@ -67,7 +67,8 @@ class Join:
 
 
 def residual_joins(gm: fx.GraphModule) -> dict[str, Join]:
-    """Layers (by module name) whose output flows, through at most one BatchNorm, into a two-operand add."""
+    """Layers (by module name) whose output flows, through at most one BatchNorm with running
+    statistics (an affine map in eval mode), into a two-operand add."""
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -80,7 +81,8 @@ def residual_joins(gm: fx.GraphModule) -> dict[str, Join]:
         cur, norm = node, None
         if len(cur.users) == 1:
             user = next(iter(cur.users))
-            if user.op == "call_module" and isinstance(modules[user.target], nn.modules.batchnorm._BatchNorm):
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_var is not None:
                 cur, norm = user, user.target
         if len(cur.users) != 1 or calls[node.target] > 1 or (norm is not None and calls[norm] > 1):
             continue
