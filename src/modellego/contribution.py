@@ -79,11 +79,21 @@ def _touch(n_in: int, k: int, stride: int, dilation: int, pad: int, n_out: int, 
     return _touch_on(n_in, k, stride, dilation, pad, n_out, like.device, like.dtype)
 
 
+@functools.lru_cache(maxsize=512)
+def _touch_product(row_args: tuple[int, ...], col_args: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """kron(T_rows, T_cols): kernel offset (i, j) reads pixel (h, w), cached. Shape: (kh*kw, H*W)."""
+    rows = _touch_on(*row_args, torch.device("cpu"), dtype)
+    cols = _touch_on(*col_args, torch.device("cpu"), dtype)
+    return torch.kron(rows, cols).to(device)
+
+
 def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """U[b, p, k]: the input pixels that kernel offset k of `m` touches, summed over output positions.
 
     Separable: U = T_rows · x · T_colsᵀ with 0/1 "touch" matrices, two small matmuls that handle
-    stride, dilation and zero padding without copying the input. Shape: x (B, P, H, W) -> (B, P, kh*kw).
+    stride, dilation and zero padding without copying the input; on small maps, one matmul with
+    their Kronecker product. Shape: x (B, P, H, W) -> (B, P, kh*kw).
     """
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     left, right, top, bottom = _explicit_padding(m)
@@ -92,13 +102,15 @@ def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     h, w = x.shape[2], x.shape[3]
     ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    rows = _touch(h, kh, sh, dh, top, ho, x)  # (kh, H)
-    cols = _touch(w, kw, sw, dw, left, wo, x)  # (kw, W)
+    row_args, col_args = (h, kh, sh, dh, top, ho), (w, kw, sw, dw, left, wo)
     if h * w <= KRON_PIXELS:
         # Small maps: one large matmul with the (K, H·W) product of the touch matrices beats the
         # B·P tiny matmuls of the separable form (measured 2-3.5× on 8×8 to 2×2 maps).
-        touch = torch.kron(rows, cols)  # (K, H*W)
+        touch = _touch_product(row_args, col_args, x.device, x.dtype)  # (K, H*W)
+        # Multiplying by the transposed view is about 2× faster on a CPU than by a contiguous copy.
         return (x.reshape(-1, h * w) @ touch.T).view(x.shape[0], x.shape[1], -1)  # (B*P, H*W) -> (B, P, K)
+    rows = _touch(*row_args, x)  # (kh, H)
+    cols = _touch(*col_args, x)  # (kw, W)
     return torch.matmul(torch.matmul(rows, x), cols.T).flatten(2)  # (B, P, kh, kw) -> (B, P, K)
 
 
