@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from modellego.graph import trace
 from modellego.info import get_info
 from modellego.locate import Thresholds, locate_class, relevant_inputs
 from modellego.profiling import Profile
-from modellego.prune import full_plan
+from modellego.prune import build_plan, full_plan
 from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
@@ -81,6 +82,37 @@ def test_keep_fraction_rule_by_hand() -> None:
     assert relevant_inputs(layer, r, out_mask, th, 0.75).tolist() == [True, True, False, True]
     # Input 2 contributes nothing to a relevant output: never kept, whatever the share.
     assert relevant_inputs(layer, r, out_mask, th, 1.0).tolist() == [True, True, False, True]
+
+
+def test_classes_located_together_add_their_counts_by_hand() -> None:
+    layer = trace(nn.Sequential(nn.Linear(4, 2)), torch.zeros(1, 4)).layers["0"]
+    r = torch.tensor([[[1.0, 0.5, 0.0, 0.0],
+                       [0.0, 0.0, 0.0, 1.0]],
+                      [[0.0, 0.6, 0.0, 0.3],
+                       [0.0, 1.0, 0.0, 0.0]]], dtype=torch.float64)  # (C=2, Q=2, P=4)
+    out_mask = torch.tensor([True, True])
+    th = Thresholds(linear_alpha=0.4)
+    # Counts: class 0 [1, 1, 0, 1], class 1 [0, 2, 0, 0]; together [1, 3, 0, 1].
+    assert relevant_inputs(layer, r, out_mask, th, 0.25).tolist() == [False, True, False, False]
+    # Ties 0 and 3 by summed r over both classes: 1.0 < 1.3.
+    assert relevant_inputs(layer, r, out_mask, th, 0.5).tolist() == [False, True, False, True]
+    # One class stacked alone is the class on its own.
+    for f in (None, 0.25, 0.5, 1.0):
+        assert torch.equal(relevant_inputs(layer, r[:1], out_mask, th, f), relevant_inputs(layer, r[0], out_mask, th, f))
+
+
+def test_a_budget_keeps_one_share_per_layer_for_the_whole_task() -> None:
+    """In a plain chain every space has one reader, so no layer keeps more than ceil(f·P) inputs."""
+    model, x, prof = _setup("vgg11_bn", 0.125, seed=3)
+    graph = trace(model, x[:2])
+    got = locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3)
+    modules = dict(model.named_modules())
+    plan = build_plan(graph, got.keep)
+    for name, dims in plan.items():
+        m = modules[name]
+        if isinstance(m, nn.Conv2d) and m.in_channels > 1:
+            assert len(dims["in"]) <= math.ceil(m.in_channels * got.keep_fraction)
+    assert got.flops_ratio <= 0.3
 
 
 def test_stored_contributions_relocate_to_the_stored_masks(resnet, tmp_path) -> None:

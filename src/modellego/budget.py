@@ -3,8 +3,9 @@
 With the paper's thresholds the component's size is whatever α and β give. On the width-scaled
 networks here that is 80-99% of the source's FLOPs, because the early high-resolution layers serve
 every class. A budget turns the question around. Every layer keeps the same share f of its inputs,
-ranked by relevance (`modellego.locate.relevant_inputs`), and f is the largest share whose
-component fits the budget. It is found by bisection: FLOPs grow with f. A uniform share avoids
+ranked by relevance to the task's classes together (`modellego.locate.relevant_inputs`: their
+Eq. 6 counts add up), and f is the largest share whose component fits the budget. It is found by
+bisection: FLOPs grow with f. A uniform share avoids
 the narrow bottleneck layers that raising β everywhere creates (BENCHMARKS.md, threshold sweep).
 
 Needs a profile that kept its relative contributions (``profile(..., keep_contributions=True)``):
@@ -106,16 +107,13 @@ def locate_budget(
         raise UserError("locating under a FLOPs budget needs a profile that kept its contributions; "
                         "profile with keep_contributions=True (CLI: modellego profile --keep-contributions)")
     rows = profile.rows(classes)
-    per_class = [{k: v[row] for k, v in profile.contributions.items()} for row in rows]
+    stacked = {k: v[rows] for k, v in profile.contributions.items()}  # (C, Q, P) per layer
     positions = output_positions(model, graph, example)
     full = plan_flops(model, full_plan(graph), positions)
 
     def trial(f: float, warn: bool = False) -> Budgeted:
-        masks: dict[str, torch.Tensor] = {}
-        for c, r in zip(classes, per_class):
-            ins, _ = locate_class(graph, r, c, profile.thresholds, keep_fraction=f)
-            masks = {k: masks[k] | v if k in masks else v for k, v in ins.items()}
-        keep = keep_channels(graph, masks, classes, warn=warn)  # trials stay quiet; the choice warns
+        ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=f)
+        keep = keep_channels(graph, ins, classes, warn=warn)  # trials stay quiet; the choice warns
         return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full)
 
     if trial(1.0).flops_ratio <= flops:

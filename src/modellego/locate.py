@@ -67,7 +67,8 @@ def relevant_inputs(
 
     Args:
         layer: a Conv2d or Linear layer.
-        r: relative contributions, Shape: (Q, P // groups).
+        r: relative contributions, Shape: (Q, P // groups), or (C, Q, P // groups) for several
+            classes located together (their Eq. 6 counts add up).
         out_mask: relevant outputs, Shape: (Q,) bool.
         th: thresholds.
         keep_fraction: ``None`` applies the paper's β (Eq. 10). A fraction f in (0, 1] instead
@@ -80,12 +81,14 @@ def relevant_inputs(
     if layer.depthwise:
         return out_mask.clone()
     alpha, beta = th.for_layer(layer)
-    r_hat = (r >= alpha) & out_mask[:, None]  # (Q, P)  Eq. 9 with Appendix C's output gating
-    s = r_hat.sum(0)  # (P,)  Eq. 6
+    r = r if r.dim() == 3 else r[None]  # (C, Q, P)
+    gate = out_mask[None, :, None]  # (1, Q, 1)
+    r_hat = (r >= alpha) & gate  # (C, Q, P)  Eq. 9 with Appendix C's output gating
+    s = r_hat.sum((0, 1))  # (P,)  Eq. 6
     if keep_fraction is None:
         return minmax(s) >= beta  # Eqs. 8, 10
-    # The tie-break term is below 1, so it only orders inputs of equal count.
-    score = s.double() + (r.double() * out_mask[:, None]).sum(0) / (int(out_mask.sum()) + 1)  # (P,)
+    # The tie-break term is below 1 (r <= 1), so it only orders inputs of equal count.
+    score = s.double() + (r.double() * gate).sum((0, 1)) / (r.shape[0] * (int(out_mask.sum()) + 1))  # (P,)
     k = math.ceil(keep_fraction * len(score))
     order = torch.sort(score, descending=True, stable=True).indices[:k]
     keep = torch.zeros(len(score), dtype=torch.bool)
@@ -100,16 +103,22 @@ def _or(rel: dict[fx.Node, torch.Tensor], node: fx.Node, mask: torch.Tensor) -> 
 def locate_class(
     graph: ChannelGraph,
     contributions: Mapping[str, torch.Tensor],
-    cls: int,
+    cls: int | Sequence[int],
     thresholds: Thresholds,
     keep_fraction: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Relevant inputs and outputs of every layer for class `cls`.
 
+    The paper locates each class on its own and a task keeps the union of its classes' masks.
+    Under a budget (`keep_fraction`) the task's classes walk together instead: `cls` lists them,
+    `contributions` stacks theirs, and each layer keeps one share of its inputs for the whole
+    task, not a share per class whose union could be several times larger.
+
     Args:
         graph: the traced model.
-        contributions: relative contribution r per layer name, Shape: (Q, P // groups).
-        cls: output index of the class.
+        contributions: relative contribution r per layer name, Shape: (Q, P // groups), or
+            (C, Q, P // groups) when `cls` lists C classes.
+        cls: output index of the class, or the indices of the classes walked together.
         thresholds: α and β.
         keep_fraction: ``None`` for the paper's β rule, else the share of inputs every layer
             keeps (see `relevant_inputs`).
@@ -118,7 +127,7 @@ def locate_class(
     """
     n_out = sum(s.features for s in graph.layouts[graph.output])
     rel: dict[fx.Node, torch.Tensor] = {graph.output: torch.zeros(n_out, dtype=torch.bool)}
-    rel[graph.output][cls] = True
+    rel[graph.output][torch.as_tensor(cls, dtype=torch.long)] = True
     in_masks: dict[str, torch.Tensor] = {}
     out_masks: dict[str, torch.Tensor] = {}
     for node in reversed(list(graph.gm.graph.nodes)):
