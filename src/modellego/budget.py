@@ -5,8 +5,8 @@ networks here that is 80-99% of the source's FLOPs, because the early high-resol
 every class. A budget turns the question around. Every layer keeps the same share f of its inputs,
 ranked by relevance to the task's classes together (`modellego.locate.relevant_inputs`: their
 Eq. 6 counts add up), and f is the largest share whose component fits the budget. It is found by
-bisection: FLOPs grow with f. A uniform share avoids
-the narrow bottleneck layers that raising β everywhere creates (BENCHMARKS.md, threshold sweep).
+bisection: FLOPs grow with f. A uniform share avoids the narrow bottleneck layers that raising β
+everywhere creates (BENCHMARKS.md, threshold sweep).
 
 Needs a profile that kept its relative contributions (``profile(..., keep_contributions=True)``):
 each trial re-locates from them, without profiling again.
