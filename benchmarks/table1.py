@@ -10,7 +10,9 @@ is cut twice from that profile:
 - Disa (recon): the same cut with every layer refitted to the source's kept outputs by least
   squares, then class-balanced (``calibrate="recon+balance"``; multi-class tasks only);
 - Disa @ budget: the channels located under a FLOPs budget (``flops=0.5`` by default: every layer
-  keeps the same share of its most relevant inputs), then ``recon+balance`` (multi-class tasks only).
+  keeps the same share of its inputs most relevant to the task's classes together, or with
+  ``--budget-rank class`` a share per class and their union), then ``recon+balance`` (multi-class
+  tasks only).
 
 Accuracies are the paper's mean per-class accuracy (%) on the test images of the task's classes:
 Base (source, argmax over all classes), Masked-Base (source, argmax over the task's classes: the
@@ -126,14 +128,15 @@ def _recon_and_budget(model, prof, ds, task: list[int], calib, args: argparse.Na
     if args.budget:
         t = time.perf_counter()
         comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=BUDGET_CALIBRATION,
-                                     flops=args.budget)
+                                     flops=args.budget, budget_rank=args.budget_rank)
         seconds = time.perf_counter() - t
         acc = test_accuracy(comp, ds, task)
         budget = get_info(comp).provenance["flops_budget"]
         out |= {"budget": args.budget, "disa_budget": _r(acc.mean_per_class), "worst_disa_budget": _r(acc.worst_class),
                 "budget_flops_pct": _r(100 * count_flops(comp, shape) / count_flops(model, shape)),
                 "budget_params_pct": _r(100 * count_params(comp) / count_params(model)),
-                "budget_keep_fraction": budget["keep_fraction"], "budget_disassemble_s": round(seconds, 2)}
+                "budget_keep_fraction": budget["keep_fraction"], "budget_rank": budget["rank"],
+                "budget_disassemble_s": round(seconds, 2)}
     return out
 
 
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="batch size of the profiling pass over the training set")
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--budget", type=float, default=0.5, help="FLOPs budget of the budget column (0: no such column)")
+    p.add_argument("--budget-rank", choices=("task", "class"), default="task",
+                   help="how the task's classes share each layer under the budget (see modellego.budget.RANKS)")
     p.add_argument("--no-recon", dest="recon", action="store_false", help="skip the recon column")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table1.jsonl"))
     args = p.parse_args(argv)

@@ -16,7 +16,7 @@ from modellego.errors import CorruptFileError, UserError
 from modellego.evaluate import count_flops
 from modellego.graph import trace
 from modellego.info import get_info
-from modellego.locate import Thresholds, locate_class, relevant_inputs
+from modellego.locate import Thresholds, keep_channels, locate_class, relevant_inputs
 from modellego.profiling import Profile
 from modellego.prune import build_plan, full_plan
 from safetensors.torch import load_file, save_file
@@ -169,3 +169,20 @@ def test_only_the_chosen_trial_warns_about_unused_spaces(caplog) -> None:
     messages = [r.getMessage() for r in caplog.records if "no class uses" in r.getMessage()]
     assert messages and len(messages) == len(set(messages))  # sixteen bisection trials, one set of warnings
     assert got.flops_ratio <= 0.05
+
+
+def test_class_rank_is_the_union_of_each_class_at_its_share() -> None:
+    model, x, prof = _setup("vgg11_bn", 0.125, seed=3)
+    graph = trace(model, x[:2])
+    got = locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3, rank="class")
+    assert got.rank == "class" and got.to_json()["rank"] == "class" and got.flops_ratio <= 0.3
+    union: dict[str, torch.Tensor] = {}
+    for row, c in zip(prof.rows([0, 2, 4]), [0, 2, 4]):
+        ins, _ = locate_class(graph, {k: v[row] for k, v in prof.contributions.items()}, c, prof.thresholds,
+                              keep_fraction=got.keep_fraction)
+        union = {k: union[k] | v if k in union else v for k, v in ins.items()}
+    assert got.keep == keep_channels(graph, union, [0, 2, 4])
+    # The same budget ranked for the task together keeps a larger share of every layer.
+    assert locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3).keep_fraction > got.keep_fraction
+    with pytest.raises(UserError, match="unknown budget rank"):
+        locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3, rank="classes")

@@ -335,3 +335,8 @@ def test_disassemble_under_a_flops_budget(run, tmp_path, capsys) -> None:
     assert count_flops(comp, shape) <= 0.5 * count_flops(model, shape)
     prov = get_info(comp).provenance
     assert prov["calibration"]["method"] == "recon+balance" and prov["flops_budget"]["budget"] == 0.5
+    assert prov["flops_budget"]["rank"] == "task"
+    per_class = str(tmp_path / "budget-class")
+    assert main(["disassemble", run["model"], "--classes", "0-2", "--profile", prof, "--flops", "0.5",
+                 "--budget-rank", "class", "--calibrate", "none", "-o", per_class]) == 0
+    assert get_info(modellego.load(per_class)).provenance["flops_budget"]["rank"] == "class"

@@ -71,9 +71,18 @@ class Budgeted:
     keep: dict[int, list[int]]
     keep_fraction: float
     flops_ratio: float
+    rank: str = "task"
 
-    def to_json(self) -> dict[str, float]:
-        return {"keep_fraction": round(self.keep_fraction, 6), "flops_ratio": round(self.flops_ratio, 6)}
+    def to_json(self) -> dict[str, float | str]:
+        return {"keep_fraction": round(self.keep_fraction, 6), "flops_ratio": round(self.flops_ratio, 6),
+                "rank": self.rank}
+
+
+# How a task's classes share a layer's budget: "task" ranks the inputs by the classes' summed
+# Eq. 6 counts and keeps one share f for the whole task; "class" keeps a share f per class and
+# their union (every class keeps its own best inputs; the union is larger and uneven, so f is
+# smaller for the same FLOPs).
+RANKS = ("task", "class")
 
 
 def locate_budget(
@@ -84,6 +93,7 @@ def locate_budget(
     classes: Sequence[int],
     flops: float,
     *,
+    rank: str = "task",
     steps: int = 16,
 ) -> Budgeted:
     """The most relevant channels of `classes` that fit `flops` × the source model's FLOPs.
@@ -95,6 +105,8 @@ def locate_budget(
         profile: a profile of `model` with contributions kept.
         classes: the task (output indices).
         flops: the budget, a fraction of the source's FLOPs in (0, 1].
+        rank: ``"task"`` (one share for the task's classes together) or ``"class"`` (a share per
+            class, then their union); see `RANKS`.
         steps: bisection steps on the kept share.
 
     Raises:
@@ -103,6 +115,8 @@ def locate_budget(
     """
     if not 0.0 < flops <= 1.0:
         raise UserError(f"the FLOPs budget must be a fraction in (0, 1], got {flops}")
+    if rank not in RANKS:
+        raise UserError(f"unknown budget rank {rank!r}; expected one of {', '.join(RANKS)}")
     if profile.contributions is None:
         raise UserError("locating under a FLOPs budget needs a profile that kept its contributions; "
                         "profile with keep_contributions=True (CLI: modellego profile --keep-contributions)")
@@ -112,9 +126,16 @@ def locate_budget(
     full = plan_flops(model, full_plan(graph), positions)
 
     def trial(f: float, warn: bool = False) -> Budgeted:
-        ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=f)
+        if rank == "task":
+            ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=f)
+        else:
+            ins = {}
+            for row, c in enumerate(classes):
+                got, _ = locate_class(graph, {k: v[row] for k, v in stacked.items()}, c, profile.thresholds,
+                                      keep_fraction=f)
+                ins = {k: ins[k] | v if k in ins else v for k, v in got.items()}
         keep = keep_channels(graph, ins, classes, warn=warn)  # trials stay quiet; the choice warns
-        return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full)
+        return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full, rank)
 
     if trial(1.0).flops_ratio <= flops:
         return trial(1.0, warn=True)

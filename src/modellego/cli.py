@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="FLOPs budget as a fraction of the model's, e.g. 0.5: every layer keeps the same share of "
                         "its most relevant inputs, the largest that fits (needs a profile made with "
                         "--keep-contributions, or --data)")
+    s.add_argument("--budget-rank", choices=("task", "class"), default="task",
+                   help="with --flops: rank each layer's inputs for the task's classes together (task, one share "
+                        "per layer) or keep a share per class and their union (class)")
     data_args(s, required=False)
     _profile_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
@@ -271,7 +274,8 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         raise UserError("give --profile PROFILE or --data NAME to profile the model first")
     method, calibration = _calibration(model, args, [info.classes[c] for c in classes],
                                        default=BUDGET_CALIBRATION if args.flops is not None else None)
-    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops)
+    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
+                            budget_rank=args.budget_rank)
     path = save(component, args.output)
     budget = component.modellego_info.provenance.get("flops_budget")
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "

@@ -80,6 +80,7 @@ def disassemble(
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     calibrate: str = DEFAULT_CALIBRATION,
     flops: float | None = None,
+    budget_rank: str = "task",
     verify: bool = True,
     **profile_kwargs: Any,
 ) -> nn.Module:
@@ -100,6 +101,8 @@ def disassemble(
         flops: a FLOPs budget, as a fraction of the source's: instead of the paper's β, keep in
             every layer the same share of the most relevant inputs, the largest that fits (see
             `modellego.budget`; needs a profile with contributions, kept when profiling here).
+        budget_rank: under a budget, ``"task"`` ranks inputs for the task's classes together (one
+            share per layer) and ``"class"`` keeps a share per class and their union.
         verify: check on a random input that the component equals the source with the dropped
             channels zeroed (catches forward passes that hard-code channel counts).
         **profile_kwargs: passed to `modellego.profile` when profiling here.
@@ -131,7 +134,7 @@ def disassemble(
     if flops is None:
         keep = keep_channels(graph, profile.task_in_masks(classes), classes)
     else:
-        budgeted = locate_budget(model, graph, example, profile, classes, flops)
+        budgeted = locate_budget(model, graph, example, profile, classes, flops, rank=budget_rank)
         keep = budgeted.keep
         provenance["flops_budget"] = {"budget": flops, **budgeted.to_json()}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
