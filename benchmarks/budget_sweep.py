@@ -30,7 +30,7 @@ from train_zoo import ZOO, get_model  # noqa: E402
 import modellego  # noqa: E402
 from modellego.calibrate import BUDGET_CALIBRATION, DEFAULT_CALIBRATION  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.evaluate import count_flops  # noqa: E402
+from modellego.evaluate import count_flops, count_params  # noqa: E402
 from modellego.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
 from modellego.tasks import parse_classes  # noqa: E402
 
@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                    "budget": budget, "calibration": method, "masked_base": round(masked_base, 2),
                    "accuracy": round(acc.mean_per_class, 2), "worst": round(acc.worst_class, 2),
                    "flops_pct": round(100 * count_flops(comp, shape) / full, 2),
-                   "params_pct": round(100 * sum(q.numel() for q in comp.parameters())
-                                       / sum(q.numel() for q in model.parameters()), 2),
+                   "params_pct": round(100 * count_params(comp) / count_params(model), 2),
                    "disassemble_s": round(seconds, 2), "threads": torch.get_num_threads(), "torch": torch.__version__}
             rows.append(row)
             record(row, args.out)

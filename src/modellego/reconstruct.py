@@ -62,6 +62,8 @@ def _run_until(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) ->
 class Join:
     """A layer whose output reaches a residual add through at most one BatchNorm."""
 
+    node: str  # the fx node of the layer's call
+    input: str  # the fx node of its input
     other: str  # the fx node of the add's other operand
     norm: str | None  # the BatchNorm module between the layer and the add
 
@@ -90,8 +92,9 @@ def residual_joins(gm: fx.GraphModule) -> dict[str, Join]:
         if add.op != "call_function" or add.target not in ADD_FUNCTIONS or add.kwargs or len(add.args) != 2:
             continue
         other = add.args[1] if add.args[0] is cur else add.args[0]
-        if isinstance(other, fx.Node) and other is not cur:
-            joins[node.target] = Join(other.name, norm)
+        inp = node.args[0] if node.args else None
+        if isinstance(other, fx.Node) and other is not cur and isinstance(inp, fx.Node):
+            joins[node.target] = Join(node.name, inp.name, other.name, norm)
     return joins
 
 
@@ -111,29 +114,31 @@ def _layers_before(gm: fx.GraphModule, name: str) -> set[str]:
 
 
 class _Capture(fx.Interpreter):
-    """Runs a traced model until the value of one node is known."""
+    """Runs a traced model until the values of some nodes are known."""
 
-    def __init__(self, gm: fx.GraphModule, name: str) -> None:
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
         super().__init__(gm)
-        self.name = name
-        self.value: torch.Tensor | None = None
+        self.names = names
+        self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> object:
         out = super().run_node(n)
-        if n.name == self.name:
-            self.value = out.detach()
-            raise _Stop
+        if n.name in self.names:
+            self.values[n.name] = out.detach()
+            if len(self.values) == len(self.names):
+                raise _Stop
         return out
 
 
-def _node_value(gm: fx.GraphModule, name: str, x: torch.Tensor) -> torch.Tensor:
-    cap = _Capture(gm, name)
+def _node_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The values of nodes `names` on `x`, from one forward pass that stops once it has them all."""
+    cap = _Capture(gm, names)
     try:
         cap.run(x)
     except _Stop:
         pass
-    assert cap.value is not None, name
-    return cap.value
+    assert cap.values.keys() == names, names - cap.values.keys()
+    return cap.values
 
 
 def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -288,7 +293,7 @@ def reconstruct(
         # Only an operand that is final when the layer is refitted can be compensated: a shortcut's
         # projection that runs after its branch is fitted last instead, against the refitted branch.
         joins = {k: j for k, j in residual_joins(comp_gm).items()
-                 if j.other in src_nodes and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
+                 if {j.node, j.other} <= src_nodes and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
     r2: dict[str, float] = {}
     with preserve_training(component), preserve_training(source):
         component.eval()
@@ -317,11 +322,16 @@ def _refit(name: str, m: nn.Module, component: nn.Module, source: nn.Module,
     norm = dict(component.named_modules())[join.norm] if join is not None and join.norm else None
     eqs = _Normal()
     for x in inputs:
-        inp = _run_until(component, name, x, output=False)
-        target = _run_until(source, name, x, output=True).index_select(1, out_idx.to(x.device))
-        if join is not None:
-            other_src = _node_value(graphs[1], join.other, x).index_select(1, out_idx.to(x.device))
-            other_comp = _node_value(graphs[0], join.other, x)
+        idx = out_idx.to(x.device)
+        if join is None:
+            inp = _run_until(component, name, x, output=False)
+            target = _run_until(source, name, x, output=True).index_select(1, idx)
+        else:
+            # One pass of each model gives both the layer's values and the add's other operand.
+            src = _node_values(graphs[1], {join.node, join.other}, x)
+            comp = _node_values(graphs[0], {join.input, join.other}, x)
+            inp, target = comp[join.input], src[join.node].index_select(1, idx)
+            other_src, other_comp = src[join.other].index_select(1, idx), comp[join.other]
             if other_comp.shape == target.shape == other_src.shape:
                 target = _absorb(target, other_src - other_comp, _norm_scale(norm, target.shape[1], target))
         if isinstance(m, nn.Conv2d):
