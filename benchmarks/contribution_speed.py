@@ -6,6 +6,7 @@ model and batch were created and one warm-up forward pass ran.
 
     python benchmarks/contribution_speed.py                       # VGG-16 and ResNet-18, 32x32, batch 128
     python benchmarks/contribution_speed.py --models vgg16_bn --batch 64 --repeats 3
+    python benchmarks/contribution_speed.py --per-layer --models vgg16_bn   # each layer vs its own forward
 
 Prints one JSON row per measurement and a table of ratios; rows are appended to
 benchmarks/results/contribution_speed.jsonl.
@@ -53,6 +54,69 @@ class LiteralAccumulator:
         self.state.index_add_(0, slots, s)
 
 
+def _median_time(fn, repeats: int, dev: torch.device) -> float:
+    """Median wall time of `fn` over `repeats` calls after one warm-up, the device synchronised."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: str) -> list[dict]:
+    """One layer's contribution update against that layer's own forward, for every Conv2d and Linear.
+
+    The accumulator is reused across repeats, as over the batches of a profile (what it memoises,
+    such as a folded weight, is then in place).
+    """
+    from modellego.contribution import LayerAccumulator, Workspace
+    from modellego.hooks import forward_hooks
+    from modellego.models import create_model
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
+    x = torch.randn(batch, 3, size, size, device=dev)
+    slots = (torch.arange(batch, device=dev) % 10).sort().values  # profiling sorts samples by class
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def grab(name: str):
+        return lambda module, args: inputs.__setitem__(name, args[0].detach().clone())
+
+    with forward_hooks(model, {n: grab(n) for n in modules}, pre=True):
+        model(x)
+    ws, rows = Workspace(), []
+    for name, m in modules.items():
+        a = inputs[name]
+        acc = LayerAccumulator(m, 10, workspace=ws)
+        rows.append({"model": model_name, "method": "per_layer", "layer": name, "input": list(a.shape[1:]),
+                     "batch": batch, "size": size, "device": str(dev), "threads": torch.get_num_threads(),
+                     "torch": torch.__version__, "repeats": repeats,
+                     "forward_ms": 1e3 * _median_time(lambda: m(a), repeats, dev),
+                     "update_ms": 1e3 * _median_time(lambda: acc.update(a, slots), repeats, dev)})
+    return rows
+
+
+def _print_per_layer(rows: list[dict]) -> None:
+    print("| model | layer | input | forward ms | contribution ms | contribution / forward |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['layer']} | {'×'.join(map(str, r['input']))} | {r['forward_ms']:.2f} | "
+              f"{r['update_ms']:.2f} | {r['update_ms'] / r['forward_ms']:.2f}x |")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        f = sum(r["forward_ms"] for r in rows if r["model"] == model)
+        u = sum(r["update_ms"] for r in rows if r["model"] == model)
+        print(f"| {model} | all layers | | {f:.1f} | {u:.1f} | {u / f:.2f}x |")
+
+
 def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str) -> dict:
     import modellego.profiling as profiling
     from modellego.graph import trace
@@ -82,20 +146,11 @@ def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, d
         else:
             profiling.contributions(model, graph, [(x, y)], list(range(10)), device=dev)
 
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    median = _median_time(step, repeats, dev)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_bytes()
     return {"model": model_name, "method": method, "batch": batch, "size": size, "device": str(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
-            "median_s": statistics.median(times), "extra_mem_mib": max(0, peak - base) / 2**20}
+            "median_s": median, "extra_mem_mib": max(0, peak - base) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/contribution_speed.jsonl"))
+    p.add_argument("--per-layer", action="store_true",
+                   help="time each layer's contribution update against its own forward instead (one process)")
+    p.add_argument("--layers-out", type=Path, default=Path("benchmarks/results/contribution_layers.jsonl"))
     p.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.batch, args.size, args.repeats, args.device)))
+        return 0
+    if args.per_layer:
+        layer_rows = [r for model in args.models
+                      for r in run_per_layer(model, args.batch, args.size, args.repeats, args.device)]
+        for r in layer_rows:
+            record(r, args.layers_out)
+        print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")
+        _print_per_layer(layer_rows)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = {}

@@ -93,6 +93,50 @@ def test_conv_contribution_matches_literal_and_brute_force(monkeypatch: pytest.M
     torch.testing.assert_close(fast.sum(2), per_filter.detach(), rtol=0, atol=1e-10)
 
 
+def _smallest_map(m: nn.Conv2d) -> torch.Tensor:
+    """The smallest square input on which `m` runs: most geometries then take the pixel form."""
+    for size in range(1, 8):
+        x = torch.randn(3, m.in_channels, size, size, dtype=torch.float64)
+        try:
+            m(x)
+        except RuntimeError:
+            continue
+        return x
+    raise AssertionError("no input size found")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_conv_contribution_on_small_maps_matches_literal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps of at most K pixels fold the touch matrix into the weight (contraction over pixels)."""
+    window_calls: list[int] = []
+    window_sums_ = contrib._window_sums
+    monkeypatch.setattr(contrib, "_window_sums", lambda *a: window_calls.append(1) or window_sums_(*a))
+    for name, kwargs in CONV_CASES:
+        m = make_conv(kwargs)
+        torch.manual_seed(1)
+        x = _smallest_map(m)
+        u, w = contrib.contraction_operands(m, x)
+        assert w.shape == (m.in_channels, u.shape[2], m.out_channels // m.groups), name
+        torch.testing.assert_close(conv_contribution(m, x), literal_contribution(m, x), rtol=0, atol=1e-10,
+                                   msg=name)
+    # Two calls per geometry (operands, then conv_contribution) that did not fold.
+    assert len(CONV_CASES) - len(window_calls) // 2 >= 10  # not vacuous: most geometries took the pixel form
+
+
+def test_folded_weight_is_memoised_until_the_weight_changes() -> None:
+    m = make_conv({"padding": 1})
+    x = _inputs("conv_tiny_map", 4)
+    folded: dict = {}
+    _, first = contrib.contraction_operands(m, x, folded)
+    _, again = contrib.contraction_operands(m, x, folded)
+    assert again is first  # reused, not refolded
+    with torch.no_grad():
+        m.weight.mul_(2)  # an in-place edit bumps the weight's version
+    _, edited = contrib.contraction_operands(m, x, folded)
+    torch.testing.assert_close(edited, 2 * first, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv_contribution(m, x), literal_contribution(m, x), rtol=0, atol=1e-10)
+
+
 def test_window_sums_by_hand() -> None:
     # 1x1 input channel, 2x2 kernel, stride 1, no padding over a 3x3 image: each kernel offset
     # touches a 2x2 block of the image.
@@ -142,6 +186,8 @@ ACC_LAYERS = {
     "grouped": lambda: make_conv({"groups": 2, "out_channels": 8}),
     "depthwise": lambda: make_conv({"groups": 4, "out_channels": 4, "padding": 1}),
     "linear": lambda: nn.Linear(4, 6).double(),
+    "conv_tiny_map": lambda: make_conv({"padding": 1}),  # 2×3 inputs: the pixel form (J = 6 < K = 9)
+    "conv_one_pixel": lambda: make_conv({"padding": 1}),  # 1×1 inputs: ReLU(u·w) splits by sign
     "pointwise": lambda: make_conv({"kernel_size": 1, "out_channels": 6}),
     "pointwise_strided_grouped": lambda: make_conv({"kernel_size": 1, "stride": 2, "groups": 2, "out_channels": 6}),
 }
@@ -149,7 +195,10 @@ ACC_LAYERS = {
 
 def _inputs(kind: str, n: int) -> torch.Tensor:
     torch.manual_seed(2)
-    return torch.randn(n, 4, dtype=torch.float64) if kind == "linear" else torch.randn(n, 4, 7, 6, dtype=torch.float64)
+    if kind == "linear":
+        return torch.randn(n, 4, dtype=torch.float64)
+    size = {"conv_tiny_map": (2, 3), "conv_one_pixel": (1, 1)}.get(kind, (7, 6))
+    return torch.randn(n, 4, *size, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("mode", ["sample", "mean"])
@@ -228,11 +277,11 @@ def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("slice_runs", [0, 64])  # 0: every chunk is summed by the one-hot matmul
 @pytest.mark.parametrize("tile", [1, 20])  # tiles of one input channel, or one tile for all
-@pytest.mark.parametrize("kind", ["conv", "grouped"])
+@pytest.mark.parametrize("kind", ["conv", "grouped", "conv_tiny_map"])
 def test_cpu_tiles_and_both_class_sums_match_literal(monkeypatch: pytest.MonkeyPatch, kind: str, tile: int,
                                                      slice_runs: int) -> None:
     m = ACC_LAYERS[kind]()
-    x = _inputs("conv", 10)
+    x = _inputs(kind, 10)
     slots = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 1, 0])  # class runs, one class split in two
     monkeypatch.setattr(contrib, "TILE_ELEMENTS", tile * m.out_channels // m.groups * 3)  # 3 samples a chunk
     monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", m.out_channels * m.in_channels // m.groups * 3)

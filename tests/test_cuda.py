@@ -126,3 +126,20 @@ def test_budget_and_recon_on_cuda_equal_cpu(name: str, width: float) -> None:
     x_test = torch.randn(4, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(comps[1](x_test.to(CUDA)).cpu(), comps[0](x_test), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["conv", "grouped", "depthwise", "conv_tiny_map", "conv_one_pixel", "pointwise", "linear"])
+def test_accumulator_on_cuda_matches_literal(kind: str) -> None:
+    """Every contraction path (window sums, folded pixels, one pixel, O(P)) on the device."""
+    from test_contribution import ACC_LAYERS, _inputs
+
+    from modellego.contribution import LayerAccumulator, literal_contribution
+
+    m = ACC_LAYERS[kind]()
+    x = _inputs(kind, 10)
+    slots = torch.tensor([0, 0, 2, 1, 1, 1, 0, 2, 2, 1])
+    acc = LayerAccumulator(on(m, CUDA), 3, "sample")
+    acc.update(x.to(CUDA), slots.to(CUDA))
+    s = literal_contribution(m, x).clamp(min=0)  # (B, Q, Pg)
+    for slot in range(3):
+        torch.testing.assert_close(acc.s_hat(slot).cpu(), s[slots == slot].sum(0), rtol=0, atol=1e-10)
