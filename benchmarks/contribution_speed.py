@@ -117,11 +117,15 @@ def _print_per_layer(rows: list[dict]) -> None:
         print(f"| {model} | all layers | | {f:.1f} | {u:.1f} | {u / f:.2f}x |")
 
 
-def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str) -> dict:
+def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str,
+            chunk_elements: int | None = None) -> dict:
+    import modellego.contribution as contribution
     import modellego.profiling as profiling
     from modellego.graph import trace
     from modellego.models import create_model
 
+    if chunk_elements:  # the largest (samples × Q × P) block per step; a GPU may afford more than the default
+        contribution.CHUNK_ELEMENTS = chunk_elements
     torch.manual_seed(0)
     dev = torch.device(device)
     model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
@@ -150,7 +154,7 @@ def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, d
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_bytes()
     return {"model": model_name, "method": method, "batch": batch, "size": size, "device": str(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
-            "median_s": median, "extra_mem_mib": max(0, peak - base) / 2**20}
+            "chunk_elements": contribution.CHUNK_ELEMENTS, "median_s": median, "extra_mem_mib": max(0, peak - base) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/contribution_speed.jsonl"))
+    p.add_argument("--chunk-elements", type=int, default=None,
+                   help="override modellego.contribution.CHUNK_ELEMENTS (the per-step block of the contraction)")
     p.add_argument("--per-layer", action="store_true",
                    help="time each layer's contribution update against its own forward instead (one process)")
     p.add_argument("--layers-out", type=Path, default=Path("benchmarks/results/contribution_layers.jsonl"))
     p.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.batch, args.size, args.repeats, args.device)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.batch, args.size, args.repeats, args.device,
+                                 args.chunk_elements)))
         return 0
     if args.per_layer:
         layer_rows = [r for model in args.models
@@ -185,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             cmd = [sys.executable, __file__, "--one", model, method, "--batch", str(args.batch), "--size",
                    str(args.size), "--repeats", str(args.repeats), "--device", args.device]
+            if args.chunk_elements:
+                cmd += ["--chunk-elements", str(args.chunk_elements)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{model} {method} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -192,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             rows[model, method] = row
             record(row, args.out)
-    print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    chunk = f", blocks of {args.chunk_elements} elements" if args.chunk_elements else ""
+    print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}{chunk}")
     print("| model | forward s | profile s | literal s | profile / forward | literal / profile (time) "
           "| extra MiB profile | extra MiB literal | literal / profile (extra memory) |")
     print("|---|---|---|---|---|---|---|---|---|")
