@@ -30,8 +30,15 @@ data: setup
 demo: data
 	$(VENV)/bin/modellego demo --cache $(CACHE)
 
+# Triton for the fused-kernel tests, which run in its CPU interpreter without a GPU. Only the
+# tests need it (about 290 MB); a CUDA build of torch brings its own.
+$(VENV)/.triton: $(VENV)/.installed
+	$(PY) -m pip install -q "torch==2.13.0" "triton==3.9.0" || \
+		echo "note: Triton not installed (no wheel for this platform); its kernel tests are skipped"
+	touch $@
+
 # The tests use the offline datasets when present (one test reads the real files).
-test: data
+test: data $(VENV)/.triton
 	$(PY) -m pytest
 
 clean:

@@ -70,7 +70,8 @@ def _median_time(fn, repeats: int, dev: torch.device) -> float:
 
 
 @torch.no_grad()
-def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: str) -> list[dict]:
+def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: str,
+                  kernel: str = "torch") -> list[dict]:
     """One layer's contribution update against that layer's own forward, for every Conv2d and Linear.
 
     The accumulator is reused across repeats, as over the batches of a profile (what it memoises,
@@ -96,8 +97,8 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
     ws, rows = Workspace(), []
     for name, m in modules.items():
         a = inputs[name]
-        acc = LayerAccumulator(m, 10, workspace=ws)
-        rows.append({"model": model_name, "method": "per_layer", "layer": name, "input": list(a.shape[1:]),
+        acc = LayerAccumulator(m, 10, workspace=ws, kernel=kernel)
+        rows.append({"model": model_name, "method": "per_layer", "kernel": kernel, "layer": name, "input": list(a.shape[1:]),
                      "batch": batch, "size": size, "device": str(dev), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "repeats": repeats,
                      "forward_ms": 1e3 * _median_time(lambda: m(a), repeats, dev),
@@ -118,7 +119,7 @@ def _print_per_layer(rows: list[dict]) -> None:
 
 
 def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str,
-            chunk_elements: int | None = None) -> dict:
+            chunk_elements: int | None = None, kernel: str = "torch") -> dict:
     import modellego.contribution as contribution
     import modellego.profiling as profiling
     from modellego.graph import trace
@@ -148,13 +149,14 @@ def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, d
             with torch.no_grad():
                 model(x)
         else:
-            profiling.contributions(model, graph, [(x, y)], list(range(10)), device=dev)
+            profiling.contributions(model, graph, [(x, y)], list(range(10)), device=dev, kernel=kernel)
 
     median = _median_time(step, repeats, dev)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _peak_bytes()
     return {"model": model_name, "method": method, "batch": batch, "size": size, "device": str(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
-            "chunk_elements": contribution.CHUNK_ELEMENTS, "median_s": median, "extra_mem_mib": max(0, peak - base) / 2**20}
+            "chunk_elements": contribution.CHUNK_ELEMENTS, "kernel": kernel if method == "profile" else None,
+            "median_s": median, "extra_mem_mib": max(0, peak - base) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/contribution_speed.jsonl"))
     p.add_argument("--chunk-elements", type=int, default=None,
                    help="override modellego.contribution.CHUNK_ELEMENTS (the per-step block of the contraction)")
+    p.add_argument("--kernel", choices=("torch", "triton"), default="torch",
+                   help="contribution kernel of the profile (triton: fused, CUDA only)")
     p.add_argument("--per-layer", action="store_true",
                    help="time each layer's contribution update against its own forward instead (one process)")
     p.add_argument("--layers-out", type=Path, default=Path("benchmarks/results/contribution_layers.jsonl"))
@@ -175,15 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.batch, args.size, args.repeats, args.device,
-                                 args.chunk_elements)))
+                                 args.chunk_elements, args.kernel)))
         return 0
     if args.per_layer:
         layer_rows = [r for model in args.models
-                      for r in run_per_layer(model, args.batch, args.size, args.repeats, args.device)]
+                      for r in run_per_layer(model, args.batch, args.size, args.repeats, args.device, args.kernel)]
         for r in layer_rows:
             record(r, args.layers_out)
         print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}")
+              f"torch {torch.__version__}, kernel {args.kernel}")
         _print_per_layer(layer_rows)
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.size), "--repeats", str(args.repeats), "--device", args.device]
             if args.chunk_elements:
                 cmd += ["--chunk-elements", str(args.chunk_elements)]
+            cmd += ["--kernel", args.kernel]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 print(f"{model} {method} failed: {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[model, method] = row
             record(row, args.out)
     chunk = f", blocks of {args.chunk_elements} elements" if args.chunk_elements else ""
+    chunk += f", kernel {args.kernel}"
     print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}{chunk}")
     print("| model | forward s | profile s | literal s | profile / forward | literal / profile (time) "

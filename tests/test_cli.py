@@ -275,6 +275,8 @@ def _error_cases(run: dict, junk: str, out: str) -> dict[str, tuple[list[str], s
                                          "--keep-contributions"),
         "budget above 1": (["disassemble", m, "--classes", "0", "--flops", "2", "--data", "synthetic",
                             "--calibrate", "none", "-o", out], "(0, 1]"),
+        "triton kernel on a CPU": (["profile", m, "--data", "synthetic", "--kernel", "triton", "-o", out],
+                                   "kernel 'triton'"),
     }
 
 
@@ -283,11 +285,12 @@ CASES = ["class out of range", "duplicate classes", "empty class list", "unknown
          "threshold 0", "profile of another model", "random bytes (evaluate)", "random bytes (assemble)",
          "random bytes (disassemble)", "missing model file", "unknown model", "unknown dataset",
          "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration",
-         "merge with another source", "budget without contributions", "budget above 1"]
+         "merge with another source", "budget without contributions", "budget above 1", "triton kernel on a CPU"]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_prints_one_line_and_fails(run, tmp_path, capsys, case: str) -> None:
+def test_bad_input_prints_one_line_and_fails(run, tmp_path, capsys, monkeypatch, case: str) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU must refuse the Triton kernel
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(512))
     out = tmp_path / "out"

@@ -140,6 +140,9 @@ def _profile_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-per-class", type=int, default=256)
     s.add_argument("--mode", choices=["sample", "mean"], default="sample",
                    help="ReLU per sample then sum (reference), or average features first (paper text)")
+    s.add_argument("--kernel", choices=["torch", "triton"], default="torch",
+                   help="per-sample contributions with tensor ops (any device) or one fused Triton kernel "
+                        "(CUDA only)")
     for name, default in [("conv-alpha", 0.3), ("conv-beta", 0.2), ("linear-alpha", 0.4), ("linear-beta", 0.3)]:
         s.add_argument(f"--{name}", type=float, default=default, help=f"(default {default})")
 
@@ -234,7 +237,7 @@ def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_co
     it = batches(ds.train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
     return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, fraction=args.fraction,
                    min_per_class=args.min_per_class, max_per_class=args.max_per_class, progress=True,
-                   keep_contributions=keep_contributions)
+                   keep_contributions=keep_contributions, kernel=args.kernel)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+
 EPS = 1e-5
 # Largest (samples × Q × P) block materialised at once for convolutions (elements).
 CHUNK_ELEMENTS = 1 << 24
@@ -229,6 +231,11 @@ def _onehot(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Te
     return m.scatter_(0, slots[None], 1)
 
 
+# How the per-sample contraction, ReLU and class sums of a convolution run: "torch" (chunked
+# tensor ops, any device) or "triton" (one fused kernel on a CUDA device, `modellego.kernels`).
+KERNELS = ("torch", "triton")
+
+
 class LayerAccumulator:
     """Per-class sums that turn into ŝ for one layer. A plain additive state (all-reducible).
 
@@ -238,11 +245,16 @@ class LayerAccumulator:
         mode: "sample" (ReLU per sample, then sum: the reference) or "mean" (sum features, then
             ReLU: the paper's text).
         workspace: scratch memory shared with the other layers of the same pass.
+        kernel: one of `KERNELS`.
     """
 
-    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample", workspace: Workspace | None = None) -> None:
+    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample", workspace: Workspace | None = None,
+                 kernel: str = "torch") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.module = module
         self.mode = mode
+        self.kernel = kernel
         self.num_slots = num_slots
         self.workspace = workspace or Workspace()
         self.state: dict[str, torch.Tensor] = {}
@@ -291,6 +303,9 @@ class LayerAccumulator:
             pos, neg = onehot @ u_all[:, :, 0].clamp(min=0), onehot @ (-u_all[:, :, 0]).clamp(min=0)  # (C, P)
             wp, wn = w.clamp(min=0), (-w).clamp(min=0)  # (P, 1, Qg)
             state += pos.T[:, :, None] * wp + neg.T[:, :, None] * wn  # (P, C, Qg)
+            return
+        if self.kernel == "triton":
+            kernels.relu_class_sums(u_all, w, slots, state)  # fused: no per-sample block in memory
             return
         cpu = x.device.type == "cpu"
         for i in range(0, x.shape[0], step):

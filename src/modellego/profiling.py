@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._io import atomic_path
 from .checkpoint import weights_hash
-from .contribution import LayerAccumulator, Workspace, class_slots, relative
+from . import kernels
+from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, relative
 from .errors import CorruptFileError, UserError
 from .graph import ChannelGraph, trace
 from .hooks import forward_hooks
@@ -146,6 +147,17 @@ def class_names_of(model: nn.Module, num_classes: int) -> list[str]:
     return list(info.class_names) if info else [str(i) for i in range(num_classes)]
 
 
+def check_kernel(kernel: str, device: torch.device) -> None:
+    """Refuse, before any work, a contribution kernel that cannot run here."""
+    if kernel not in KERNELS:
+        raise UserError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
+    if kernel == "triton":
+        if not kernels.available():
+            raise UserError("kernel 'triton' needs Triton, which ships with CUDA builds of torch (pip install triton)")
+        if device.type != "cuda" and not kernels.interpreting():
+            raise UserError(f"kernel 'triton' runs on a CUDA device, not {device}; use the default kernel 'torch'")
+
+
 def contributions(
     model: nn.Module,
     graph: ChannelGraph,
@@ -154,13 +166,16 @@ def contributions(
     *,
     mode: str = "sample",
     device: torch.device | None = None,
+    kernel: str = "torch",
 ) -> dict[str, LayerAccumulator]:
     """Run `batches` through `model` once, accumulating per-class contribution sums per layer."""
     if mode not in ("sample", "mean"):
         raise UserError(f"mode must be 'sample' or 'mean', got {mode!r}")
+    device = device or next(model.parameters()).device
+    check_kernel(kernel, device)
     modules = dict(model.named_modules())
     workspace = Workspace()
-    accs = {name: LayerAccumulator(modules[name], len(classes), mode, workspace) for name in graph.layers}
+    accs = {name: LayerAccumulator(modules[name], len(classes), mode, workspace, kernel) for name in graph.layers}
     current: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -170,7 +185,6 @@ def contributions(
         return hook
 
     n_out = graph.num_classes
-    device = device or next(model.parameters()).device
     with forward_hooks(model, {name: hook_for(name) for name in graph.layers}), torch.no_grad():
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -205,6 +219,7 @@ def profile(
     device: torch.device | str | None = None,
     progress: bool = False,
     keep_contributions: bool = False,
+    kernel: str = "torch",
 ) -> Profile:
     """Profile `model`: select samples, accumulate relative contributions, locate every class.
 
@@ -224,9 +239,12 @@ def profile(
         keep_contributions: keep every class's relative contributions in the profile (one
             float per weight and class: 4 bytes × parameters × classes), so it can be located
             again without profiling (`modellego.disassemble(..., flops=...)` needs them).
+        kernel: ``"torch"`` (any device) or ``"triton"`` (a fused kernel for the per-sample
+            contributions of convolutions, on a CUDA device with Triton; `modellego.kernels`).
     """
     thresholds = thresholds or Thresholds()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_kernel(kernel, device)  # before the selection pass, so a bad choice costs nothing
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
@@ -260,7 +278,8 @@ def profile(
     bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True)
     for i in range(0, len(classes), chunk):
         part = classes[i: i + chunk]
-        accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device)
+        accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device,
+                             kernel=kernel)
         for slot, c in enumerate(part):
             r = {name: relative(acc.s_hat(slot)) for name, acc in accs.items()}
             ins, outs = locate_class(graph, r, c, thresholds)
@@ -278,6 +297,7 @@ def profile(
         "arch": info.arch if info else type(model).__name__,
         "input_shape": list(sel.inputs.shape[1:]),
         "mode": mode,
+        "kernel": kernel,
         "selection": {"fraction": fraction, "min_per_class": min_per_class, "max_per_class": max_per_class,
                       "enabled": select, **{k: {str(c): n for c, n in v.items()} for k, v in sel.summary().items() if isinstance(v, dict)}},
         "short": list(sel.short),
