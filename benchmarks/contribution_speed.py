@@ -42,7 +42,8 @@ def _peak_bytes() -> int:
 class LiteralAccumulator:
     """Eq. 3 as written: the (B, Q, P, H, W) hidden maps materialised, ReLU per sample, summed per class."""
 
-    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample", workspace: object = None) -> None:
+    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample", workspace: object = None,
+                 kernel: str = "torch") -> None:
         self.module, self.num_slots, self.state = module, num_slots, None
 
     @torch.no_grad()

@@ -21,10 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, kernels
 from ._io import atomic_path
 from .checkpoint import weights_hash
-from . import kernels
 from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, relative
 from .errors import CorruptFileError, UserError
 from .graph import ChannelGraph, trace

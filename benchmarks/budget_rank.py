@@ -1,0 +1,117 @@
+"""Where the union of per-class shares ("class") beats the joint ranking ("task") under a budget: why?
+
+For each task and each seeded draw of calibration images, three components under the same FLOPs
+budget, each with ``recon+balance``:
+
+- ``task``: the default, one share f of every layer's inputs, ranked for the classes together;
+- ``class``: a share per class, then their union (uneven across layers: larger where the classes
+  disagree);
+- ``layers``: a diagnostic, not a library option. At every layer it keeps exactly as many inputs
+  as the union keeps there at the same f, but ranked for the classes together. If it matches
+  "class", the union wins by how it spreads the budget across layers; if it matches "task", by
+  which channels it keeps.
+
+    python benchmarks/budget_rank.py --jobs googlenet:mnist:3-9 --seeds 0 1 2
+
+Rows go to benchmarks/results/budget_rank.jsonl; a Markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import record  # noqa: E402
+from train_zoo import ZOO, get_model  # noqa: E402
+
+import modellego  # noqa: E402
+import modellego.budget as budget  # noqa: E402
+import modellego.locate as locate  # noqa: E402
+from modellego.calibrate import BUDGET_CALIBRATION  # noqa: E402
+from modellego.data import batches, load_dataset  # noqa: E402
+from modellego.info import get_info  # noqa: E402
+from modellego.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
+from modellego.tasks import parse_classes  # noqa: E402
+
+RULES = ("task", "class", "layers")
+
+
+def _union_counts_locate(graph, contributions, cls, thresholds, keep_fraction=None):
+    """`locate_class` for the "layers" rule: the joint ranking with the union's count per layer."""
+    if keep_fraction is None or isinstance(cls, int) or len(cls) == 1:
+        return locate.locate_class(graph, contributions, cls, thresholds, keep_fraction)
+    union: dict[str, torch.Tensor] = {}
+    for row, c in enumerate(cls):
+        got, _ = locate.locate_class(graph, {k: v[row] for k, v in contributions.items()}, c, thresholds,
+                                     keep_fraction)
+        union = {k: union[k] | v if k in union else v for k, v in got.items()}
+    counts = {k: int(v.sum()) for k, v in union.items()}
+    share = locate.relevant_inputs
+
+    def fixed_count(layer, r, out_mask, th, keep_fraction=None):
+        # ceil((n - 0.5) / P · P) = n: the union's count at this layer
+        return share(layer, r, out_mask, th, (counts[layer.name] - 0.5) / r.shape[-1])
+
+    locate.relevant_inputs = fixed_count  # the one seam: locate_class looks it up at call time
+    try:
+        return locate.locate_class(graph, contributions, cls, thresholds, keep_fraction)
+    finally:
+        locate.relevant_inputs = share
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", nargs="+", default=["googlenet:mnist:3-9"], help="MODEL:DATA:TASK")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="calibration draws")
+    p.add_argument("--flops", type=float, default=0.5)
+    p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--cache", type=Path, default=Path(".cache/zoo"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/budget_rank.jsonl"))
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for job in args.jobs:
+        name, data, spec = job.split(":")
+        model = get_model(args.cache, name, data).eval()
+        ds = load_dataset(data)
+        it = batches(ds.train, 256, transform=model_transform(model, ds))
+        prof = modellego.profile(model, it, keep_contributions=True)
+        task = parse_classes(spec, ds.classes)
+        for seed in args.seeds:
+            calib = calibration_batches(model, ds, task, images=args.calibration_images, seed=seed)
+            for rule in RULES:
+                t = time.perf_counter()
+                budget.locate_class = _union_counts_locate if rule == "layers" else locate.locate_class
+                try:
+                    comp = modellego.disassemble(model, task, profile=prof, calibration=calib,
+                                                 calibrate=BUDGET_CALIBRATION, flops=args.flops,
+                                                 budget_rank="class" if rule == "class" else "task")
+                finally:
+                    budget.locate_class = locate.locate_class
+                acc = test_accuracy(comp, ds, task)
+                chosen = get_info(comp).provenance["flops_budget"]
+                row = {"model": name, "width": ZOO[name]["width"], "data": data, "task": spec, "seed": seed,
+                       "rule": rule, "budget": args.flops, "disa": round(acc.mean_per_class, 2),
+                       "worst": round(acc.worst_class, 2), "keep_fraction": chosen["keep_fraction"],
+                       "flops_ratio": chosen["flops_ratio"], "seconds": round(time.perf_counter() - t, 1),
+                       "threads": torch.get_num_threads(), "torch": torch.__version__}
+                record(row, args.out)
+                rows.append(row)
+    print("\n| model | data | task | rule | Disa per draw [worst class] | mean | FLOPs % |")
+    print("|---|---|---|---|---|---|---|")
+    for job in dict.fromkeys((r["model"], r["data"], r["task"]) for r in rows):
+        for rule in RULES:
+            got = [r for r in rows if (r["model"], r["data"], r["task"]) == job and r["rule"] == rule]
+            cells = ", ".join(f"{r['disa']:.2f} [{r['worst']:.1f}]" for r in got)
+            print(f"| {' | '.join(job)} | {rule} | {cells} | {statistics.mean(r['disa'] for r in got):.2f} | "
+                  f"{100 * got[0]['flops_ratio']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
