@@ -37,9 +37,9 @@ def test_triton_accumulator_matches_literal(kind: str) -> None:
 def test_triton_kernel_float32_tiles_with_ragged_edges() -> None:
     """More filters and inputs than one tile, neither a multiple of it; float32 sums."""
     torch.manual_seed(0)
-    u, w = torch.randn(9, 6, 9), torch.randn(6, 9, kernels.BLOCK_Q + 5)
+    u, w = torch.randn(9, 6, 9), torch.randn(6, 9, kernels.MAX_BLOCK_Q + 5)
     slots = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 0])
-    out = torch.ones(6, 2, kernels.BLOCK_Q + 5, device=DEVICE)  # the kernel adds to what is there
+    out = torch.ones(6, 2, kernels.MAX_BLOCK_Q + 5, device=DEVICE)  # the kernel adds to what is there
     kernels.relu_class_sums(u.to(DEVICE), w.to(DEVICE), slots.to(DEVICE), out)
     out = out.cpu()
     s = torch.einsum("bpj,pjq->bpq", u, w).clamp(min=0)
@@ -47,10 +47,16 @@ def test_triton_kernel_float32_tiles_with_ragged_edges() -> None:
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
 
 
-def test_profile_with_triton_equals_torch() -> None:
-    model = described_model("vgg11_bn", 0.0625, 0, num_classes=3, channels=1, size=(8, 8), dataset="d").double()
+# Every zoo family: plain chains, residual adds, inception concatenations, depthwise convolutions.
+ZOO = [("lenet5", 0.25, 28), ("vgg11_bn", 0.0625, 8), ("resnet18", 0.0625, 16), ("googlenet", 0.0625, 16),
+       ("mobilenet_v2", 0.125, 8)]
+
+
+@pytest.mark.parametrize("name,width,size", ZOO, ids=[z[0] for z in ZOO])
+def test_profile_with_triton_equals_torch(name: str, width: float, size: int) -> None:
+    model = described_model(name, width, 0, num_classes=3, channels=1, size=(size, size), dataset="d").double()
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(12, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(12) % 3)]
+    data = [(torch.randn(12, 1, size, size, generator=g, dtype=torch.float64), torch.arange(12) % 3)]
     ref = modellego.profile(model, data, select=False, keep_contributions=True)
     got = modellego.profile(copy.deepcopy(model).to(DEVICE), data, select=False, keep_contributions=True, kernel="triton")
     assert got.provenance["kernel"] == "triton" and ref.provenance["kernel"] == "torch"

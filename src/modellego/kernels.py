@@ -20,9 +20,11 @@ import torch
 
 from .errors import UserError
 
-# Tile of input channels × filters per program; the kernel offsets are padded to a power of two.
-BLOCK_P = 4
-BLOCK_Q = 64
+# (input channel, filter) pairs per program: up to MAX_BLOCK_Q filters, as many input channels as
+# fill the tile (4 × 64 for a plain convolution, 128 × 2 for a depthwise one, whose groups hold a
+# single filter). The kernel offsets are padded to a power of two.
+TILE = 256
+MAX_BLOCK_Q = 64
 
 
 def available() -> bool:
@@ -98,11 +100,18 @@ def relu_class_sums(u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, out: 
     w = w.to(out.dtype)
     counts = torch.zeros(n_c, dtype=torch.long, device=slots.device).scatter_add_(0, slots, torch.ones_like(slots))
     starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # (C + 1,), on the device: no host sync
-    grid = (_cdiv(p, BLOCK_P) * _cdiv(w.shape[2], BLOCK_Q), n_c)
-    block_j = 1 << max(0, (j - 1).bit_length())
-    _compiled(interpret)[grid](u, w, out, starts, p, w.shape[2], j, *u.stride(), *w.stride(), *out.stride(),
-                               BLOCK_P=BLOCK_P, BLOCK_Q=BLOCK_Q, BLOCK_J=block_j)
+    qg = w.shape[2]
+    block_q = max(2, min(MAX_BLOCK_Q, _pow2(qg)))  # at least 2: no size-1 block axis
+    block_p = TILE // block_q
+    grid = (_cdiv(p, block_p) * _cdiv(qg, block_q), n_c)
+    _compiled(interpret)[grid](u, w, out, starts, p, qg, j, *u.stride(), *w.stride(), *out.stride(),
+                               BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_J=max(2, _pow2(j)))
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, (n - 1).bit_length())
