@@ -80,3 +80,10 @@ def test_triton_on_cpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatc
         modellego.profile(model, _never_read(), kernel="triton")
     with pytest.raises(UserError, match="unknown kernel"):
         modellego.profile(model, _never_read(), kernel="cuda")
+
+
+def test_kernel_refuses_mismatched_shapes() -> None:
+    u, w = torch.zeros(3, 4, 9, device=DEVICE), torch.zeros(4, 4, 5, device=DEVICE)  # w should be (4, 9, Qg)
+    slots = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match=r"u \(3, 4, 9\), w \(4, 4, 5\)"):
+        kernels.relu_class_sums(u, w, slots, torch.zeros(4, 2, 5, device=DEVICE))
