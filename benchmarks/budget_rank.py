@@ -45,11 +45,7 @@ def _union_counts_locate(graph, contributions, cls, thresholds, keep_fraction=No
     """`locate_class` for the "layers" rule: the joint ranking with the union's count per layer."""
     if keep_fraction is None or isinstance(cls, int) or len(cls) == 1:
         return locate.locate_class(graph, contributions, cls, thresholds, keep_fraction)
-    union: dict[str, torch.Tensor] = {}
-    for row, c in enumerate(cls):
-        got, _ = locate.locate_class(graph, {k: v[row] for k, v in contributions.items()}, c, thresholds,
-                                     keep_fraction)
-        union = {k: union[k] | v if k in union else v for k, v in got.items()}
+    union = budget.locate_union(graph, contributions, cls, thresholds, keep_fraction)
     counts = {k: int(v.sum()) for k, v in union.items()}
     share = locate.relevant_inputs
 

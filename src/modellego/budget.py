@@ -24,7 +24,7 @@ import torch.nn as nn
 from .errors import UserError
 from .graph import ChannelGraph, is_depthwise
 from .hooks import forward_hooks
-from .locate import keep_channels, locate_class
+from .locate import Thresholds, keep_channels, locate_class
 from .profiling import Profile
 from .prune import Plan, build_plan, full_plan
 
@@ -85,6 +85,21 @@ class Budgeted:
 RANKS = ("task", "class")
 
 
+def locate_union(graph: ChannelGraph, stacked: Mapping[str, torch.Tensor], classes: Sequence[int],
+                 thresholds: Thresholds, keep_fraction: float) -> dict[str, torch.Tensor]:
+    """Rank "class": each class keeps its own share of every layer's inputs; the task keeps their union.
+
+    Shape: `stacked` holds (C, Q, P // groups) per layer, one row per class of `classes`; returns (P,) bool
+    per layer.
+    """
+    union: dict[str, torch.Tensor] = {}
+    for row, c in enumerate(classes):
+        got, _ = locate_class(graph, {k: v[row] for k, v in stacked.items()}, c, thresholds,
+                              keep_fraction=keep_fraction)
+        union = {k: union[k] | v if k in union else v for k, v in got.items()}
+    return union
+
+
 def locate_budget(
     model: nn.Module,
     graph: ChannelGraph,
@@ -129,11 +144,7 @@ def locate_budget(
         if rank == "task":
             ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=f)
         else:
-            ins = {}
-            for row, c in enumerate(classes):
-                got, _ = locate_class(graph, {k: v[row] for k, v in stacked.items()}, c, profile.thresholds,
-                                      keep_fraction=f)
-                ins = {k: ins[k] | v if k in ins else v for k, v in got.items()}
+            ins = locate_union(graph, stacked, classes, profile.thresholds, f)
         keep = keep_channels(graph, ins, classes, warn=warn)  # trials stay quiet; the choice warns
         return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full, rank)
 

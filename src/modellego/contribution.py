@@ -290,8 +290,6 @@ class LayerAccumulator:
             self._add("pos", slots, u.clamp(min=0))
             self._add("neg", slots, (-u).clamp(min=0))
             return
-        per_sample = m.out_channels * (m.in_channels // m.groups)
-        step = max(1, CHUNK_ELEMENTS // per_sample)
         u_all, w = contraction_operands(m, x, self._folded)  # (B, P, J), (P, J, Qg)
         if "relu_sum" not in self.state:
             self.state["relu_sum"] = x.new_zeros(w.shape[0], self.num_slots, w.shape[2])  # (P, C, Qg)
@@ -307,6 +305,7 @@ class LayerAccumulator:
         if self.kernel == "triton":
             kernels.relu_class_sums(u_all, w, slots, state)  # fused: no per-sample block in memory
             return
+        step = max(1, CHUNK_ELEMENTS // (m.out_channels * (m.in_channels // m.groups)))  # samples per block
         cpu = x.device.type == "cpu"
         for i in range(0, x.shape[0], step):
             u = u_all[i: i + step].transpose(0, 1)  # (P, b, J)

@@ -27,6 +27,7 @@ TILE = 256
 MAX_BLOCK_Q = 64
 
 
+@functools.cache
 def available() -> bool:
     """Whether Triton is importable."""
     try:
@@ -39,6 +40,18 @@ def available() -> bool:
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def require(device: torch.device) -> None:
+    """Refuse, with one clear line, to run the kernel where it cannot: no Triton, or no GPU.
+
+    Raises:
+        UserError: Triton is missing, or `device` is not CUDA and the interpreter is off.
+    """
+    if not available():
+        raise UserError("kernel 'triton' needs Triton, which ships with CUDA builds of torch (pip install triton)")
+    if device.type != "cuda" and not interpreting():
+        raise UserError(f"kernel 'triton' runs on a CUDA device, not {device}; use the default kernel 'torch'")
 
 
 @functools.cache
@@ -81,13 +94,9 @@ def relu_class_sums(u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, out: 
     Shape: u (B, P, J), w (P, J, Qg), slots (B,) in [0, C), out (P, C, Qg).
 
     Raises:
-        UserError: Triton is missing, or the tensors are on the CPU without the interpreter.
+        UserError: see `require`.
     """
-    if not available():
-        raise UserError("kernel='triton' needs Triton (it ships with CUDA builds of torch: pip install triton)")
-    interpret = interpreting()
-    if u.device.type != "cuda" and not interpret:
-        raise UserError(f"kernel='triton' runs on a CUDA device, got tensors on {u.device}; use kernel='torch'")
+    require(u.device)
     b, p, j = u.shape
     if w.shape[:2] != (p, j) or out.shape != (p, out.shape[1], w.shape[2]) or slots.shape != (b,):
         raise ValueError(f"shapes do not match: u {tuple(u.shape)}, w {tuple(w.shape)}, slots {tuple(slots.shape)}, "
@@ -104,7 +113,7 @@ def relu_class_sums(u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, out: 
     block_q = max(2, min(MAX_BLOCK_Q, _pow2(qg)))  # at least 2: no size-1 block axis
     block_p = TILE // block_q
     grid = (_cdiv(p, block_p) * _cdiv(qg, block_q), n_c)
-    _compiled(interpret)[grid](u, w, out, starts, p, qg, j, *u.stride(), *w.stride(), *out.stride(),
+    _compiled(interpreting())[grid](u, w, out, starts, p, qg, j, *u.stride(), *w.stride(), *out.stride(),
                                BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_J=max(2, _pow2(j)))
 
 

@@ -151,10 +151,7 @@ def check_kernel(kernel: str, device: torch.device) -> None:
     if kernel not in KERNELS:
         raise UserError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     if kernel == "triton":
-        if not kernels.available():
-            raise UserError("kernel 'triton' needs Triton, which ships with CUDA builds of torch (pip install triton)")
-        if device.type != "cuda" and not kernels.interpreting():
-            raise UserError(f"kernel 'triton' runs on a CUDA device, not {device}; use the default kernel 'torch'")
+        kernels.require(device)
 
 
 def contributions(

@@ -299,7 +299,9 @@ def reconstruct(
         component.eval()
         source.eval()
         for name in order:
-            r2[name] = _refit(name, modules[name], component, source, plan, inputs, joins.get(name),
+            join = joins.get(name)
+            norm = modules[join.norm] if join is not None and join.norm else None
+            r2[name] = _refit(name, modules[name], component, source, plan, inputs, join, norm,
                               (comp_gm, src_gm), ridge=ridge, rows_per_batch=rows_per_batch, gen=gen)
     return r2
 
@@ -315,11 +317,10 @@ def _traced(model: nn.Module) -> fx.GraphModule | None:
 
 def _refit(name: str, m: nn.Module, component: nn.Module, source: nn.Module,
            plan: Mapping[str, Mapping[str, Sequence[int]]], inputs: Sequence[torch.Tensor], join: Join | None,
-           graphs: tuple[fx.GraphModule | None, fx.GraphModule | None], *, ridge: float, rows_per_batch: int,
-           gen: torch.Generator) -> float:
-    """Refit one layer of `component` in place; returns its R²."""
+           norm: nn.Module | None, graphs: tuple[fx.GraphModule | None, fx.GraphModule | None], *, ridge: float,
+           rows_per_batch: int, gen: torch.Generator) -> float:
+    """Refit one layer of `component` in place (`norm`: the join's BatchNorm, if any); returns its R²."""
     out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
-    norm = dict(component.named_modules())[join.norm] if join is not None and join.norm else None
     eqs = _Normal()
     for x in inputs:
         idx = out_idx.to(x.device)
@@ -338,8 +339,8 @@ def _refit(name: str, m: nn.Module, component: nn.Module, source: nn.Module,
             eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
         else:
             xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
-            idx = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
-            eqs.update(xi[:, idx], yi[:, idx])
+            rows = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
+            eqs.update(xi[:, rows], yi[:, rows])
     w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
     _write(m, w, b)
     log.debug("reconstructed %s: R² %.4f over %d rows", name, fit, eqs.n)
