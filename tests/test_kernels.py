@@ -4,6 +4,11 @@ interpreter where there is none (tests/conftest.py sets TRITON_INTERPRET before 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,11 +39,12 @@ def test_triton_accumulator_matches_literal(kind: str) -> None:
         torch.testing.assert_close(acc.s_hat(slot).cpu(), s[slots == slot].sum(0), rtol=0, atol=1e-10)
 
 
-def test_triton_kernel_float32_tiles_with_ragged_edges() -> None:
-    """More filters and inputs than one tile, neither a multiple of it; float32 sums."""
+@pytest.mark.parametrize("samples,offsets", [(9, 9), (70, 4), (40, 25)], ids=["few", "many_samples", "5x5"])
+def test_triton_kernel_float32_blocks_with_ragged_edges(samples: int, offsets: int) -> None:
+    """More filters and samples than one block, neither a multiple of it; float32 sums."""
     torch.manual_seed(0)
-    u, w = torch.randn(9, 6, 9), torch.randn(6, 9, kernels.MAX_BLOCK_Q + 5)
-    slots = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 0])
+    u, w = torch.randn(samples, 6, offsets), torch.randn(6, offsets, kernels.MAX_BLOCK_Q + 5)
+    slots = torch.randint(0, 2, (samples,))
     out = torch.ones(6, 2, kernels.MAX_BLOCK_Q + 5, device=DEVICE)  # the kernel adds to what is there
     kernels.relu_class_sums(u.to(DEVICE), w.to(DEVICE), slots.to(DEVICE), out)
     out = out.cpu()
@@ -87,3 +93,43 @@ def test_kernel_refuses_mismatched_shapes() -> None:
     slots = torch.zeros(3, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match=r"u \(3, 4, 9\), w \(4, 4, 5\)"):
         kernels.relu_class_sums(u, w, slots, torch.zeros(4, 2, 5, device=DEVICE))
+
+
+
+# What the dispatcher can ask for: sample blocks of 16-32, filter blocks of 16-64, and J = 9 (8 in the
+# product, the ninth apart), 4 (padded to 8) or 25 (padded to 32).
+AHEAD = [("float32", 32, 64, 9), ("float32", 16, 16, 4), ("float32", 32, 32, 25), ("float64", 32, 64, 9),
+         ("float64", 16, 16, 4)]
+COMPILE_AHEAD = """
+import json, sys, torch
+from modellego import kernels
+for dtype, *blocks in json.loads(sys.argv[1]):
+    try:
+        k = kernels.compile_ahead(90, getattr(torch, dtype), *blocks)
+    except RuntimeError as e:  # no assembler for this platform in the Triton wheel
+        if "ptxas" not in str(e):
+            raise
+        print(json.dumps({"skip": str(e)}))
+        break
+    print(json.dumps({"name": k.metadata.name, "arch": k.metadata.arch, "cubin": len(k.asm["cubin"]),
+                      "local": ".local" in k.asm["ptx"]}))
+"""
+
+
+def test_kernel_compiles_for_hopper(tmp_path) -> None:
+    """The real compile, to a cubin, with Triton's own assembler: no GPU needed.
+
+    A separate process, because Triton fixes interpreter mode when it is first imported.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(modellego.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", COMPILE_AHEAD, json.dumps(AHEAD)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    if rows and "skip" in rows[0]:
+        pytest.skip(f"Triton cannot assemble here: {rows[0]['skip']}")
+    assert len(rows) == len(AHEAD)
+    for row in rows:
+        assert row["name"] == "relu_class_sums_kernel" and row["arch"] == "sm90", row
+        assert row["cubin"] > 1000 and not row["local"], row  # no stack arrays before register allocation

@@ -215,6 +215,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buf: torch.Tensor | None = None
+        self._order: tuple[torch.Tensor, int, int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
@@ -223,6 +224,14 @@ class Workspace:
             # One allocation per pass: chunks are at most CHUNK_ELEMENTS unless one sample is larger.
             buf = self._buf = torch.empty(max(numel, CHUNK_ELEMENTS), dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
+
+    def class_order(self, slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kernels.class_order` of a batch, computed once for all the layers that see it."""
+        memo = self._order
+        # Held by reference, so the identity test cannot match a new tensor at a reused address.
+        if memo is None or memo[0] is not slots or memo[1:3] != (slots._version, num_slots):
+            memo = self._order = (slots, slots._version, num_slots, kernels.class_order(slots, num_slots))
+        return memo[3]
 
 
 def _onehot(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Tensor:
@@ -302,8 +311,9 @@ class LayerAccumulator:
             wp, wn = w.clamp(min=0), (-w).clamp(min=0)  # (P, 1, Qg)
             state += pos.T[:, :, None] * wp + neg.T[:, :, None] * wn  # (P, C, Qg)
             return
-        if self.kernel == "triton":
-            kernels.relu_class_sums(u_all, w, slots, state)  # fused: no per-sample block in memory
+        if self.kernel == "triton" and state.dtype in kernels.DTYPES:
+            # Fused: no per-sample block in memory. Other dtypes take the torch path below.
+            kernels.relu_class_sums(u_all, w, slots, state, self.workspace.class_order(slots, self.num_slots))
             return
         step = max(1, CHUNK_ELEMENTS // (m.out_channels * (m.in_channels // m.groups)))  # samples per block
         cpu = x.device.type == "cpu"
