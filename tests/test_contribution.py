@@ -137,6 +137,18 @@ def test_folded_weight_is_memoised_until_the_weight_changes() -> None:
     torch.testing.assert_close(conv_contribution(m, x), literal_contribution(m, x), rtol=0, atol=1e-10)
 
 
+def test_class_order_is_shared_within_a_batch_only() -> None:
+    ws = contrib.Workspace()
+    slots = torch.tensor([1, 0, 1, 2, 0])
+    first = ws.class_order(slots, 4)
+    order, starts = first
+    assert torch.equal(slots[order], torch.tensor([0, 0, 1, 1, 2])) and starts.tolist() == [0, 2, 4, 5, 5]
+    assert ws.class_order(slots, 4) is first  # the next layer of the same batch
+    assert ws.class_order(slots.clone(), 4) is not first  # another batch, even with equal labels
+    slots[3] = 0  # an in-place edit bumps the version
+    assert ws.class_order(slots, 4)[1].tolist() == [0, 3, 5, 5, 5]
+
+
 def test_window_sums_by_hand() -> None:
     # 1x1 input channel, 2x2 kernel, stride 1, no padding over a 3x3 image: each kernel offset
     # touches a 2x2 block of the image.
