@@ -53,6 +53,7 @@ def inspect(arch: int, dtype: torch.dtype, block_b: int, block_q: int, offsets: 
     from modellego import kernels
 
     compiled = kernels.compile_ahead(arch, dtype, block_b, block_q, offsets)
+    product_j, last_apart = kernels._block_j(offsets)  # how the dispatcher splits J
     tools = Path(get_ptxas(arch).path).parent
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
@@ -67,10 +68,10 @@ def inspect(arch: int, dtype: torch.dtype, block_b: int, block_q: int, offsets: 
     issued = sum(loop.values())
     return {
         "arch": f"sm_{arch}", "dtype": str(dtype).removeprefix("torch."), "block_b": block_b, "block_q": block_q,
-        "offsets": offsets, "product_j": kernels._block_j(offsets)[0], "warps": compiled.metadata.num_warps,
+        "offsets": offsets, "warps": compiled.metadata.num_warps,
         "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
         "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill", log)),
-        "loop_instructions": issued, "loop_fma_instructions": sum(loop[k] for k in FMA),
+        "product_j": product_j, "last_apart": last_apart, "loop_instructions": issued, "loop_fma_instructions": sum(loop[k] for k in FMA),
         "fma_per_thread": useful, "instructions_per_fma": round(issued / useful, 3),
         "loop_barriers": loop["BAR"], "loop_opcodes": dict(loop.most_common()),
         "triton": __import__("triton").__version__, "torch": torch.__version__,
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         for blocks in args.blocks:
             row = inspect(args.arch, getattr(torch, dtype), *map(int, blocks.split("x")))
             record(row, args.out, echo=False)
-            print(f"| {dtype} | {blocks} | {row['product_j']} | {row['registers']} | {row['spill_bytes']} B "
+            product = f"{row['product_j']} + 1 apart" if row["last_apart"] else row["product_j"]
+            print(f"| {dtype} | {blocks} | {product} | {row['registers']} | {row['spill_bytes']} B "
                   f"| {row['loop_instructions']} "
                   f"| {row['loop_fma_instructions']} | {row['instructions_per_fma']} |")
     return 0
