@@ -44,12 +44,12 @@ def test_triton_kernel_float32_blocks_with_ragged_edges(samples: int, offsets: i
     """More filters and samples than one block, neither a multiple of it; float32 sums."""
     torch.manual_seed(0)
     u, w = torch.randn(samples, 6, offsets), torch.randn(6, offsets, kernels.MAX_BLOCK_Q + 5)
-    slots = torch.randint(0, 2, (samples,))
-    out = torch.ones(6, 2, kernels.MAX_BLOCK_Q + 5, device=DEVICE)  # the kernel adds to what is there
+    slots = torch.randint(0, 2, (samples,))  # class 2 has no samples
+    out = torch.ones(6, 3, kernels.MAX_BLOCK_Q + 5, device=DEVICE)  # the kernel adds to what is there
     kernels.relu_class_sums(u.to(DEVICE), w.to(DEVICE), slots.to(DEVICE), out)
     out = out.cpu()
     s = torch.einsum("bpj,pjq->bpq", u, w).clamp(min=0)
-    want = 1 + torch.stack([s[slots == c].sum(0) for c in range(2)], 1)  # (P, C, Q)
+    want = 1 + torch.stack([s[slots == c].sum(0) for c in range(3)], 1)  # (P, C, Q)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
 
 

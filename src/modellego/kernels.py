@@ -78,30 +78,31 @@ def _compiled(interpret: bool):
                                BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
                                LAST_APART: tl.constexpr):
         p = tl.program_id(0)
-        q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,)
         c = tl.program_id(2)
-        j = tl.arange(0, BLOCK_J)  # (BJ,)
-        n_dot = n_j - 1 if LAST_APART else n_j  # offsets in the matrix product
-        qm, jm = q < n_q, j < n_dot
-        w = tl.load(w_ptr + p * sw_p + j[:, None] * sw_j + q[None, :] * sw_q,
-                    mask=jm[:, None] & qm[None, :], other=0.0)  # (BJ, BQ)
-        if LAST_APART:
-            w_last = tl.load(w_ptr + p * sw_p + n_dot * sw_j + q * sw_q, mask=qm, other=0.0)  # (BQ,)
-        acc = tl.zeros((BLOCK_B, BLOCK_Q), dtype=w.dtype)
         start = tl.load(starts_ptr + c)
         stop = tl.load(starts_ptr + c + 1)
-        for b0 in range(start, stop, BLOCK_B):
-            b = b0 + tl.arange(0, BLOCK_B)  # (BB,)
-            bm = b < stop  # rows past the class load as 0 and add ReLU(0) = 0
-            u = tl.load(u_ptr + p * su_p + b[:, None] * su_b + j[None, :] * su_j,
-                        mask=bm[:, None] & jm[None, :], other=0.0)  # (BB, BJ)
-            s = tl.dot(u, w, input_precision="ieee")  # (BB, BQ)
+        if stop > start:  # a class without samples in this batch reads and writes nothing
+            q = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)  # (BQ,)
+            j = tl.arange(0, BLOCK_J)  # (BJ,)
+            n_dot = n_j - 1 if LAST_APART else n_j  # offsets in the matrix product
+            qm, jm = q < n_q, j < n_dot
+            w = tl.load(w_ptr + p * sw_p + j[:, None] * sw_j + q[None, :] * sw_q,
+                        mask=jm[:, None] & qm[None, :], other=0.0)  # (BJ, BQ)
             if LAST_APART:
-                u_last = tl.load(u_ptr + p * su_p + b * su_b + n_dot * su_j, mask=bm, other=0.0)  # (BB,)
-                s += u_last[:, None] * w_last[None, :]
-            acc += tl.maximum(s, 0.0)  # ReLU per sample
-        out = out_ptr + p * so_p + c * so_c + q * so_q
-        tl.store(out, tl.load(out, mask=qm, other=0.0) + tl.sum(acc, axis=0), mask=qm)
+                w_last = tl.load(w_ptr + p * sw_p + n_dot * sw_j + q * sw_q, mask=qm, other=0.0)  # (BQ,)
+            acc = tl.zeros((BLOCK_B, BLOCK_Q), dtype=w.dtype)
+            for b0 in range(start, stop, BLOCK_B):
+                b = b0 + tl.arange(0, BLOCK_B)  # (BB,)
+                bm = b < stop  # rows past the class load as 0 and add ReLU(0) = 0
+                u = tl.load(u_ptr + p * su_p + b[:, None] * su_b + j[None, :] * su_j,
+                            mask=bm[:, None] & jm[None, :], other=0.0)  # (BB, BJ)
+                s = tl.dot(u, w, input_precision="ieee")  # (BB, BQ)
+                if LAST_APART:
+                    u_last = tl.load(u_ptr + p * su_p + b * su_b + n_dot * su_j, mask=bm, other=0.0)  # (BB,)
+                    s += u_last[:, None] * w_last[None, :]
+                acc += tl.maximum(s, 0.0)  # ReLU per sample
+            out = out_ptr + p * so_p + c * so_c + q * so_q
+            tl.store(out, tl.load(out, mask=qm, other=0.0) + tl.sum(acc, axis=0), mask=qm)
 
     return relu_class_sums_kernel
 
