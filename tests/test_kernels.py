@@ -93,6 +93,10 @@ def test_kernel_refuses_mismatched_shapes() -> None:
     slots = torch.zeros(3, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match=r"u \(3, 4, 9\), w \(4, 4, 5\)"):
         kernels.relu_class_sums(u, w, slots, torch.zeros(4, 2, 5, device=DEVICE))
+    w, out = torch.zeros(4, 9, 5, device=DEVICE), torch.zeros(4, 2, 5, device=DEVICE)
+    stale = kernels.class_order(torch.zeros(5, dtype=torch.long, device=DEVICE), 2)  # another batch's
+    with pytest.raises(ValueError, match="order does not match"):
+        kernels.relu_class_sums(u, w, slots, out, stale)
 
 
 

@@ -142,6 +142,9 @@ def relu_class_sums(u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, out: 
         return
     n_c, qg = out.shape[1], w.shape[2]
     sample_order, starts = order if order is not None else class_order(slots, n_c)
+    if sample_order.shape != (b,) or starts.shape != (n_c + 1,):
+        raise ValueError(f"order does not match: {tuple(sample_order.shape)} and {tuple(starts.shape)} for "
+                         f"{b} samples of {n_c} classes")
     # One copy puts the samples in class order and each channel's samples side by side.
     u = u.transpose(0, 1).index_select(1, sample_order).to(out.dtype)  # (P, B, J), contiguous
     w = w.to(out.dtype)
