@@ -202,3 +202,40 @@ def test_compensating_the_shortcut_brings_the_residual_stream_closer() -> None:
 def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
         model.relu(model.bn1(model.conv1(x)))))))))
+
+
+# Budgets in bytes that the frontier outgrows after a few layers, not at the first (measured).
+HALF_WAY = {"resnet18": 400_000, "googlenet": 2_500_000, "mobilenet_v2": 500_000, "depthwise": 540_000}
+
+
+@pytest.mark.parametrize("name", list(HALF_WAY))
+def test_frontier_equals_passes_per_layer(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Holding the batches' values between layers gives the very weights that re-running the models does,
+    also when the values outgrow the budget half way and the rest re-run."""
+    if name == "depthwise":
+        source = _depthwise_net()
+    else:
+        source = described_model(name, 0.0625 if name != "mobilenet_v2" else 0.125, seed=0, num_classes=5)
+    g = torch.Generator().manual_seed(9)
+    images = list(torch.randn(24, 1, 28, 28, generator=g).split(8))
+    x = torch.randn(4, 1, 28, 28, generator=g)
+    plan = full_plan(trace(source, x[:1]))
+    broken = copy.deepcopy(source)
+    with torch.no_grad():
+        for m in broken.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=g))
+    results = {}
+    for budget in (0, 1 << 40, HALF_WAY[name]):
+        model = copy.deepcopy(broken)
+        with caplog.at_level("INFO", logger="modellego.reconstruct"):
+            caplog.clear()
+            r2 = reconstruct(model, source, plan, images, memory_budget=budget)
+        results[budget] = (r2, model.state_dict(), [r.message for r in caplog.records if "outgrow" in r.message])
+    (r2_0, state_0, _), (r2_all, state_all, log_all), (r2_half, state_half, log_half) = results.values()
+    assert r2_0 == r2_all == r2_half
+    for k in state_0:
+        assert torch.equal(state_0[k], state_all[k]) and torch.equal(state_0[k], state_half[k]), k
+    assert not log_all and len(log_half) == 1
+    order = execution_order(source, x)
+    assert order.index(log_half[0].split(" at ")[1].split(";")[0]) > 0, log_half  # past the first layer

@@ -11,6 +11,12 @@ al., 2017; ThiNet) applied to an MDA component. It uses no labels and no gradien
 The source's BatchNorm statistics stay valid, since each layer again produces what the source's
 layer produced. Do not combine with ``bn`` re-estimation, which renormalises to the task's images.
 
+Cost. Both models advance through their traced graphs together, node by node, holding every
+calibration batch's live values (the *frontier*) between layers: one forward pass of each model
+in all. Where the frontier outgrows `memory_budget`, or a model does not trace, each layer's
+values come from forward passes that stop at that layer instead: O(L²) node runs for L layers,
+with the same results.
+
 Residual adds. A layer whose output reaches an add through at most one BatchNorm (the last
 convolution of a residual branch, or a shortcut's projection) is fitted so that the add's output,
 not the layer's own, matches the source: its target also absorbs the difference between the
@@ -21,7 +27,7 @@ same target for multi-branch networks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +147,56 @@ def _node_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor) -> dict[s
     return cap.values
 
 
+class _Frontier:
+    """Every batch's live values in one traced model, advanced node by node, all batches in step.
+
+    Values are freed after their last use, as `fx.Interpreter.run` frees them; nodes in `keep` are
+    also copied when computed (an in-place op further on cannot change them) and held until
+    `take` has read them `keep[name]` times.
+    """
+
+    def __init__(self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor], keep: Mapping[str, int]) -> None:
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n.name: i for i, n in enumerate(self.nodes)}
+        self.runs = []
+        for x in inputs:
+            run = fx.Interpreter(gm)
+            run.args_iter = iter([x])
+            self.runs.append(run)
+        self.cursor = 0  # index of the next node to run
+        self.reads = dict(keep)
+        self.kept: list[dict[str, torch.Tensor]] = [{} for _ in inputs]
+
+    def advance(self, stop: int) -> None:
+        """Run every node before index `stop` (no-op when already past it)."""
+        for node in self.nodes[self.cursor:stop]:
+            for run, kept in zip(self.runs, self.kept):
+                out = run.env[node] = run.run_node(node)
+                if node.name in self.reads:
+                    kept[node.name] = out.detach().clone()
+                for dead in run.user_to_last_uses.get(node, ()):
+                    del run.env[dead]
+        self.cursor = max(self.cursor, stop)
+
+    def current(self, name: str) -> list[torch.Tensor]:
+        """The live value of node `name` in every batch, as the next node would read it."""
+        node = self.nodes[self.index[name]]
+        return [run.env[node].detach() for run in self.runs]
+
+    def take(self, name: str) -> list[torch.Tensor]:
+        """The kept copy of node `name` in every batch (dropped after its last expected read)."""
+        values = [kept[name] for kept in self.kept]
+        self.reads[name] -= 1
+        if self.reads[name] == 0:
+            for kept in self.kept:
+                del kept[name]
+        return values
+
+    def nbytes(self) -> int:
+        live = [v for run in self.runs for v in run.env.values()] + [v for kept in self.kept for v in kept.values()]
+        return sum(v.numel() * v.element_size() for v in live if isinstance(v, torch.Tensor))
+
+
 def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Tensor:
     """Per-channel slope of an eval-mode BatchNorm (ones without one). Shape: (n,)."""
     if norm is None:
@@ -253,6 +309,10 @@ def _check(m: nn.Module, name: str) -> None:
             raise UserError(f"cannot reconstruct {name!r}: padding {m.padding!r} ({m.padding_mode})")
 
 
+# Bytes of batch values that the frontier may hold between layers before falling back to passes.
+DEFAULT_MEMORY_BUDGET = 2 << 30
+
+
 @torch.no_grad()
 def reconstruct(
     component: nn.Module,
@@ -263,6 +323,7 @@ def reconstruct(
     ridge: float = 1e-3,
     rows_per_batch: int = 8192,
     seed: int = 0,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> dict[str, float]:
     """Refit every Conv2d and Linear layer of `component` to reproduce `source`'s kept outputs (in place).
 
@@ -275,6 +336,9 @@ def reconstruct(
         rows_per_batch: regression rows (output positions) sampled per batch and layer; bounds
             time and memory on large feature maps.
         seed: seed of that sampling.
+        memory_budget: bytes of every batch's live values that may be held between layers (one
+            pass of each model); beyond it, each layer re-runs the models up to itself (slower,
+            same result). 0 always re-runs.
 
     Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
     """
@@ -298,12 +362,108 @@ def reconstruct(
     with preserve_training(component), preserve_training(source):
         component.eval()
         source.eval()
+        steps = _frontier_steps(comp_gm, src_gm, order, joins, inputs, memory_budget) if memory_budget > 0 else None
         for name in order:
             join = joins.get(name)
+            values = None
+            if steps is not None and name in steps.layers:
+                values = steps.values(name, join)
+                if steps.nbytes() > memory_budget:
+                    log.info("recon: the batches' values outgrow %d bytes at %s; the next layers re-run the "
+                             "models up to themselves", memory_budget, name)
+                    steps = None
+            if values is None:  # one batch at a time
+                values = (_pass_values(name, join, component, source, (comp_gm, src_gm), x) for x in inputs)
             norm = modules[join.norm] if join is not None and join.norm else None
-            r2[name] = _refit(name, modules[name], component, source, plan, inputs, join, norm,
-                              (comp_gm, src_gm), ridge=ridge, rows_per_batch=rows_per_batch, gen=gen)
+            r2[name] = _refit(name, modules[name], plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
+                              gen=gen)
     return r2
+
+
+# Per batch: the layer's input in the component, the source's value that the target is made
+# from (the layer's output), and for a join the add's other operand in the source and component.
+Values = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class _Steps:
+    """Both models' frontiers, advanced to each layer in turn."""
+
+    def __init__(self, comp: _Frontier, src: _Frontier, calls: tuple[dict[str, str], dict[str, str]],
+                 layers: set[str]) -> None:
+        self.comp, self.src, self.calls, self.layers = comp, src, calls, layers
+
+    def values(self, name: str, join: Join | None) -> list[Values]:
+        """Every batch's values for layer `name`; the component stops just before the layer runs."""
+        comp_call, src_call = self.calls[0][name], self.calls[1][name]
+        src_needs = [src_call] + ([join.other] if join is not None else [])
+        self.comp.advance(self.comp.index[comp_call])
+        self.src.advance(max(self.src.index[n] for n in src_needs) + 1)
+        call = self.comp.nodes[self.comp.index[comp_call]]
+        inp = self.comp.current(call.args[0].name)
+        target = self.src.take(src_call)
+        if join is None:
+            return [(i, t, None, None) for i, t in zip(inp, target)]
+        return list(zip(inp, target, self.src.take(join.other), self.comp.current(join.other)))
+
+    def nbytes(self) -> int:
+        return self.comp.nbytes() + self.src.nbytes()
+
+
+def _first_calls(gm: fx.GraphModule) -> dict[str, str]:
+    """Module name -> the node of its first call."""
+    calls: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in calls:
+            calls[node.target] = node.name
+    return calls
+
+
+def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | None, order: Sequence[str],
+                    joins: Mapping[str, Join], inputs: Sequence[torch.Tensor], memory_budget: int) -> _Steps | None:
+    """The frontiers for the layers they can serve within `memory_budget`; None when a model does
+    not trace or the first layer would not fit."""
+    if comp_gm is None or src_gm is None:
+        return None
+    comp_calls, src_calls = _first_calls(comp_gm), _first_calls(src_gm)
+    comp_nodes = {n.name: (i, n) for i, n in enumerate(comp_gm.graph.nodes)}
+    layers: list[str] = []
+    last = -1
+    for name in order:
+        # The component stops just before each layer runs, in graph order. A layer that is not a
+        # node of its own, or runs out of that order, may already have run with its old weights:
+        # from there on, every layer takes passes.
+        if name not in comp_calls or name not in src_calls or comp_nodes[comp_calls[name]][0] < last:
+            break
+        at, call = comp_nodes[comp_calls[name]]
+        join = joins.get(name)
+        # An input that is not a node, or an add operand computed after the layer: this layer
+        # takes passes; the frontier runs it only after its refit.
+        if not call.args or not isinstance(call.args[0], fx.Node) or (
+                join is not None and comp_nodes.get(join.other, (len(comp_nodes),))[0] > at):
+            continue
+        layers.append(name)
+        last = at
+
+    def steps(batches: Sequence[torch.Tensor], served: Sequence[str]) -> _Steps:
+        keep: dict[str, int] = {}
+        for name in served:
+            join = joins.get(name)
+            for node in [src_calls[name]] + ([join.other] if join is not None else []):
+                keep[node] = keep.get(node, 0) + 1
+        return _Steps(_Frontier(comp_gm, batches, {}), _Frontier(src_gm, batches, keep), (comp_calls, src_calls),
+                      set(served))
+
+    # Sizes scale with the number of images: one image through the same steps predicts them, so
+    # the frontier stops before the layer where it would outgrow the budget, not after.
+    probe, images = steps([inputs[0][:1]], layers), sum(len(x) for x in inputs)
+    for i, name in enumerate(layers):
+        probe.values(name, joins.get(name))
+        if probe.nbytes() * images > memory_budget:
+            log.info("recon: the batches' values would outgrow %d bytes at %s; it and the next layers re-run "
+                     "the models up to themselves", memory_budget, name)
+            layers = layers[:i]
+            break
+    return steps(inputs, layers) if layers else None
 
 
 def _traced(model: nn.Module) -> fx.GraphModule | None:
@@ -315,24 +475,27 @@ def _traced(model: nn.Module) -> fx.GraphModule | None:
         return None
 
 
-def _refit(name: str, m: nn.Module, component: nn.Module, source: nn.Module,
-           plan: Mapping[str, Mapping[str, Sequence[int]]], inputs: Sequence[torch.Tensor], join: Join | None,
-           norm: nn.Module | None, graphs: tuple[fx.GraphModule | None, fx.GraphModule | None], *, ridge: float,
-           rows_per_batch: int, gen: torch.Generator) -> float:
+def _pass_values(name: str, join: Join | None, component: nn.Module, source: nn.Module,
+                 graphs: tuple[fx.GraphModule | None, fx.GraphModule | None], x: torch.Tensor) -> Values:
+    """One batch's values for layer `name`, from forward passes that stop at the layer."""
+    if join is None:
+        return _run_until(component, name, x, output=False), _run_until(source, name, x, output=True), None, None
+    # One pass of each model gives both the layer's values and the add's other operand.
+    src = _node_values(graphs[1], {join.node, join.other}, x)
+    comp = _node_values(graphs[0], {join.input, join.other}, x)
+    return comp[join.input], src[join.node], src[join.other], comp[join.other]
+
+
+def _refit(name: str, m: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]]], values: Iterable[Values],
+           norm: nn.Module | None, *, ridge: float, rows_per_batch: int, gen: torch.Generator) -> float:
     """Refit one layer of `component` in place (`norm`: the join's BatchNorm, if any); returns its R²."""
     out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
     eqs = _Normal()
-    for x in inputs:
-        idx = out_idx.to(x.device)
-        if join is None:
-            inp = _run_until(component, name, x, output=False)
-            target = _run_until(source, name, x, output=True).index_select(1, idx)
-        else:
-            # One pass of each model gives both the layer's values and the add's other operand.
-            src = _node_values(graphs[1], {join.node, join.other}, x)
-            comp = _node_values(graphs[0], {join.input, join.other}, x)
-            inp, target = comp[join.input], src[join.node].index_select(1, idx)
-            other_src, other_comp = src[join.other].index_select(1, idx), comp[join.other]
+    for inp, source_out, other_src, other_comp in values:
+        idx = out_idx.to(inp.device)
+        target = source_out.index_select(1, idx)
+        if other_src is not None:
+            other_src = other_src.index_select(1, idx)
             if other_comp.shape == target.shape == other_src.shape:
                 target = _absorb(target, other_src - other_comp, _norm_scale(norm, target.shape[1], target))
         if isinstance(m, nn.Conv2d):
