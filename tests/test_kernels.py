@@ -99,7 +99,6 @@ def test_kernel_refuses_mismatched_shapes() -> None:
         kernels.relu_class_sums(u, w, slots, out, stale)
 
 
-
 # What the dispatcher can ask for: sample blocks of 16-32, filter blocks of 16-64, and J = 9 (8 in the
 # product, the ninth apart), 4 (padded to 8) or 25 (padded to 32).
 AHEAD = [("float32", 32, 64, 9), ("float32", 16, 16, 4), ("float32", 32, 32, 25), ("float64", 32, 64, 9),

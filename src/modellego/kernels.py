@@ -157,7 +157,6 @@ def relu_class_sums(u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, out: 
                                     num_warps=_warps(block_b, block_q), enable_fp_fusion=FP_FUSION)
 
 
-
 def compile_ahead(arch: int = 90, dtype: torch.dtype = torch.float32, block_b: int = MAX_BLOCK_B,
                   block_q: int = MAX_BLOCK_Q, offsets: int = 9):
     """Compile the kernel for an NVIDIA GPU of compute capability `arch` (90: Hopper) without one.
@@ -183,7 +182,9 @@ def compile_ahead(arch: int = 90, dtype: torch.dtype = torch.float32, block_b: i
     block_j, last_apart = _block_j(offsets)
     source = ASTSource(fn=_compiled(False), signature=signature, constexprs={
         "BLOCK_B": block_b, "BLOCK_Q": block_q, "BLOCK_J": block_j, "LAST_APART": last_apart})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": _warps(block_b, block_q), "enable_fp_fusion": FP_FUSION})
+    options = {"num_warps": _warps(block_b, block_q), "enable_fp_fusion": FP_FUSION}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
 
 def _block_j(j: int) -> tuple[int, bool]:
     """The matrix product's reduction length for J offsets, and whether the last one goes apart.
