@@ -204,8 +204,24 @@ def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.relu(model.bn1(model.conv1(x)))))))))
 
 
+class _ShortcutFirst(nn.Module):
+    """A residual add without BatchNorm whose shortcut projection runs first: its output is both a
+    layer's target and the other operand of the branch's add (read twice from the frontier)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.short, self.conv = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 7 * 7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.short(x)
+        return self.fc(torch.flatten(F.max_pool2d(torch.relu(self.conv(x) + s), 4), 1))
+
+
 # Budgets in bytes that the frontier outgrows after a few layers, not at the first (measured).
-HALF_WAY = {"resnet18": 400_000, "googlenet": 2_500_000, "mobilenet_v2": 500_000, "depthwise": 540_000}
+HALF_WAY = {"resnet18": 400_000, "googlenet": 2_500_000, "mobilenet_v2": 500_000, "depthwise": 540_000,
+            "shortcut_first": 800_000}
 
 
 @pytest.mark.parametrize("name", list(HALF_WAY))
@@ -214,6 +230,9 @@ def test_frontier_equals_passes_per_layer(name: str, caplog: pytest.LogCaptureFi
     also when the values outgrow the budget half way and the rest re-run."""
     if name == "depthwise":
         source = _depthwise_net()
+    elif name == "shortcut_first":
+        source = _ShortcutFirst().eval()
+        assert set(residual_joins(torch.fx.symbolic_trace(source))) == {"short", "conv"}
     else:
         source = described_model(name, 0.0625 if name != "mobilenet_v2" else 0.125, seed=0, num_classes=5)
     g = torch.Generator().manual_seed(9)
