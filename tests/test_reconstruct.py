@@ -42,11 +42,26 @@ def _depthwise_net() -> nn.Module:
     ).eval()
 
 
-@pytest.mark.parametrize("name,images", [("lenet5", 400), ("resnet18", 96), ("depthwise", 96)])
+def _padding_net() -> nn.Module:
+    """Reflect, circular and asymmetric 'same' padding (an even kernel), and 'valid'."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding="valid"), nn.ReLU(),
+        nn.Conv2d(6, 6, (3, 2), padding="same", padding_mode="circular"), nn.ReLU(),
+        nn.Conv2d(6, 5, 2, padding="same", dilation=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 5),
+    ).eval()
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name,images", [("lenet5", 400), ("resnet18", 96), ("depthwise", 96), ("padding", 96)])
 def test_reconstruction_restores_a_perturbed_model(name: str, images: int) -> None:
     """Every layer's target is exactly reachable, so the refit must find the source's weights."""
     if name == "depthwise":
         source = _depthwise_net().double()
+    elif name == "padding":
+        source = _padding_net().double()
     else:
         source = described_model(name, {"lenet5": 0.5, "resnet18": 0.0625}[name], seed=0, num_classes=5).double()
     broken = copy.deepcopy(source)

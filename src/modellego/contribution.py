@@ -56,7 +56,8 @@ def _explicit_padding(m: nn.Conv2d) -> tuple[int, int, int, int]:
     return (pw, pw, ph, ph)
 
 
-def _pad(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def pad_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`x` padded as `m` pads it: any padding mode, 'same' (even asymmetric) and 'valid' included."""
     pad = _explicit_padding(m)
     if not any(pad):
         return x
@@ -98,7 +99,7 @@ def _geometry(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, .
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     left, right, top, bottom = _explicit_padding(m)
     if m.padding_mode != "zeros":  # reflect/replicate/circular padding holds real pixels: pad for real
-        x, left, right, top, bottom = _pad(m, x), 0, 0, 0, 0
+        x, left, right, top, bottom = pad_input(m, x), 0, 0, 0, 0
     h, w = x.shape[2], x.shape[3]
     ho = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     wo = (w + left + right - dw * (kw - 1) - 1) // sw + 1
@@ -194,7 +195,7 @@ def literal_contribution(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # One single-channel filter per (p, q) pair of a group: channel p reads a_p with c_{q,p}.
     per_pair = w.reshape(g, qg, pg, *m.kernel_size).permute(0, 2, 1, 3, 4)  # (g, Pg, Qg, kh, kw)
     per_pair = per_pair.reshape(g * pg * qg, 1, *m.kernel_size)
-    hidden = F.conv2d(_pad(m, x), per_pair, None, m.stride, 0, m.dilation, groups=p)  # (B, P*Qg, Ho, Wo)
+    hidden = F.conv2d(pad_input(m, x), per_pair, None, m.stride, 0, m.dilation, groups=p)  # (B, P*Qg, Ho, Wo)
     s = hidden.sum((2, 3)).reshape(x.shape[0], g, pg, qg)  # (B, g, Pg, Qg)
     return s.permute(0, 1, 3, 2).reshape(x.shape[0], q, pg)  # (B, Q, Pg)
 

@@ -35,6 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contribution import pad_input
 from .errors import UserError
 from .graph import ADD_FUNCTIONS, is_depthwise
 from .hooks import forward_hooks, preserve_training
@@ -286,8 +287,8 @@ def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, g
     pos = _sample(n, limit, gen).to(out.device)
     bi, rest = pos // (oh * ow), pos % (oh * ow)
     oy, ox = rest // ow, rest % ow
-    (ph, pw), (sh, sw), (dh, dw), (kh, kw) = m.padding, m.stride, m.dilation, m.kernel_size
-    padded = F.pad(inp, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (B, H+2ph, W+2pw, P)
+    (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
+    padded = pad_input(m, inp).permute(0, 2, 3, 1)  # (B, H + top + bottom, W + left + right, P)
     dy = torch.arange(kh, device=out.device) * dh
     dx = torch.arange(kw, device=out.device) * dw
     rows = (oy * sh)[:, None, None] + dy[None, :, None]  # (N, kh, 1)
@@ -305,8 +306,6 @@ def _check(m: nn.Module, name: str) -> None:
     if isinstance(m, nn.Conv2d):
         if m.groups > 1 and not is_depthwise(m):
             raise UserError(f"cannot reconstruct {name!r}: grouped convolution with groups={m.groups}")
-        if m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise UserError(f"cannot reconstruct {name!r}: padding {m.padding!r} ({m.padding_mode})")
 
 
 # Bytes of batch values that the frontier may hold between layers before falling back to passes.
