@@ -121,25 +121,29 @@ def _layers_before(gm: fx.GraphModule, name: str) -> set[str]:
 
 
 class _Capture(fx.Interpreter):
-    """Runs a traced model until the values of some nodes are known."""
+    """Runs a traced model until the values of some nodes are known, or until node `before`."""
 
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, names: set[str], before: str | None) -> None:
         super().__init__(gm)
-        self.names = names
+        self.names, self.before = names, before
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> object:
+        if n.name == self.before:
+            raise _Stop
         out = super().run_node(n)
         if n.name in self.names:
-            self.values[n.name] = out.detach()
-            if len(self.values) == len(self.names):
+            self.values[n.name] = out.detach()  # by reference: in-place ops until the stop show
+            if len(self.values) == len(self.names) and self.before is None:
                 raise _Stop
         return out
 
 
-def _node_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The values of nodes `names` on `x`, from one forward pass that stops once it has them all."""
-    cap = _Capture(gm, names)
+def _node_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor,
+                 before: str | None = None) -> dict[str, torch.Tensor]:
+    """The values of nodes `names` on `x` from one forward pass, as they are just before node
+    `before` runs, or once they are all known."""
+    cap = _Capture(gm, names, before)
     try:
         cap.run(x)
     except _Stop:
@@ -152,8 +156,9 @@ class _Frontier:
     """Every batch's live values in one traced model, advanced node by node, all batches in step.
 
     Values are freed after their last use, as `fx.Interpreter.run` frees them; nodes in `keep` are
-    also copied when computed (an in-place op further on cannot change them) and held until
-    `take` has read them `keep[name]` times.
+    also held (by reference, not copied) until `take` has read them `keep[name]` times. A read
+    thus sees the value as the forward pass has it at the cursor, in-place changes included, as
+    a pass that stops there does.
     """
 
     def __init__(self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor], keep: Mapping[str, int]) -> None:
@@ -174,7 +179,7 @@ class _Frontier:
             for run, kept in zip(self.runs, self.kept):
                 out = run.env[node] = run.run_node(node)
                 if node.name in self.reads:
-                    kept[node.name] = out.detach().clone()
+                    kept[node.name] = out.detach()
                 for dead in run.user_to_last_uses.get(node, ()):
                     del run.env[dead]
         self.cursor = max(self.cursor, stop)
@@ -185,7 +190,7 @@ class _Frontier:
         return [run.env[node].detach() for run in self.runs]
 
     def take(self, name: str) -> list[torch.Tensor]:
-        """The kept copy of node `name` in every batch (dropped after its last expected read)."""
+        """The held value of node `name` in every batch (released after its last expected read)."""
         values = [kept[name] for kept in self.kept]
         self.reads[name] -= 1
         if self.reads[name] == 0:
@@ -194,8 +199,11 @@ class _Frontier:
         return values
 
     def nbytes(self) -> int:
+        """Bytes of the storages held, each counted once (a held value often is a live one too)."""
         live = [v for run in self.runs for v in run.env.values()] + [v for kept in self.kept for v in kept.values()]
-        return sum(v.numel() * v.element_size() for v in live if isinstance(v, torch.Tensor))
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in live
+                    if isinstance(v, torch.Tensor)}
+        return sum(storages.values())
 
 
 def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -392,11 +400,13 @@ class _Steps:
         self.comp, self.src, self.calls, self.layers = comp, src, calls, layers
 
     def values(self, name: str, join: Join | None) -> list[Values]:
-        """Every batch's values for layer `name`; the component stops just before the layer runs."""
+        """Every batch's values for layer `name`. The component stops just before the layer runs,
+        the source just after the last value needed, where the per-layer passes stop too."""
         comp_call, src_call = self.calls[0][name], self.calls[1][name]
-        src_needs = [src_call] + ([join.other] if join is not None else [])
         self.comp.advance(self.comp.index[comp_call])
-        self.src.advance(max(self.src.index[n] for n in src_needs) + 1)
+        stop = _source_stop(self.src.index, src_call, join)
+        assert self.src.cursor <= stop, (name, self.src.cursor, stop)  # `_frontier_steps` serves no other
+        self.src.advance(stop)
         call = self.comp.nodes[self.comp.index[comp_call]]
         inp = self.comp.current(call.args[0].name)
         target = self.src.take(src_call)
@@ -406,6 +416,11 @@ class _Steps:
 
     def nbytes(self) -> int:
         return self.comp.nbytes() + self.src.nbytes()
+
+
+def _source_stop(index: Mapping[str, int], call: str, join: Join | None) -> int:
+    """Index of the source node after the last one layer `call` needs (its output; a join's operand)."""
+    return max(index[n] for n in [call] + ([join.other] if join is not None else [])) + 1
 
 
 def _first_calls(gm: fx.GraphModule) -> dict[str, str]:
@@ -425,8 +440,9 @@ def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | Non
         return None
     comp_calls, src_calls = _first_calls(comp_gm), _first_calls(src_gm)
     comp_nodes = {n.name: (i, n) for i, n in enumerate(comp_gm.graph.nodes)}
+    src_index = {n.name: i for i, n in enumerate(src_gm.graph.nodes)}
     layers: list[str] = []
-    last = -1
+    last, src_last = -1, -1
     for name in order:
         # The component stops just before each layer runs, in graph order. A layer that is not a
         # node of its own, or runs out of that order, may already have run with its old weights:
@@ -435,13 +451,15 @@ def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | Non
             break
         at, call = comp_nodes[comp_calls[name]]
         join = joins.get(name)
-        # An input that is not a node, or an add operand computed after the layer: this layer
-        # takes passes; the frontier runs it only after its refit.
-        if not call.args or not isinstance(call.args[0], fx.Node) or (
+        # An input that is not a node, an add operand computed after the layer, or source values
+        # that an earlier layer's reads already ran past (in-place ops may have changed them since):
+        # this layer takes passes; the frontier runs it only after its refit.
+        stop = _source_stop(src_index, src_calls[name], join)
+        if not call.args or not isinstance(call.args[0], fx.Node) or stop < src_last or (
                 join is not None and comp_nodes.get(join.other, (len(comp_nodes),))[0] > at):
             continue
         layers.append(name)
-        last = at
+        last, src_last = at, stop
 
     def steps(batches: Sequence[torch.Tensor], served: Sequence[str]) -> _Steps:
         keep: dict[str, int] = {}
@@ -454,7 +472,7 @@ def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | Non
 
     # Sizes scale with the number of images: one image through the same steps predicts them, so
     # the frontier stops before the layer where it would outgrow the budget, not after.
-    probe, images = steps([inputs[0][:1]], layers), sum(len(x) for x in inputs)
+    probe, images = steps([inputs[0][:1].clone()], layers), sum(len(x) for x in inputs)  # own storage
     for i, name in enumerate(layers):
         probe.values(name, joins.get(name))
         if probe.nbytes() * images > memory_budget:
@@ -481,7 +499,7 @@ def _pass_values(name: str, join: Join | None, component: nn.Module, source: nn.
         return _run_until(component, name, x, output=False), _run_until(source, name, x, output=True), None, None
     # One pass of each model gives both the layer's values and the add's other operand.
     src = _node_values(graphs[1], {join.node, join.other}, x)
-    comp = _node_values(graphs[0], {join.input, join.other}, x)
+    comp = _node_values(graphs[0], {join.input, join.other}, x, before=join.node)  # as the layer finds them
     return comp[join.input], src[join.node], src[join.other], comp[join.other]
 
 
