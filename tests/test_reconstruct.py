@@ -134,13 +134,17 @@ def test_recon_without_a_plan_raises_user_error() -> None:
         calibrate(copy.deepcopy(source), source, [0, 1, 2], [(x, y)], "recon")
 
 
-def test_disassemble_with_recon_records_the_fit_and_still_loads(tmp_path) -> None:
+def test_disassemble_with_recon_records_the_fit_and_still_loads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = described_model("resnet18", 0.0625, seed=2, num_classes=4, dataset="d")
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(64, 1, 28, 28, generator=g), torch.arange(64) % 4
     prof = modellego.profile(source, [(x, y)], select=False)
-    comp = modellego.disassemble(source, [0, 2], profile=prof, calibration=[(x, y)], calibrate="recon+balance")
+    bars = []
+    monkeypatch.setattr(recon_module, "tqdm", lambda it, **kw: bars.append((len(it), kw["disable"])) or it)
+    comp = modellego.disassemble(source, [0, 2], profile=prof, calibration=[(x, y)], calibrate="recon+balance",
+                                 progress=True)
     r2 = get_info(comp).provenance["calibration"]["recon_r2"]
+    assert bars == [(len(r2), None)]  # one bar over the refitted layers, shown on a terminal
     assert len(r2) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in comp.modules())
     back = modellego.load(modellego.save(comp, tmp_path / "c"))
     with torch.no_grad():

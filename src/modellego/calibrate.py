@@ -140,6 +140,7 @@ def calibrate(
     *,
     task_labels: Sequence[int] | None = None,
     plan: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    progress: bool = False,
 ) -> dict[str, object]:
     """Calibrate `component` in place from training batches of its task; returns what was done.
 
@@ -152,6 +153,7 @@ def calibrate(
         task_labels: the label of each task class in `batches` (default: `task`; they differ
             when `source` is itself a component, whose outputs are a subset of a dataset's classes).
         plan: the pruning plan that cut `component` from `source`; ``recon`` needs it.
+        progress: show a progress bar over the layers ``recon`` refits.
     """
     methods = parse_methods(method)
     report: dict[str, object] = {"method": "+".join(methods) or "none"}
@@ -177,7 +179,7 @@ def calibrate(
     if "recon" in methods:
         if plan is None:
             raise UserError("recon calibration needs the pruning plan that cut the component from the source")
-        report["recon_r2"] = reconstruct(component, source, plan, xs)
+        report["recon_r2"] = reconstruct(component, source, plan, xs, progress=progress)
     if "bn" in methods:
         report["bn_layers"] = recompute_batchnorm(component, xs)
     if "affine" in methods:

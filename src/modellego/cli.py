@@ -278,7 +278,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     method, calibration = _calibration(model, args, [info.classes[c] for c in classes],
                                        default=BUDGET_CALIBRATION if args.flops is not None else None)
     component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
-                            budget_rank=args.budget_rank)
+                            budget_rank=args.budget_rank, progress=True)
     path = save(component, args.output)
     budget = component.modellego_info.provenance.get("flops_budget")
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
@@ -312,7 +312,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     components = [load(p, map_location=device) for p in args.components]
     labels = list(dict.fromkeys(c for comp in components for c in comp.modellego_info.classes))
     method, calibration = _calibration(source, args, labels)
-    merged = merge(source, components, calibration=calibration, calibrate=method)
+    merged = merge(source, components, calibration=calibration, calibrate=method, progress=True)
     path = save(merged, args.output)
     print(f"saved {path}: classes {list(merged.modellego_info.class_names)}, {count_params(merged):,} parameters "
           f"(components: {', '.join(f'{count_params(c):,}' for c in components)}), calibration {method}")

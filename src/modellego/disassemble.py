@@ -82,6 +82,7 @@ def disassemble(
     flops: float | None = None,
     budget_rank: str = "task",
     verify: bool = True,
+    progress: bool = False,
     **profile_kwargs: Any,
 ) -> nn.Module:
     """Cut the component of `model` for the task `classes` (output indices, in the order wanted).
@@ -105,6 +106,7 @@ def disassemble(
             share per layer) and ``"class"`` keeps a share per class and their union.
         verify: check on a random input that the component equals the source with the dropped
             channels zeroed (catches forward passes that hard-code channel counts).
+        progress: show progress bars (profiling here, and ``recon`` calibration).
         **profile_kwargs: passed to `modellego.profile` when profiling here.
 
     Raises:
@@ -117,7 +119,7 @@ def disassemble(
             raise UserError("disassemble needs a profile or training batches to compute one")
         if flops is not None:
             profile_kwargs["keep_contributions"] = True
-        profile = run_profile(model, batches, classes=classes, **profile_kwargs)
+        profile = run_profile(model, batches, classes=classes, progress=progress, **profile_kwargs)
     elif profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
         raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
     shape = profile.provenance.get("input_shape")
@@ -138,7 +140,7 @@ def disassemble(
         keep = budgeted.keep
         provenance["flops_budget"] = {"budget": flops, **budgeted.to_json()}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
-                   calibrate=calibrate, verify=verify)
+                   calibrate=calibrate, verify=verify, progress=progress)
 
 
 def example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
@@ -158,6 +160,7 @@ def extract(
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     calibrate: str = DEFAULT_CALIBRATION,
     verify: bool = True,
+    progress: bool = False,
 ) -> nn.Module:
     """The component of `model` keeping channels `keep` (per channel space) and outputs `classes`.
 
@@ -183,7 +186,8 @@ def extract(
     calibration_report: dict[str, object] = {"method": "none"}
     if calibration is not None:
         calibration_report = calibrate_logits(component, model, classes, calibration, calibrate,
-                                              task_labels=[source_classes[c] for c in classes], plan=plan)
+                                              task_labels=[source_classes[c] for c in classes], plan=plan,
+                                              progress=progress)
     source = {"sha256": weights_hash(model.state_dict()), "kind": src.kind if src else "model",
               "dataset": src.dataset if src else None}
     info = ModelInfo(

@@ -53,6 +53,7 @@ def merge(
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     calibrate: str = DEFAULT_CALIBRATION,
     verify: bool = True,
+    progress: bool = False,
 ) -> nn.Module:
     """One component of `source` for the union of the components' tasks (in order, duplicates once).
 
@@ -62,6 +63,7 @@ def merge(
         calibration: training batches to calibrate the merged component (as in `disassemble`).
         calibrate: calibration method when `calibration` is given.
         verify: check the merge against the masked source.
+        progress: show a progress bar over the layers ``recon`` calibration refits.
 
     Raises:
         UserError: no components, or a component cut from another model.
@@ -104,4 +106,4 @@ def merge(
                             f"this architecture?")
     provenance = {"task": classes, "merged_from": [i.provenance for i in infos]}
     return extract(source, graph, example, keep, classes, provenance=provenance, calibration=calibration,
-                   calibrate=calibrate, verify=verify)
+                   calibrate=calibrate, verify=verify, progress=progress)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .contribution import pad_input
 from .errors import UserError
@@ -331,6 +331,7 @@ def reconstruct(
     rows_per_batch: int = 8192,
     seed: int = 0,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Refit every Conv2d and Linear layer of `component` to reproduce `source`'s kept outputs (in place).
 
@@ -346,6 +347,7 @@ def reconstruct(
         memory_budget: bytes of every batch's live values that may be held between layers (one
             pass of each model); beyond it, each layer re-runs the models up to itself (slower,
             same result). 0 always re-runs.
+        progress: show a progress bar over the layers.
 
     Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
     """
@@ -370,7 +372,7 @@ def reconstruct(
         component.eval()
         source.eval()
         steps = _frontier_steps(comp_gm, src_gm, order, joins, inputs, memory_budget) if memory_budget > 0 else None
-        for name in order:
+        for name in tqdm(order, desc="recon", unit="layer", disable=None if progress else True):
             join = joins.get(name)
             values = None
             if steps is not None and name in steps.layers:
