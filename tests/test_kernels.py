@@ -109,9 +109,7 @@ from modellego import kernels
 for dtype, *blocks in json.loads(sys.argv[1]):
     try:
         k = kernels.compile_ahead(90, getattr(torch, dtype), *blocks)
-    except RuntimeError as e:  # no assembler for this platform in the Triton wheel
-        if "ptxas" not in str(e):
-            raise
+    except OSError as e:  # the wheel's assembler cannot run on this platform (a refused kernel still fails)
         print(json.dumps({"skip": str(e)}))
         break
     print(json.dumps({"name": k.metadata.name, "arch": k.metadata.arch, "cubin": len(k.asm["cubin"]),
