@@ -420,9 +420,14 @@ class _Steps:
         return self.comp.nbytes() + self.src.nbytes()
 
 
+def _source_needs(call: str, join: Join | None) -> list[str]:
+    """The source nodes a layer reads: its output (node `call`), and a join's other operand."""
+    return [call] + ([join.other] if join is not None else [])
+
+
 def _source_stop(index: Mapping[str, int], call: str, join: Join | None) -> int:
-    """Index of the source node after the last one layer `call` needs (its output; a join's operand)."""
-    return max(index[n] for n in [call] + ([join.other] if join is not None else [])) + 1
+    """Index of the source node after the last one that `_source_needs` names."""
+    return max(index[n] for n in _source_needs(call, join)) + 1
 
 
 def _first_calls(gm: fx.GraphModule) -> dict[str, str]:
@@ -466,8 +471,7 @@ def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | Non
     def steps(batches: Sequence[torch.Tensor], served: Sequence[str]) -> _Steps:
         keep: dict[str, int] = {}
         for name in served:
-            join = joins.get(name)
-            for node in [src_calls[name]] + ([join.other] if join is not None else []):
+            for node in _source_needs(src_calls[name], joins.get(name)):
                 keep[node] = keep.get(node, 0) + 1
         return _Steps(_Frontier(comp_gm, batches, {}), _Frontier(src_gm, batches, keep), (comp_calls, src_calls),
                       set(served))
