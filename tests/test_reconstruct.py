@@ -15,6 +15,7 @@ from modellego.errors import UserError
 from modellego.graph import trace
 from modellego.info import get_info
 from modellego.prune import full_plan
+import modellego.frontier as frontier
 import modellego.reconstruct as recon_module
 from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct, residual_joins
 
@@ -247,9 +248,10 @@ HALF_WAY = {"resnet18": 400_000, "googlenet": 2_500_000, "mobilenet_v2": 500_000
 
 
 @pytest.mark.parametrize("name", list(HALF_WAY))
-def test_frontier_equals_passes_per_layer(name: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Holding the batches' values between layers gives the very weights that re-running the models does,
-    also when the values outgrow the budget half way and the rest re-run."""
+def test_frontier_and_checkpoints_equal_passes_per_layer(name: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Holding the batches' values between layers, and resuming each batch from checkpoints, give the
+    very weights that re-running the models for every layer does; also when the values outgrow the
+    budget half way and the rest resume from checkpoints."""
     if name == "depthwise":
         source = _depthwise_net()
     elif name == "inplace":  # in-place ReLUs overwrite each convolution's output after it ran
@@ -273,17 +275,94 @@ def test_frontier_equals_passes_per_layer(name: str, caplog: pytest.LogCaptureFi
         for m in broken.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=g))
-    results = {}
-    for budget in (0, 1 << 40, HALF_WAY[name]):
+    results, starts, roots = {}, [], []
+    load, init = frontier.Checkpoints.load, frontier.Checkpoints.__init__
+
+    def recording_load(self, index: int, batch: int) -> torch.Tensor:
+        starts.append(index)
+        return load(self, index, batch)
+
+    def recording_init(self, root, inputs) -> None:
+        roots.append(root)
+        init(self, root, inputs)
+
+    for setting in ("passes", "checkpoints", "frontier", "half way"):
         model = copy.deepcopy(broken)
-        with caplog.at_level("INFO", logger="modellego.reconstruct"):
+        with caplog.at_level("INFO", logger="modellego"), pytest.MonkeyPatch.context() as mp:
             caplog.clear()
+            mp.setattr(frontier.Checkpoints, "load", recording_load)
+            mp.setattr(frontier.Checkpoints, "__init__", recording_init)
+            if setting == "passes":  # no layer for the frontier or the checkpoints
+                mp.setattr(recon_module, "servable_layers", lambda *args: [])
+            budget = {"passes": 0, "checkpoints": 0, "frontier": 1 << 40, "half way": HALF_WAY[name]}[setting]
             r2 = reconstruct(model, source, plan, images, memory_budget=budget)
-        results[budget] = (r2, model.state_dict(), [r.message for r in caplog.records if "outgrow" in r.message])
-    (r2_0, state_0, _), (r2_all, state_all, log_all), (r2_half, state_half, log_half) = results.values()
-    assert r2_0 == r2_all == r2_half
-    for k in state_0:
-        assert torch.equal(state_0[k], state_all[k]) and torch.equal(state_0[k], state_half[k]), k
+        results[setting] = (r2, model.state_dict(), [r.message for r in caplog.records if "outgrow" in r.message])
+        assert all(not root.exists() for root in roots), setting  # the checkpoints are gone
+        if setting in ("passes", "frontier"):
+            assert not starts, setting
+        else:  # one batch at a time, resuming from saved cuts once past the first layers
+            assert len(starts) % len(images) == 0 and max(starts) > frontier.INPUT, setting
+        starts.clear()
+    (r2_0, state_0, _), *rest = results.values()
+    for setting, (r2, state, _) in zip(list(results)[1:], rest):
+        assert r2 == r2_0, setting
+        for k in state_0:
+            assert torch.equal(state_0[k], state[k]), (setting, k)
+    log_all, log_half = results["frontier"][2], results["half way"][2]
     assert not log_all and len(log_half) == 1
     order = execution_order(source, x)
     assert order.index(log_half[0].split(" at ")[1].split(";")[0]) > 0, log_half  # past the first layer
+
+
+def test_checkpoints_keep_a_channels_last_layout_and_go_when_recon_fails() -> None:
+    """A channels-last batch resumes as channels-last (same numbers as holding it); a failure half
+    way leaves no checkpoint behind."""
+    source = described_model("vgg11_bn", 0.0625, seed=0, num_classes=5, channels=3).eval()
+    source.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(3)
+    images = [x.contiguous(memory_format=torch.channels_last) for x in torch.randn(16, 3, 28, 28, generator=g).split(8)]
+    plan = full_plan(trace(source, images[0][:1]))
+    broken = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    layouts, roots = [], []
+    load, init = frontier.Checkpoints.load, frontier.Checkpoints.__init__
+
+    def recording_load(self, index: int, batch: int) -> torch.Tensor:
+        value = load(self, index, batch)
+        if index != frontier.INPUT and value.dim() == 4:
+            layouts.append(value.is_contiguous(memory_format=torch.channels_last) and not value.is_contiguous())
+        return value
+
+    def recording_init(self, root, inputs) -> None:
+        roots.append(root)
+        init(self, root, inputs)
+
+    states = []
+    for budget in (0, 1 << 40):
+        model = copy.deepcopy(broken)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(frontier.Checkpoints, "load", recording_load)
+            mp.setattr(frontier.Checkpoints, "__init__", recording_init)
+            reconstruct(model, source, plan, images, memory_budget=budget)
+        states.append(model.state_dict())
+    assert layouts and all(layouts)  # channels-last maps were checkpointed and resumed as such
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+    calls = []
+
+    def failing_refit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("stop")
+        return real_refit(*args, **kwargs)
+
+    real_refit = recon_module._refit
+    roots.clear()
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="stop"):
+        mp.setattr(frontier.Checkpoints, "__init__", recording_init)
+        mp.setattr(recon_module, "_refit", failing_refit)
+        reconstruct(copy.deepcopy(broken), source, plan, images, memory_budget=0)
+    assert roots and not any(root.exists() for root in roots) and not roots[0].parent.exists()

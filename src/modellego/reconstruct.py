@@ -11,11 +11,13 @@ al., 2017; ThiNet) applied to an MDA component. It uses no labels and no gradien
 The source's BatchNorm statistics stay valid, since each layer again produces what the source's
 layer produced. Do not combine with ``bn`` re-estimation, which renormalises to the task's images.
 
-Cost. Both models advance through their traced graphs together, node by node, holding every
-calibration batch's live values (the *frontier*) between layers: one forward pass of each model
-in all. Where the frontier outgrows `memory_budget`, or a model does not trace, each layer's
-values come from forward passes that stop at that layer instead: O(L²) node runs for L layers,
-with the same results.
+Cost (`modellego.frontier`). Both models advance through their traced graphs together, node by
+node, holding every calibration batch's live values (the *frontier*) between layers: one forward
+pass of each model in all. Where the frontier would outgrow `memory_budget`, the layers take one
+batch at a time, each model resuming from its last checkpoint before the layer (a value saved
+to disk where it was the only one live), so each layer re-runs only the nodes since then. Where a
+model does not trace, or for a layer out of graph order, the values come from forward passes
+that stop at the layer: O(L²) node runs for L layers. All three give the same weights.
 
 Residual adds. A layer whose output reaches an add through at most one BatchNorm (the last
 convolution of a residual branch, or a shortcut's projection) is fitted so that the add's output,
@@ -26,9 +28,12 @@ same target for multi-branch networks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -37,8 +42,10 @@ from tqdm.auto import tqdm
 
 from .contribution import pad_input
 from .errors import UserError
+from .frontier import CheckpointSteps, Values, frontier_steps, servable_layers
 from .graph import ADD_FUNCTIONS, is_depthwise
 from .hooks import forward_hooks, preserve_training
+from .memory import default_budget
 
 log = logging.getLogger(__name__)
 
@@ -152,60 +159,6 @@ def _node_values(gm: fx.GraphModule, names: set[str], x: torch.Tensor,
     return cap.values
 
 
-class _Frontier:
-    """Every batch's live values in one traced model, advanced node by node, all batches in step.
-
-    Values are freed after their last use, as `fx.Interpreter.run` frees them; nodes in `keep` are
-    also held (by reference, not copied) until `take` has read them `keep[name]` times. A read
-    thus sees the value as the forward pass has it at the cursor, in-place changes included, as
-    a pass that stops there does.
-    """
-
-    def __init__(self, gm: fx.GraphModule, inputs: Sequence[torch.Tensor], keep: Mapping[str, int]) -> None:
-        self.nodes = list(gm.graph.nodes)
-        self.index = {n.name: i for i, n in enumerate(self.nodes)}
-        self.runs = []
-        for x in inputs:
-            run = fx.Interpreter(gm)
-            run.args_iter = iter([x])
-            self.runs.append(run)
-        self.cursor = 0  # index of the next node to run
-        self.reads = dict(keep)
-        self.kept: list[dict[str, torch.Tensor]] = [{} for _ in inputs]
-
-    def advance(self, stop: int) -> None:
-        """Run every node before index `stop` (no-op when already past it)."""
-        for node in self.nodes[self.cursor:stop]:
-            for run, kept in zip(self.runs, self.kept):
-                out = run.env[node] = run.run_node(node)
-                if node.name in self.reads:
-                    kept[node.name] = out.detach()
-                for dead in run.user_to_last_uses.get(node, ()):
-                    del run.env[dead]
-        self.cursor = max(self.cursor, stop)
-
-    def current(self, name: str) -> list[torch.Tensor]:
-        """The live value of node `name` in every batch, as the next node would read it."""
-        node = self.nodes[self.index[name]]
-        return [run.env[node].detach() for run in self.runs]
-
-    def take(self, name: str) -> list[torch.Tensor]:
-        """The held value of node `name` in every batch (released after its last expected read)."""
-        values = [kept[name] for kept in self.kept]
-        self.reads[name] -= 1
-        if self.reads[name] == 0:
-            for kept in self.kept:
-                del kept[name]
-        return values
-
-    def nbytes(self) -> int:
-        """Bytes of the storages held, each counted once (a held value often is a live one too)."""
-        live = [v for run in self.runs for v in run.env.values()] + [v for kept in self.kept for v in kept.values()]
-        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in live
-                    if isinstance(v, torch.Tensor)}
-        return sum(storages.values())
-
-
 def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Tensor:
     """Per-channel slope of an eval-mode BatchNorm (ones without one). Shape: (n,)."""
     if norm is None:
@@ -316,10 +269,6 @@ def _check(m: nn.Module, name: str) -> None:
             raise UserError(f"cannot reconstruct {name!r}: grouped convolution with groups={m.groups}")
 
 
-# Bytes of batch values that the frontier may hold between layers before falling back to passes.
-DEFAULT_MEMORY_BUDGET = 2 << 30
-
-
 @torch.no_grad()
 def reconstruct(
     component: nn.Module,
@@ -330,7 +279,7 @@ def reconstruct(
     ridge: float = 1e-3,
     rows_per_batch: int = 8192,
     seed: int = 0,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """Refit every Conv2d and Linear layer of `component` to reproduce `source`'s kept outputs (in place).
@@ -345,8 +294,10 @@ def reconstruct(
             time and memory on large feature maps.
         seed: seed of that sampling.
         memory_budget: bytes of every batch's live values that may be held between layers (one
-            pass of each model); beyond it, each layer re-runs the models up to itself (slower,
-            same result). 0 always re-runs.
+            pass of each model); beyond it, the layers take one batch at a time, each model
+            resuming from a checkpoint on disk (slower, same result; 0: from the first layer).
+            Default: half the memory free on the batches' device when recon starts
+            (`modellego.memory.default_budget`). The weights do not depend on it.
         progress: show a progress bar over the layers.
 
     Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
@@ -367,126 +318,37 @@ def reconstruct(
         # projection that runs after its branch is fitted last instead, against the refitted branch.
         joins = {k: j for k, j in residual_joins(comp_gm).items()
                  if {j.node, j.other} <= src_nodes and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
+    if memory_budget is None:
+        memory_budget = default_budget(inputs[0].device)
+        log.debug("recon: holding at most %d bytes of the batches' values", memory_budget)
+    elif memory_budget < 0:
+        raise UserError(f"memory_budget must be a number of bytes >= 0, got {memory_budget}")
+    served = servable_layers(comp_gm, src_gm, order, joins) if comp_gm is not None and src_gm is not None else []
     r2: dict[str, float] = {}
-    with preserve_training(component), preserve_training(source):
+    with preserve_training(component), preserve_training(source), contextlib.ExitStack() as stack:
         component.eval()
         source.eval()
-        steps = _frontier_steps(comp_gm, src_gm, order, joins, inputs, memory_budget) if memory_budget > 0 else None
+        steps = frontier_steps(comp_gm, src_gm, served, joins, inputs, memory_budget) if served else None
+        resumed: CheckpointSteps | None = None
         for name in tqdm(order, desc="recon", unit="layer", disable=None if progress else True):
             join = joins.get(name)
-            values = None
             if steps is not None and name in steps.layers:
-                values = steps.values(name, join)
+                values: Iterable[Values] = steps.values(name, join)
                 if steps.nbytes() > memory_budget:
-                    log.info("recon: the batches' values outgrow %d bytes at %s; the next layers re-run the "
-                             "models up to themselves", memory_budget, name)
+                    log.info("recon: the batches' values outgrow %d bytes at %s; the next layers resume the "
+                             "models from checkpoints, one batch at a time", memory_budget, name)
                     steps = None
-            if values is None:  # one batch at a time
+            elif name in served:
+                if resumed is None:  # the checkpoints go to a private folder, removed however recon ends
+                    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modellego-recon-")))
+                    resumed = CheckpointSteps(comp_gm, src_gm, served, joins, inputs, root)
+                values = resumed.values(name, join)
+            else:  # one batch at a time, from passes that stop at the layer
                 values = (_pass_values(name, join, component, source, (comp_gm, src_gm), x) for x in inputs)
             norm = modules[join.norm] if join is not None and join.norm else None
             r2[name] = _refit(name, modules[name], plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
                               gen=gen)
     return r2
-
-
-# Per batch: the layer's input in the component, the source's value that the target is made
-# from (the layer's output), and for a join the add's other operand in the source and component.
-Values = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-
-
-class _Steps:
-    """Both models' frontiers, advanced to each layer in turn."""
-
-    def __init__(self, comp: _Frontier, src: _Frontier, calls: tuple[dict[str, str], dict[str, str]],
-                 layers: set[str]) -> None:
-        self.comp, self.src, self.calls, self.layers = comp, src, calls, layers
-
-    def values(self, name: str, join: Join | None) -> list[Values]:
-        """Every batch's values for layer `name`. The component stops just before the layer runs,
-        the source just after the last value needed, where the per-layer passes stop too."""
-        comp_call, src_call = self.calls[0][name], self.calls[1][name]
-        self.comp.advance(self.comp.index[comp_call])
-        stop = _source_stop(self.src.index, src_call, join)
-        assert self.src.cursor <= stop, (name, self.src.cursor, stop)  # `_frontier_steps` serves no other
-        self.src.advance(stop)
-        call = self.comp.nodes[self.comp.index[comp_call]]
-        inp = self.comp.current(call.args[0].name)
-        target = self.src.take(src_call)
-        if join is None:
-            return [(i, t, None, None) for i, t in zip(inp, target)]
-        return list(zip(inp, target, self.src.take(join.other), self.comp.current(join.other)))
-
-    def nbytes(self) -> int:
-        return self.comp.nbytes() + self.src.nbytes()
-
-
-def _source_needs(call: str, join: Join | None) -> list[str]:
-    """The source nodes a layer reads: its output (node `call`), and a join's other operand."""
-    return [call] + ([join.other] if join is not None else [])
-
-
-def _source_stop(index: Mapping[str, int], call: str, join: Join | None) -> int:
-    """Index of the source node after the last one that `_source_needs` names."""
-    return max(index[n] for n in _source_needs(call, join)) + 1
-
-
-def _first_calls(gm: fx.GraphModule) -> dict[str, str]:
-    """Module name -> the node of its first call."""
-    calls: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in calls:
-            calls[node.target] = node.name
-    return calls
-
-
-def _frontier_steps(comp_gm: fx.GraphModule | None, src_gm: fx.GraphModule | None, order: Sequence[str],
-                    joins: Mapping[str, Join], inputs: Sequence[torch.Tensor], memory_budget: int) -> _Steps | None:
-    """The frontiers for the layers they can serve within `memory_budget`; None when a model does
-    not trace or the first layer would not fit."""
-    if comp_gm is None or src_gm is None:
-        return None
-    comp_calls, src_calls = _first_calls(comp_gm), _first_calls(src_gm)
-    comp_nodes = {n.name: (i, n) for i, n in enumerate(comp_gm.graph.nodes)}
-    src_index = {n.name: i for i, n in enumerate(src_gm.graph.nodes)}
-    layers: list[str] = []
-    last, src_last = -1, -1
-    for name in order:
-        # The component stops just before each layer runs, in graph order. A layer that is not a
-        # node of its own, or runs out of that order, may already have run with its old weights:
-        # from there on, every layer takes passes.
-        if name not in comp_calls or name not in src_calls or comp_nodes[comp_calls[name]][0] < last:
-            break
-        at, call = comp_nodes[comp_calls[name]]
-        join = joins.get(name)
-        # An input that is not a node, an add operand computed after the layer, or source values
-        # that an earlier layer's reads already ran past (in-place ops may have changed them since):
-        # this layer takes passes; the frontier runs it only after its refit.
-        stop = _source_stop(src_index, src_calls[name], join)
-        if not call.args or not isinstance(call.args[0], fx.Node) or stop < src_last or (
-                join is not None and comp_nodes.get(join.other, (len(comp_nodes),))[0] > at):
-            continue
-        layers.append(name)
-        last, src_last = at, stop
-
-    def steps(batches: Sequence[torch.Tensor], served: Sequence[str]) -> _Steps:
-        keep: dict[str, int] = {}
-        for name in served:
-            for node in _source_needs(src_calls[name], joins.get(name)):
-                keep[node] = keep.get(node, 0) + 1
-        return _Steps(_Frontier(comp_gm, batches, {}), _Frontier(src_gm, batches, keep), (comp_calls, src_calls),
-                      set(served))
-
-    # Sizes scale with the number of images: one image through the same steps predicts them, so
-    # the frontier stops before the layer where it would outgrow the budget, not after.
-    probe, images = steps([inputs[0][:1].clone()], layers), sum(len(x) for x in inputs)  # own storage
-    for i, name in enumerate(layers):
-        probe.values(name, joins.get(name))
-        if probe.nbytes() * images > memory_budget:
-            log.info("recon: the batches' values would outgrow %d bytes at %s; it and the next layers re-run "
-                     "the models up to themselves", memory_budget, name)
-            layers = layers[:i]
-            break
-    return steps(inputs, layers) if layers else None
 
 
 def _traced(model: nn.Module) -> fx.GraphModule | None:

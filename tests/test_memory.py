@@ -1,0 +1,81 @@
+"""The memory budget read from the device, and recon's use of it."""
+from __future__ import annotations
+
+import copy
+
+import psutil
+import pytest
+import torch
+import torch.nn as nn
+
+from modellego.errors import UserError
+from modellego.graph import trace
+from modellego.memory import FREE_SHARE, default_budget, free_bytes
+from modellego.prune import full_plan
+from modellego.reconstruct import reconstruct
+
+
+def test_free_host_memory_is_positive_and_below_the_total() -> None:
+    free = free_bytes("cpu")
+    assert 0 < free <= psutil.virtual_memory().total
+    # Half of it, within what other processes allocate or free between the two reads.
+    assert abs(default_budget("cpu") - FREE_SHARE * free_bytes("cpu")) < 0.05 * free
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_free_cuda_memory_counts_what_the_allocator_cached() -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    before = free_bytes("cuda")
+    assert 0 < before <= total
+    x = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    held = free_bytes("cuda")
+    del x  # back to the allocator's cache, not to the device: still free for us
+    assert held < before and free_bytes("cuda") > held + (200 << 20)
+
+
+def _perturbed_pair() -> tuple[nn.Module, nn.Module, dict, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5)).eval()
+    broken = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape))
+    images = list(torch.randn(16, 1, 12, 12).split(8))
+    return source, broken, full_plan(trace(source, images[0][:1])), images
+
+
+@pytest.mark.parametrize("free", [1 << 40, 1000])
+def test_recon_holds_values_within_half_the_free_memory_of_the_batches_device(
+        free: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With plenty free, one pass of each model; with 1,000 bytes free, the layers resume the models
+    from checkpoints; the weights are the same either way."""
+    asked: list[torch.device] = []
+
+    def fake_free(device: torch.device | str) -> int:
+        asked.append(torch.device(device))
+        return free
+
+    monkeypatch.setattr("modellego.memory.free_bytes", fake_free)
+    source, broken, plan, images = _perturbed_pair()
+    model = copy.deepcopy(broken)
+    with caplog.at_level("INFO", logger="modellego"):
+        reconstruct(model, source, plan, images)
+    assert asked == [images[0].device]
+    outgrown = [r.message for r in caplog.records if "outgrow" in r.message]
+    assert bool(outgrown) == (free == 1000)
+    if outgrown:  # at the first layer: 500 bytes hold less than one image's values
+        assert f"outgrow {int(free * FREE_SHARE)} bytes at 0;" in outgrown[0], outgrown
+    explicit = copy.deepcopy(broken)
+    reconstruct(explicit, source, plan, images, memory_budget=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, explicit.state_dict()[k]), k
+
+
+def test_a_negative_budget_is_refused_before_anything_changes() -> None:
+    source, broken, plan, images = _perturbed_pair()
+    model = copy.deepcopy(broken)
+    with pytest.raises(UserError, match="memory_budget must be a number of bytes >= 0, got -1"):
+        reconstruct(model, source, plan, images, memory_budget=-1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, broken.state_dict()[k]), k
