@@ -146,7 +146,9 @@ class Checkpoints:
             return x
         with safe_open(self._path(index, batch), "pt", device=str(x.device)) as f:
             layout, value = f.metadata()["layout"], f.get_tensor("value")
-        return value.to(memory_format=torch.channels_last) if layout == "channels_last" else value
+        # A fresh copy, aligned as PyTorch aligns what it allocates: a read straight from the file
+        # may sit anywhere, and a CPU matmul on unaligned data can round differently.
+        return value.clone(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
     def forget_before(self, bound: int) -> None:
         """Delete the cuts that `best` can no longer return for any bound at or after `bound`."""
