@@ -39,7 +39,6 @@ from train_zoo import ZOO, get_model  # noqa: E402
 import modellego  # noqa: E402
 import modellego.budget as budget  # noqa: E402
 import modellego.locate as locate  # noqa: E402
-from modellego.calibrate import BUDGET_CALIBRATION  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
 from modellego.evaluate import accuracy  # noqa: E402
 from modellego.info import get_info  # noqa: E402
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 budget.locate_class = _union_counts_locate if rule == "layers" else locate.locate_class
                 try:
                     comp = modellego.disassemble(model, task, profile=prof, calibration=calib,
-                                                 calibrate=BUDGET_CALIBRATION, flops=args.flops,
+                                                 calibrate="recon+balance", flops=args.flops,
                                                  budget_rank="class" if rule == "class" else "task")
                 finally:
                     budget.locate_class = locate.locate_class

@@ -28,14 +28,13 @@ from rows import record  # noqa: E402
 from train_zoo import ZOO, get_model  # noqa: E402
 
 import modellego  # noqa: E402
-from modellego.calibrate import BUDGET_CALIBRATION, DEFAULT_CALIBRATION  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
 from modellego.evaluate import count_flops, count_params  # noqa: E402
 from modellego.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
 from modellego.tasks import parse_classes  # noqa: E402
 
 BUDGETS = [1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05]
-CALIBRATIONS = ["none", DEFAULT_CALIBRATION, BUDGET_CALIBRATION]
+CALIBRATIONS = ["none", "bn+refit+balance", "recon+balance"]  # faithful, last layer, every layer
 
 
 def plot(rows: list[dict], masked_base: float, title: str):

@@ -5,10 +5,10 @@ TRAINING split (top 1% correctly classified samples per class), then for each ta
 is cut twice from that profile:
 
 - Disa (paper): the faithful cut, ``disassemble(model, task, profile=prof)``;
-- Disa (calibrated): the same cut plus the training-free logit calibration
-  (``calibration=calibration_batches(model, ds, task)``: 2,000 training images of the task);
+- Disa (calibrated): the same cut with a last-layer calibration (``calibrate="bn+refit+balance"``,
+  ``calibration=calibration_batches(model, ds, task)``: 2,000 training images of the task);
 - Disa (recon): the same cut with every layer refitted to the source's kept outputs by least
-  squares, then class-balanced (``calibrate="recon+balance"``; multi-class tasks only);
+  squares, then class-balanced (``recon+balance``, the library's default; multi-class tasks only);
 - Disa @ budget: the channels located under a FLOPs budget (``flops=0.5`` by default: every layer
   keeps the same share of its inputs most relevant to the task's classes together, or with
   ``--budget-rank class`` a share per class and their union), then ``recon+balance`` (multi-class
@@ -42,13 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
 
 import modellego  # noqa: E402
-from modellego.calibrate import BUDGET_CALIBRATION  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
 from modellego.evaluate import count_flops, count_params  # noqa: E402
 from modellego.info import get_info  # noqa: E402
 from modellego.protocol import calibration_batches, compare, model_transform, test_accuracy  # noqa: E402
 from modellego.tasks import parse_classes  # noqa: E402
 from train_zoo import DATA, ZOO, checkpoint_path, get_model  # noqa: E402
+
+LAST_LAYER = "bn+refit+balance"  # the "calibrated" column: BatchNorm statistics and the last layer only
+RECON = "recon+balance"  # the recon and budget columns (the library's default)
 
 TASKS = ["0", "1", "0-2", "3-9"]
 
@@ -83,7 +85,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
 
         t = time.perf_counter()
         calib = calibration_batches(model, ds, task, images=args.calibration_images)
-        calibrated = modellego.disassemble(model, task, profile=prof, calibration=calib)
+        calibrated = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=LAST_LAYER)
         calibrated_s = time.perf_counter() - t
         cal_acc = test_accuracy(calibrated, ds, task)
         cal_params = sum(p.numel() for p in calibrated.parameters())
@@ -102,7 +104,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
             "per_class_disa_calibrated": {str(k): _r(v) for k, v in cal_acc.per_class.items()},
             "params_pct": r["params_pct"], "flops_pct": r["flops_pct"],
             "same_size": cal_params == faithful_params,
-            "calibration": "bn+refit+balance", "calibration_images": sum(len(y) for _, y in calib),
+            "calibration": LAST_LAYER, "calibration_images": sum(len(y) for _, y in calib),
             "profile_s": round(profile_s, 2), "profile_split_s": prof.provenance["seconds"],
             "profile_samples": prof.provenance["selection"].get("selected"),
             "disassemble_s": round(faithful_s, 3), "calibrated_disassemble_s": round(calibrated_s, 3),
@@ -121,13 +123,13 @@ def _recon_and_budget(model, prof, ds, task: list[int], calib, args: argparse.Na
     shape = prof.provenance["input_shape"]
     if args.recon:
         t = time.perf_counter()
-        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=BUDGET_CALIBRATION)
+        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=RECON)
         acc = test_accuracy(comp, ds, task)
         out |= {"disa_recon": _r(acc.mean_per_class), "worst_disa_recon": _r(acc.worst_class),
                 "recon_disassemble_s": round(time.perf_counter() - t, 2)}
     if args.budget:
         t = time.perf_counter()
-        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=BUDGET_CALIBRATION,
+        comp = modellego.disassemble(model, task, profile=prof, calibration=calib, calibrate=RECON,
                                      flops=args.budget, budget_rank=args.budget_rank)
         seconds = time.perf_counter() - t
         acc = test_accuracy(comp, ds, task)

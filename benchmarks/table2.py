@@ -26,6 +26,7 @@ from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
 from modellego.assemble import assemble  # noqa: E402
+from modellego.calibrate import DEFAULT_CALIBRATION  # noqa: E402
 from modellego.data import Split, batches, load_dataset  # noqa: E402
 from modellego.evaluate import count_flops, count_params, measure_latency  # noqa: E402
 from modellego.info import get_info  # noqa: E402
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=["lenet5", "vgg16_bn", "resnet18", "googlenet"])
     p.add_argument("--pairs", nargs="*", default=list(PAIRS))
     p.add_argument("--cache", type=Path, default=Path(".cache/zoo"))
+    p.add_argument("--calibrate", default=DEFAULT_CALIBRATION,
+                   help=f"how each component is calibrated when cut (default {DEFAULT_CALIBRATION})")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-images", type=int, default=5000, help="random union training images used to fine-tune")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table2.jsonl"))
@@ -67,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             comps, base_sum = [], 0.0
             for d, task in tasks.items():
                 m, ds = sources[d], data[d]
-                comps.append(modellego.disassemble(m, task, profile=profiles[d], calibration=calibration_batches(m, ds, task)))
+                comps.append(modellego.disassemble(m, task, profile=profiles[d], calibration=calibration_batches(m, ds, task),
+                                                   calibrate=args.calibrate))
                 base_sum += test_accuracy(m, ds, task).mean_per_class * len(task)
             n = sum(len(t) for t in tasks.values())
             row = {"model": arch, "width": ZOO[arch]["width"], "pair": name, "base": round(base_sum / n, 2),
-                   "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "calibration": args.calibrate, "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": str(device)}
             for mode in ("padded", "parallel"):
                 asm = assemble(comps, mode=mode)

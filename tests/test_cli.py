@@ -113,7 +113,7 @@ def test_profile_file(run) -> None:
 def test_disassembled_components(run) -> None:
     model = modellego.load(run["model"])
     n = sum(p.numel() for p in model.parameters())
-    for key, classes, method in (("c012", (0, 1, 2), "bn+refit+balance"), ("c34", (3, 4), "none")):
+    for key, classes, method in (("c012", (0, 1, 2), "recon+balance"), ("c34", (3, 4), "none")):
         comp = modellego.load(run[key])
         info = get_info(comp)
         assert info.kind == "component" and info.classes == classes
@@ -156,7 +156,7 @@ def test_merge_of_two_components(run, capsys) -> None:
     merged = modellego.load(run["merged"])
     info = get_info(merged)
     assert info.kind == "component" and info.classes == (0, 1, 2, 3, 4)
-    assert info.provenance["calibration"]["method"] == "bn+refit+balance" and len(info.provenance["merged_from"]) == 2
+    assert info.provenance["calibration"]["method"] == "recon+balance" and len(info.provenance["merged_from"]) == 2
     # Before calibration it is exactly the library's merge.
     source, comps = modellego.load(run["model"]), [modellego.load(run[k]) for k in ("c012", "c34")]
     want = modellego.merge(source, comps)

@@ -10,13 +10,13 @@ import torch.nn as nn
 import modellego
 from helpers import randomise_bn
 from modellego.checkpoint import weights_hash
-from modellego.disassemble import compose_plans, masked_forward
+from modellego.disassemble import masked_forward
 from modellego.errors import UnsupportedGraphError, UserError
 from modellego.graph import trace
 from modellego.info import get_info
 from modellego.locate import Thresholds, keep_channels
 from modellego.profiling import Profile
-from modellego.prune import prune_layers
+from modellego.prune import compose_plans, prune_layers, relative_plan
 
 NUM_CLASSES = 5
 SHAPE = (3, 28, 28)
@@ -168,6 +168,10 @@ def test_compose_plans_by_hand() -> None:
         "conv": {"out": [1, 4], "in": [0, 1, 2]}, "bn": {"out": [1, 4]}, "fc": {"out": [1], "in": [5]},
     }
     assert compose_plans(None, inner) == inner
+    assert relative_plan(outer, compose_plans(outer, inner)) == inner
+    assert relative_plan(None, inner) == inner
+    with pytest.raises(UserError, match="'conv' keeps out indices \\[2\\]"):
+        relative_plan(outer, {"conv": {"out": [1, 2], "in": [0, 1, 2]}})
 
 
 def test_disassemble_from_batches_and_float64_model() -> None:

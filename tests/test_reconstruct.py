@@ -135,6 +135,23 @@ def test_recon_without_a_plan_raises_user_error() -> None:
         calibrate(copy.deepcopy(source), source, [0, 1, 2], [(x, y)], "recon")
 
 
+def test_recon_reads_the_plan_between_a_component_and_its_source() -> None:
+    """A component cut from a component: calibrating it later, without a plan, equals calibrating it when cut."""
+    source = described_model("vgg11_bn", 0.125, seed=8, num_classes=6, dataset="d")
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(96, 1, 28, 28, generator=g), torch.arange(96) % 6
+    outer = modellego.disassemble(source, [5, 1, 3, 4], profile=modellego.profile(source, [(x, y)], select=False))
+    prof = modellego.profile(outer, [(x, y)], select=False)  # labels are the dataset's; outputs 0-3 are 5, 1, 3, 4
+    when_cut = modellego.disassemble(outer, [2, 0], profile=prof, calibration=[(x, y)], calibrate="recon+balance")
+    later = modellego.disassemble(outer, [2, 0], profile=prof)
+    report = calibrate(later, outer, [2, 0], [(x, y)], "recon+balance", task_labels=[3, 5])
+    assert report["recon_r2"] == get_info(when_cut).provenance["calibration"]["recon_r2"]
+    a, b = when_cut.state_dict(), later.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="not cut from this source"):
+        calibrate(copy.deepcopy(later), source, [3, 5], [(x, y)], "recon")
+
+
 def test_disassemble_with_recon_records_the_fit_and_still_loads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = described_model("resnet18", 0.0625, seed=2, num_classes=4, dataset="d")
     g = torch.Generator().manual_seed(6)

@@ -86,9 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", required=True, help="task, e.g. 0-2, 3,5,7 or class names, in output order")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
     s.add_argument("--calibrate", default=None,
-                   help="training-free logit calibration from --data training images: none (the paper's faithful "
-                        "cut), recon, bn, affine, refit, balance or a '+' combination (default: bn+refit+balance "
-                        "when --data is given, else none; recon+balance with --flops)")
+                   help="training-free calibration from --data training images: none (the paper's faithful "
+                        "cut), recon, bn, affine, refit, balance or a '+' combination (default: recon+balance "
+                        "when --data is given, else none)")
     s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
     s.add_argument("--flops", type=float, default=None,
                    help="FLOPs budget as a fraction of the model's, e.g. 0.5: every layer keeps the same share of "
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="the model the components were cut from")
     s.add_argument("components", nargs="+", help="component files of that model")
     s.add_argument("--calibrate", default=None,
-                   help="as for disassemble (default: bn+refit+balance when --data is given, else none)")
+                   help="as for disassemble (default: recon+balance when --data is given, else none)")
     s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
     data_args(s, required=False)
     s.add_argument("-o", "--output", required=True, help="merged component folder or .safetensors file")
@@ -254,7 +254,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
-    from .calibrate import BUDGET_CALIBRATION
     from .checkpoint import load, save
     from .disassemble import disassemble
     from .locate import Thresholds
@@ -275,8 +274,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         prof = _profile_from_args(model, args, classes, keep_contributions=args.flops is not None)
     else:
         raise UserError("give --profile PROFILE or --data NAME to profile the model first")
-    method, calibration = _calibration(model, args, [info.classes[c] for c in classes],
-                                       default=BUDGET_CALIBRATION if args.flops is not None else None)
+    method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
     component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
                             budget_rank=args.budget_rank, progress=True)
     path = save(component, args.output)
@@ -290,11 +288,10 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(model, args: argparse.Namespace, labels, default: str | None = None) -> tuple[str, list | None]:
+def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | None]:
     """The calibration method and training batches that --calibrate / --data ask for."""
     from .calibrate import DEFAULT_CALIBRATION
-    default = default or DEFAULT_CALIBRATION
-    method = args.calibrate if args.calibrate is not None else (default if args.data else "none")
+    method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
     if method == "none":
         return method, None
     if not args.data:

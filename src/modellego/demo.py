@@ -14,7 +14,6 @@ from .errors import UserError
 from .profiling import profile
 from .assemble import assemble
 from .info import get_info
-from .calibrate import BUDGET_CALIBRATION
 from .evaluate import count_flops
 from .protocol import calibration_batches, compare, model_transform, scaling_batches, test_accuracy
 from .scaling import SCALINGS, scale_assembly
@@ -67,7 +66,7 @@ def _assembly_demo(models: dict, profiles: dict) -> None:
 
 def _budget_cells(model, prof, ds, task: list[int], calibration) -> tuple[str, str]:
     """Accuracy and FLOPs share of the task's component under the FLOPs budget."""
-    comp = disassemble(model, task, profile=prof, calibration=calibration, calibrate=BUDGET_CALIBRATION, flops=BUDGET)
+    comp = disassemble(model, task, profile=prof, calibration=calibration, flops=BUDGET)
     acc = test_accuracy(comp, ds, task)
     shape = prof.provenance["input_shape"]
     return f"{acc.mean_per_class:.2f} [{acc.worst_class:.1f}]", f"{100 * count_flops(comp, shape) / count_flops(model, shape):.1f}%"
@@ -106,9 +105,9 @@ def run_demo(cache: Path, *, epochs: int = 6, device: torch.device | None = None
             print(f"{data:<14} {name:<6} {r['base']:7.2f} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                   f"{r['params_pct']:6.1f}% {r['flops_pct']:6.1f}% {seconds:9.1f} {budget[0]:>15} {budget[1]:>7}")
     _assembly_demo(models, profiles)
-    print("\nDisa (paper): the faithful cut. Disa (calibr.): the same channels, last layer re-fitted in closed form")
-    print("on 2,000 training images (no gradient step). Disa @ budget: channels located under a budget of")
-    print(f"{BUDGET:.0%} of the source's FLOPs, every layer refitted by least squares to the source's outputs")
-    print("(recon+balance). Single-class components score 100% by construction; Masked-Base (the source")
-    print("restricted to the task's classes) is the fair baseline.")
+    print("\nDisa (paper): the faithful cut. Disa (calibr.): the same channels, every layer refitted in closed form")
+    print("to the source's outputs on 2,000 training images, then class-balanced (recon+balance, the default;")
+    print(f"no gradient step). Disa @ budget: channels located under a budget of {BUDGET:.0%} of the source's FLOPs,")
+    print("calibrated the same way. Single-class components score 100% by construction; Masked-Base (the")
+    print("source restricted to the task's classes) is the fair baseline.")
     return 0

@@ -18,7 +18,7 @@ from .hooks import forward_hooks
 from .info import ModelInfo, get_info, set_info
 from .locate import keep_channels
 from .profiling import Profile, class_names_of, profile as run_profile
-from .prune import Plan, build_plan, kept_features, prune_layers
+from .prune import build_plan, compose_plans, kept_features, prune_layers
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ def masked_forward(model: nn.Module, graph: ChannelGraph, keep: Mapping[int, Seq
 
     with forward_hooks(model, {n: pre_hook_for(n) for n in masks}, pre=True), torch.no_grad():
         return model(x)
-
-
-def compose_plans(outer: Plan | None, inner: Plan) -> Plan:
-    """Indices of `inner` (relative to an already pruned model) mapped back through `outer`."""
-    if not outer:
-        return inner
-    plan = {k: {d: list(v) for d, v in dims.items()} for k, dims in outer.items()}
-    for name, dims in inner.items():
-        base = outer.get(name, {})
-        plan[name] = {d: ([base[d][i] for i in idx] if d in base else list(idx)) for d, idx in dims.items()}
-    return plan
 
 
 def disassemble(

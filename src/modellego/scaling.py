@@ -71,15 +71,16 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale, bias, per-group energy weight and per-site density weight minimising cross-entropy.
 
-    The fit runs on logits divided by their spread, and a small L2 penalty pulls towards the
-    identity there: towards the raw logits up to one positive factor, which leaves every argmax
-    unchanged. `sites` (N, K) are standardised density scores of component `owner` (K,), see
+    The fit starts from the raw logits (scale 1, every other term 0), and a small L2 penalty pulls
+    towards them, so the head never fits the images worse than no scaling does: its cross-entropy
+    on them is at most theirs (up to the optimiser's tolerance). The log-sum-exp terms see the
+    logits divided by their spread, so that their weights are on a unit scale. `sites` (N, K) are standardised density scores of component `owner` (K,), see
     `modellego.density`; without them the site weights are empty.
     Shape: z (N, T), y (N,), groups (T,) -> (T,), (T,), (G,), (K,).
     """
     t, g = z.shape[1], int(groups.max()) + 1
     std = z.std().clamp(min=1e-6)
-    zn = z / std  # fit on a unit scale, undo below
+    zn = z / std  # the "mine" confidences on a unit scale (the head's temperature)
     lse = torch.stack([zn[:, groups == k].logsumexp(1) for k in range(g)], 1)  # (N, G)
     if sites is None:
         sites, owner = z.new_zeros(len(z), 0), torch.zeros(0, dtype=torch.long)
@@ -93,7 +94,7 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        out = zn * scale + bias + (lse * energy + (sites * weight) @ to_group)[:, groups]
+        out = z * scale + bias + (lse * energy + (sites * weight) @ to_group)[:, groups]
         penalty = (scale - 1).square().sum() + bias.square().sum() + energy.square().sum() + weight.square().sum()
         loss = F.cross_entropy(out, y) + l2 * penalty
         loss.backward()
@@ -101,8 +102,7 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
 
     with torch.enable_grad():
         opt.step(closure)
-    # out = (z/std)·s + b + e·lse(z/std): express on raw z (lse of z/std is what the head must see).
-    return (scale / std).detach(), bias.detach(), energy.detach(), weight.detach()
+    return scale.detach(), bias.detach(), energy.detach(), weight.detach()
 
 
 def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], method: str = "density"
