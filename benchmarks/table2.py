@@ -2,8 +2,9 @@
 
 For each architecture, one source trained on MNIST and one on Fashion-MNIST (cached by
 train_zoo.py); for each pair of tasks: Base (class-count-weighted mean of the sources' Base),
-Score1 without training with no scaling, the paper's scaling and our calibrated head, Score2 after
-a short fine-tuning, and parameters, FLOPs and latency of the padded vs the parallel assembly.
+Score1 without training with no scaling, the paper's scaling, our calibrated and density heads,
+Score2 after a short fine-tuning, and parameters, FLOPs and latency of the padded vs the parallel
+assembly. Components are calibrated as cut (``--calibrate``, the library's default otherwise).
 
     python benchmarks/table2.py                            # every cached architecture
     python benchmarks/table2.py --models lenet5 --finetune-epochs 2 --finetune-images 5000
@@ -70,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             comps, base_sum = [], 0.0
             for d, task in tasks.items():
                 m, ds = sources[d], data[d]
-                comps.append(modellego.disassemble(m, task, profile=profiles[d], calibration=calibration_batches(m, ds, task),
-                                                   calibrate=args.calibrate))
+                comps.append(modellego.disassemble(m, task, profile=profiles[d], calibrate=args.calibrate,
+                                                   calibration=calibration_batches(m, ds, task)))
                 base_sum += test_accuracy(m, ds, task).mean_per_class * len(task)
             n = sum(len(t) for t in tasks.values())
             row = {"model": arch, "width": ZOO[arch]["width"], "pair": name, "base": round(base_sum / n, 2),
-                   "calibration": args.calibrate, "profile_s": round(profile_s, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "device": str(device)}
+                   "calibration": args.calibrate, "profile_s": round(profile_s, 1), "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "device": str(device)}
             for mode in ("padded", "parallel"):
                 asm = assemble(comps, mode=mode)
                 shape = (get_info(asm).input.channels, *get_info(asm).input.size)

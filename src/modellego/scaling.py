@@ -74,8 +74,9 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
     The fit starts from the raw logits (scale 1, every other term 0), and a small L2 penalty pulls
     towards them, so the head never fits the images worse than no scaling does: its cross-entropy
     on them is at most theirs (up to the optimiser's tolerance). The log-sum-exp terms see the
-    logits divided by their spread, so that their weights are on a unit scale. `sites` (N, K) are standardised density scores of component `owner` (K,), see
-    `modellego.density`; without them the site weights are empty.
+    logits divided by their spread, so that their weights are on a unit scale. `sites` (N, K) are
+    standardised density scores of component `owner` (K,), see `modellego.density`; without them
+    the site weights are empty.
     Shape: z (N, T), y (N,), groups (T,) -> (T,), (T,), (G,), (K,).
     """
     t, g = z.shape[1], int(groups.max()) + 1
