@@ -79,3 +79,35 @@ def test_a_negative_budget_is_refused_before_anything_changes() -> None:
         reconstruct(model, source, plan, images, memory_budget=-1)
     for k, v in model.state_dict().items():
         assert torch.equal(v, broken.state_dict()[k]), k
+
+
+def test_profiling_holds_the_sums_of_as_many_classes_as_half_the_free_memory_fits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory for the sums of 4 classes: budget for 2, so 5 classes take 3 passes; the
+    profile equals one pass over all classes."""
+    import modellego
+    import modellego.profiling as profiling
+
+    source, _, _, images = _perturbed_pair()
+    labels = [torch.arange(len(x)) % 5 for x in images]
+    layers = trace(source, images[0][:1]).layers.values()
+    per_class = 4 * sum(l.out_features * l.in_features for l in layers)  # float32, no groups
+    monkeypatch.setattr("modellego.memory.free_bytes", lambda device: 4 * per_class)
+    passes: list[list[int]] = []
+    real = profiling.contributions
+
+    def counted(*args, **kwargs):
+        passes.append(list(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profiling, "contributions", counted)
+    chunked = modellego.profile(source, list(zip(images, labels)), select=False)
+    assert passes == [[0, 1], [2, 3], [4]]
+    whole = modellego.profile(source, list(zip(images, labels)), select=False, memory_budget=5 * per_class)
+    assert passes[3:] == [[0, 1, 2, 3, 4]]
+    for k in whole.layers:
+        assert torch.equal(chunked.in_masks[k], whole.in_masks[k]) and torch.equal(chunked.out_masks[k], whole.out_masks[k])
+    with pytest.raises(UserError, match="memory_budget must be a number of bytes >= 0, got -1"):
+        modellego.profile(source, list(zip(images, labels)), select=False, memory_budget=-1)
+    with pytest.raises(UserError, match="class_chunk must be at least 1, got 0"):
+        modellego.profile(source, list(zip(images, labels)), select=False, class_chunk=0)

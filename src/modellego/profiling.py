@@ -30,10 +30,10 @@ from .graph import ChannelGraph, trace
 from .hooks import forward_hooks
 from .info import get_info
 from .locate import Thresholds, locate_class
+from .memory import default_budget
 from .samples import SampleSelection, select_samples
 
 log = logging.getLogger(__name__)
-DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of contribution state held at once
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def profile(
     max_per_class: int = 256,
     batch_size: int = 128,
     class_chunk: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
     keep_contributions: bool = False,
@@ -229,7 +229,9 @@ def profile(
         fraction, min_per_class, max_per_class: see `select_samples`.
         batch_size: batch size of the contribution pass.
         class_chunk: classes accumulated at once (default: as many as fit `memory_budget`).
-        memory_budget: bytes of contribution state to hold at once when choosing `class_chunk`.
+        memory_budget: bytes of contribution sums to hold at once when choosing `class_chunk`
+            (default: half the memory free on `device` when profiling starts,
+            `modellego.memory.default_budget`). The profile does not depend on it.
         device: where to run (default: where the model's parameters are).
         progress: show a progress bar.
         keep_contributions: keep every class's relative contributions in the profile (one
@@ -241,6 +243,10 @@ def profile(
     thresholds = thresholds or Thresholds()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_kernel(kernel, device)  # before the selection pass, so a bad choice costs nothing
+    if memory_budget is not None and memory_budget < 0:
+        raise UserError(f"memory_budget must be a number of bytes >= 0, got {memory_budget}")
+    if class_chunk is not None and class_chunk < 1:
+        raise UserError(f"class_chunk must be at least 1, got {class_chunk}")
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
@@ -263,17 +269,23 @@ def profile(
     for c in classes:
         sel.selected.setdefault(c, 0)
 
-    per_class_bytes = sum(4 * (l.out_features * l.in_features // (l.module.groups if l.kind == "conv" else 1))
-                          for l in graph.layers.values())
-    chunk = class_chunk or max(1, min(len(classes), memory_budget // max(per_class_bytes, 1)))
+    # One class's sums: a float per weight, in the dtype the layers see (the input's).
+    per_class_bytes = example.element_size() * sum(
+        l.out_features * l.in_features // (l.module.groups if l.kind == "conv" else 1) for l in graph.layers.values())
+    if class_chunk is None:
+        if memory_budget is None:  # read after the selection pass, which has let go of its batches
+            memory_budget = default_budget(device)
+        class_chunk = max(1, min(len(classes), memory_budget // max(per_class_bytes, 1)))
+        log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
+                  class_chunk, per_class_bytes, memory_budget)
     names = class_names_of(model, n_out)
     in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     kept_r: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     t1 = time.perf_counter()
     bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True)
-    for i in range(0, len(classes), chunk):
-        part = classes[i: i + chunk]
+    for i in range(0, len(classes), class_chunk):
+        part = classes[i: i + class_chunk]
         accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device,
                              kernel=kernel)
         for slot, c in enumerate(part):
