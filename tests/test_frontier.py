@@ -11,7 +11,7 @@ from modellego.frontier import INPUT, Checkpoints
                                                  ((1,), False)])
 def test_a_checkpoint_comes_back_equal_in_layout_and_aligned(tmp_path, shape, channels_last: bool) -> None:
     inputs = [torch.zeros(2, 3), torch.zeros(2, 3)]
-    cuts = Checkpoints(tmp_path / "cuts", inputs)
+    cuts = Checkpoints(tmp_path / "cuts", inputs, wanted=[7])
     value = torch.randn(shape, dtype=torch.float64)
     if channels_last:
         value = value.contiguous(memory_format=torch.channels_last)
@@ -26,7 +26,7 @@ def test_a_checkpoint_comes_back_equal_in_layout_and_aligned(tmp_path, shape, ch
 
 
 def test_a_cut_that_not_every_batch_saved_is_not_used_and_old_cuts_are_deleted(tmp_path) -> None:
-    cuts = Checkpoints(tmp_path / "cuts", [torch.zeros(1), torch.zeros(1)])
+    cuts = Checkpoints(tmp_path / "cuts", [torch.zeros(1), torch.zeros(1)], wanted=[3, 5, 9, 11])
     cuts.save(3, 0, torch.ones(2))
     assert cuts.best(10) == INPUT  # batch 1 has not passed node 3
     cuts.save(3, 1, torch.ones(2))

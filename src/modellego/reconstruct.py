@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from .contribution import pad_input
 from .errors import UserError
-from .frontier import CheckpointSteps, Values, frontier_steps, servable_layers
+from .frontier import CheckpointSteps, TracedGraph, Values, frontier_steps, servable_layers
 from .graph import ADD_FUNCTIONS, is_depthwise
 from .hooks import forward_hooks, preserve_training
 from .memory import default_budget
@@ -323,12 +323,13 @@ def reconstruct(
         log.debug("recon: holding at most %d bytes of the batches' values", memory_budget)
     elif memory_budget < 0:
         raise UserError(f"memory_budget must be a number of bytes >= 0, got {memory_budget}")
-    served = servable_layers(comp_gm, src_gm, order, joins) if comp_gm is not None and src_gm is not None else []
+    traced = (TracedGraph(comp_gm), TracedGraph(src_gm)) if comp_gm is not None and src_gm is not None else None
+    served = servable_layers(*traced, order, joins) if traced is not None else []
     r2: dict[str, float] = {}
     with preserve_training(component), preserve_training(source), contextlib.ExitStack() as stack:
         component.eval()
         source.eval()
-        steps = frontier_steps(comp_gm, src_gm, served, joins, inputs, memory_budget) if served else None
+        steps = frontier_steps(*traced, served, joins, inputs, memory_budget) if traced and served else None
         resumed: CheckpointSteps | None = None
         for name in tqdm(order, desc="recon", unit="layer", disable=None if progress else True):
             join = joins.get(name)
@@ -341,7 +342,7 @@ def reconstruct(
             elif name in served:
                 if resumed is None:  # the checkpoints go to a private folder, removed however recon ends
                     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modellego-recon-")))
-                    resumed = CheckpointSteps(comp_gm, src_gm, served, joins, inputs, root)
+                    resumed = CheckpointSteps(*traced, served, joins, inputs, root)
                 values = resumed.values(name, join)
             else:  # one batch at a time, from passes that stop at the layer
                 values = (_pass_values(name, join, component, source, (comp_gm, src_gm), x) for x in inputs)
