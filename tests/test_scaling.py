@@ -112,13 +112,18 @@ SPEC = SyntheticSpec(num_classes=6, channels=1, image_size=28, train_per_class=1
 
 
 @pytest.fixture(scope="module")
-def trained():
+def profiled():
     ds = load_dataset("synthetic", synthetic_spec=SPEC)
     model = train(TrainConfig(model="lenet5", width=0.25, data="synthetic", epochs=2, batch_size=16, lr=0.05),
                   dataset=ds, progress=False)
     assert model.modellego_info.provenance["test_accuracy"] > 80
     train_batches = list(batches(ds.train, 256, transform=model_transform(model, ds)))
-    prof = modellego.profile(model, train_batches)
+    return ds, model, modellego.profile(model, train_batches)
+
+
+@pytest.fixture(scope="module")
+def trained(profiled):
+    ds, model, prof = profiled
     comps = [modellego.disassemble(model, cls, profile=prof, calibration=calibration_batches(model, ds, cls))
              for cls in ([0, 1, 2], [3, 4, 5])]
     return ds, model, comps
@@ -264,11 +269,9 @@ def test_calibrated_and_density_restore_accuracy_of_an_inflated_component(traine
         assert acc[10.0, method] >= acc[1.0, "none"] - 5
 
 
-def test_finetuning_improves_an_assembly_and_records_it(trained) -> None:
-    ds, model, _ = trained
+def test_finetuning_improves_an_assembly_and_records_it(profiled) -> None:
+    ds, model, prof = profiled
     # The paper's faithful cuts: their raw assembly leaves room that fine-tuning can take.
-    train_batches = list(batches(ds.train, 256, transform=model_transform(model, ds)))
-    prof = modellego.profile(model, train_batches)
     asm = assemble([modellego.disassemble(model, cls, profile=prof) for cls in ([0, 1, 2], [3, 4, 5])])
     union, _ = _fit_images(asm, ds)
     before = accuracy_on(asm, union).mean_per_class
