@@ -1,10 +1,11 @@
-"""Recon's checkpoints: what is saved comes back equal, in its layout, aligned as PyTorch allocates."""
+"""Recon's checkpoints: where the cuts are, which are written, and what is saved comes back equal,
+in its layout, aligned as PyTorch allocates."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from modellego.frontier import INPUT, Checkpoints
+from modellego.frontier import INPUT, Checkpoints, TracedGraph
 
 
 @pytest.mark.parametrize("shape,channels_last", [((3, 7), False), ((5, 3, 4, 4), False), ((2, 6, 5, 3), True),
@@ -41,3 +42,27 @@ def test_a_cut_that_not_every_batch_saved_is_not_used_and_old_cuts_are_deleted(t
     # A layout other than contiguous or channels-last is not saved: resuming could not reproduce it.
     cuts.save(11, 0, torch.ones(4, 4).T)
     assert 11 not in cuts.saved
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = torch.nn.Conv2d(1, 2, 1), torch.nn.Conv2d(2, 2, 1), torch.nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + torch.relu(self.conv(h))  # h stays live beside the branch until the add
+        return self.fc(h.mean((2, 3)))
+
+
+def test_the_cuts_are_where_one_value_alone_is_live_and_only_wanted_ones_are_written(tmp_path) -> None:
+    graph = TracedGraph(torch.fx.symbolic_trace(_Block()))
+    names = [n.name for n in graph.nodes]
+    assert names == ["x", "stem", "conv", "relu", "add", "mean", "fc", "output"]
+    # Not the input (that is INPUT), nor inside the residual branch, where `stem` is still live.
+    assert [names[i] for i in graph.cuts] == ["stem", "add", "mean", "fc", "output"]
+    assert graph.last_cut(0) == INPUT and graph.last_cut(3) == 1 and graph.last_cut(4) == 4
+    cuts = Checkpoints(tmp_path / "cuts", [torch.zeros(1)], wanted=[4])
+    cuts.save(1, 0, torch.ones(2))
+    cuts.save(4, 0, torch.ones(2))
+    assert cuts.saved == {4: {0}} and [p.name for p in (tmp_path / "cuts").iterdir()] == ["4-0.safetensors"]

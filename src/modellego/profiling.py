@@ -269,7 +269,7 @@ def profile(
     for c in classes:
         sel.selected.setdefault(c, 0)
 
-    # One class's sums: a float per weight, in the dtype the layers see (the input's).
+    # One class's sums: a float per filter and input channel, in the dtype the layers see (the input's).
     per_class_bytes = example.element_size() * sum(
         l.out_features * l.in_features // (l.module.groups if l.kind == "conv" else 1) for l in graph.layers.values())
     if class_chunk is None:
