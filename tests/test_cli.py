@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,6 +110,23 @@ def test_profile_file(run) -> None:
     assert prof.classes == tuple(range(10)) and prof.class_names == tuple(f"class{i}" for i in range(10))
     assert prof.thresholds == modellego.Thresholds()
     assert prof.model_sha256 and prof.provenance["input_shape"] == [3, 32, 32]
+
+
+def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_path) -> None:
+    """Two CPU processes (gloo on the loopback device), half the training images each; the
+    profile equals one process's up to float32 rounding (exact in float64: test_distributed.py)."""
+    out = tmp_path / "two.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "modellego.cli", "profile", run["model"], "--data", "synthetic", "-o", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1  # every process holds the profile; the first writes it
+    two, one = Profile.load(out), Profile.load(run["profile"])
+    assert (two.provenance["processes"], one.provenance["processes"]) == (2, 1)
+    assert two.provenance["selection"]["seen"] == one.provenance["selection"]["seen"]  # all shards counted
+    same = torch.cat([(two.in_masks[k] == one.in_masks[k]).flatten() for k in one.layers]).float().mean()
+    assert same > 0.99, float(same)
 
 
 def test_disassembled_components(run) -> None:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -229,21 +231,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_contributions: bool = False):
+def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_contributions: bool = False,
+                       group=None):
     from .data import batches
+    from .distributed import world
     from .profiling import profile
     from .protocol import model_transform
     ds = _dataset(args)
-    it = batches(ds.train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
+    rank, size = world(group)
+    train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
+    it = batches(train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
     return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, fraction=args.fraction,
                    min_per_class=args.min_per_class, max_per_class=args.max_per_class, progress=True,
-                   keep_contributions=keep_contributions, kernel=args.kernel)
+                   keep_contributions=keep_contributions, kernel=args.kernel, group=group)
+
+
+@contextlib.contextmanager
+def _launched_group(device: torch.device) -> Iterator[tuple[object | None, torch.device]]:
+    """The process group of a launch by torchrun (WORLD_SIZE > 1), or None: gloo between CPU
+    processes, NCCL between GPU processes, one GPU each (LOCAL_RANK)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None, device
+        return
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield dist.group.WORLD, device
+    finally:
+        dist.destroy_process_group()
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .checkpoint import load
-    model = load(args.model, map_location=_device(args))
-    prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions)
+    with _launched_group(_device(args)) as (group, device):
+        model = load(args.model, map_location=device)
+        prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions, group=group)
+        if prof.provenance["processes"] > 1 and int(os.environ["RANK"]) != 0:
+            return 0  # every process holds the same profile; the first writes it
     path = prof.save(args.output)
     sel = prof.provenance["selection"]["selected"]
     print(f"saved {path}: {len(prof.classes)} classes, {len(prof.layers)} layers, "

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import __version__, kernels
+from . import __version__, distributed, kernels
 from ._io import atomic_path
 from .checkpoint import weights_hash
 from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, relative
@@ -31,7 +31,7 @@ from .hooks import forward_hooks
 from .info import get_info
 from .locate import Thresholds, locate_class
 from .memory import default_budget
-from .samples import SampleSelection, select_samples
+from .samples import every_sample, select_samples
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,7 @@ def profile(
     progress: bool = False,
     keep_contributions: bool = False,
     kernel: str = "torch",
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Profile:
     """Profile `model`: select samples, accumulate relative contributions, locate every class.
 
@@ -239,6 +240,10 @@ def profile(
             again without profiling (`modellego.disassemble(..., flops=...)` needs them).
         kernel: ``"torch"`` (any device) or ``"triton"`` (a fused kernel for the per-sample
             contributions of convolutions, on a CUDA device with Triton; `modellego.kernels`).
+        group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD`` under
+            torchrun) whose every process calls this with the same model and arguments and its
+            own shard of `batches`; every process then returns the profile of all shards
+            together (`modellego.distributed`).
     """
     thresholds = thresholds or Thresholds()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -247,17 +252,21 @@ def profile(
         raise UserError(f"memory_budget must be a number of bytes >= 0, got {memory_budget}")
     if class_chunk is not None and class_chunk < 1:
         raise UserError(f"class_chunk must be at least 1, got {class_chunk}")
+    rank, processes = distributed.world(group)
+    model_sha256 = weights_hash(model.state_dict())
+    if group is not None:  # what steers the collectives below must match, or they would hang
+        distributed.agree((model_sha256, None if classes is None else [int(c) for c in classes], select, fraction,
+                           min_per_class, max_per_class, mode, thresholds.to_json()), group,
+                          "the model or the profiling arguments")
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
-                             max_per_class=max_per_class, device=device)
+                             max_per_class=max_per_class, device=device, group=group)
     else:
-        xs, ys = zip(*[(x.cpu(), y.cpu()) for x, y in batches])
-        sel = SampleSelection(torch.cat(xs), torch.cat(ys))
-        for c in sel.labels.unique().tolist():
-            sel.selected[c] = sel.seen[c] = int((sel.labels == c).sum())
+        sel = every_sample(batches, group=group)
     t_select = time.perf_counter() - t0
-    example = sel.inputs[:1].to(device)
+    assert sel.example is not None  # both refuse empty data
+    example = sel.example.to(device)
     graph = trace(model, example)
     n_out = graph.num_classes
     classes = list(range(n_out)) if classes is None else [int(c) for c in classes]
@@ -276,6 +285,8 @@ def profile(
         if memory_budget is None:  # read after the selection pass, which has let go of its batches
             memory_budget = default_budget(device)
         class_chunk = max(1, min(len(classes), memory_budget // max(per_class_bytes, 1)))
+        if group is not None:  # the smallest budget of all processes: the chunks' all-reduces must pair up
+            class_chunk = min(distributed.gather(class_chunk, group))  # type: ignore[type-var]
         log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
                   class_chunk, per_class_bytes, memory_budget)
     names = class_names_of(model, n_out)
@@ -283,11 +294,14 @@ def profile(
     out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     kept_r: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     t1 = time.perf_counter()
-    bar = tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True)
+    bar = tqdm(total=len(classes), desc="profiling classes", unit="class",
+               disable=None if progress and rank == 0 else True)
     for i in range(0, len(classes), class_chunk):
         part = classes[i: i + class_chunk]
         accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device,
                              kernel=kernel)
+        if group is not None:
+            distributed.sum_accumulators(accs, group)
         for slot, c in enumerate(part):
             r = {name: relative(acc.s_hat(slot)) for name, acc in accs.items()}
             ins, outs = locate_class(graph, r, c, thresholds)
@@ -301,9 +315,10 @@ def profile(
     bar.close()
     info = get_info(model)
     provenance = {
-        "model_sha256": weights_hash(model.state_dict()),
+        "model_sha256": model_sha256,
         "arch": info.arch if info else type(model).__name__,
-        "input_shape": list(sel.inputs.shape[1:]),
+        "input_shape": list(example.shape[1:]),
+        "processes": processes,
         "mode": mode,
         "kernel": kernel,
         "selection": {"fraction": fraction, "min_per_class": min_per_class, "max_per_class": max_per_class,

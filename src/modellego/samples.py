@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .errors import UserError
 from .hooks import preserve_training
 
@@ -20,12 +21,13 @@ class SampleSelection:
     """Selected samples and how many each class had.
 
     Attributes:
-        inputs: Shape (N, C, H, W), on the CPU.
+        inputs: Shape (N, C, H, W), on the CPU (in a process group: this process's share).
         labels: Shape (N,).
-        seen: samples seen per class.
+        seen: samples seen per class (in a process group: by all processes, as are the next three).
         correct: correctly classified samples per class.
         selected: samples kept per class.
         short: classes with fewer than the requested minimum of correct samples.
+        example: one input as the model reads it (Shape (1, C, H, W)), also when `inputs` is empty.
     """
 
     inputs: torch.Tensor
@@ -34,6 +36,7 @@ class SampleSelection:
     correct: dict[int, int] = field(default_factory=dict)
     selected: dict[int, int] = field(default_factory=dict)
     short: list[int] = field(default_factory=list)
+    example: torch.Tensor | None = None
 
     @property
     def missing(self) -> list[int]:
@@ -62,6 +65,7 @@ def select_samples(
     min_per_class: int = 5,
     max_per_class: int = 256,
     device: torch.device | str | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> SampleSelection:
     """Keep, per class, the top `fraction` of its correctly classified samples by predicted probability.
 
@@ -77,19 +81,26 @@ def select_samples(
         min_per_class: lower bound on the kept count per class.
         max_per_class: upper bound, also the most candidates held in memory per class.
         device: where to run the model (default: where its parameters are).
+        group: a torch.distributed process group whose every process calls this with its own
+            shard of the batches: the selection is then that of all shards together, each process
+            keeping its share (`modellego.distributed`).
     """
     if not 0 < fraction <= 1:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
     if min_per_class < 1 or max_per_class < min_per_class:
         raise UserError(f"need 1 <= min_per_class <= max_per_class, got {min_per_class}, {max_per_class}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # class -> (scores, descending; inputs)
     seen: dict[int, int] = {}
     correct: dict[int, int] = {}
+    example: torch.Tensor | None = None
+    outputs: int | None = None
     with preserve_training(model):
         model.eval()
         for x, y in batches:
             logits = model(x.to(device))
+            if example is None:
+                example, outputs = x[:1].cpu(), logits.shape[1]
             if classes is None:
                 classes = list(range(logits.shape[1]))
             prob = logits.float().softmax(1).cpu()
@@ -107,22 +118,62 @@ def select_samples(
                     s, xs = torch.cat([best[c][0], s]), torch.cat([best[c][1], xs])
                 top = s.topk(min(max_per_class, len(s))).indices
                 best[c] = (s[top], xs[top])
-    if classes is None:
+    if group is not None:
+        _shards_agree(None if example is None else (outputs, tuple(example.shape[1:])), group,
+                      "the model's outputs and input shape")
+        classes = list(range(outputs)) if classes is None else classes  # type: ignore[arg-type]
+        seen, correct = distributed.sum_counts([seen, correct], classes, group)
+    if classes is None or example is None:
         raise UserError("no samples were given")
-    inputs, labels, selected, short = [], [], {}, []
+    want = {c: min(max(math.ceil(fraction * correct.get(c, 0)), min_per_class), max_per_class, correct.get(c, 0))
+            for c in classes}
+    if group is None:
+        mine = {c: torch.arange(want[c]) for c in classes}  # the scores are in descending order
+    else:
+        empty = torch.empty(0)
+        mine = dict(zip(classes, distributed.global_top([best[c][0] if c in best else empty for c in classes],
+                                                        [want[c] for c in classes], max_per_class, group)))
+    inputs, labels, short = [example[:0]], [torch.empty(0, dtype=torch.long)], []
     for c in classes:
-        n_ok = correct.get(c, 0)
-        want = min(max(math.ceil(fraction * n_ok), min_per_class), max_per_class)
-        n = min(want, n_ok)
-        selected[c] = n
-        if n_ok < min_per_class:
+        if correct.get(c, 0) < min_per_class:
             short.append(c)
-        if n:
-            inputs.append(best[c][1][:n])  # topk is sorted descending
-            labels.append(torch.full((n,), c, dtype=torch.long))
+        if len(mine[c]):
+            inputs.append(best[c][1][mine[c]])
+            labels.append(torch.full((len(mine[c]),), c, dtype=torch.long))
     if short:
         log.warning("classes with fewer than %d correctly classified samples: %s", min_per_class,
                     ", ".join(f"{c} ({correct.get(c, 0)} correct of {seen.get(c, 0)})" for c in short))
-    if not inputs:
+    if not any(want.values()):
         raise UserError("the model classified no sample of the requested classes correctly")
-    return SampleSelection(torch.cat(inputs), torch.cat(labels), seen, correct, selected, short)
+    return SampleSelection(torch.cat(inputs), torch.cat(labels), seen, correct, want, short, example)
+
+
+def every_sample(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                 group: torch.distributed.ProcessGroup | None = None) -> SampleSelection:
+    """Every sample given, none ranked or dropped (`modellego.profile(..., select=False)`); in a
+    process group, each process keeps its own and the counts are those of all processes."""
+    pairs = [(x.cpu(), y.cpu()) for x, y in batches]
+    example = pairs[0][0][:1] if pairs else None
+    if group is not None:
+        _shards_agree(None if example is None else tuple(example.shape[1:]), group, "the input shape")
+    if example is None:
+        raise UserError("no samples were given")
+    inputs, labels = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    classes = sorted(set(labels.unique().tolist()))
+    if group is not None:
+        classes = sorted(set().union(*distributed.gather(classes, group)))  # type: ignore[arg-type]
+    counts = {c: int((labels == c).sum()) for c in classes}
+    if group is not None:
+        (counts,) = distributed.sum_counts([counts], classes, group)
+    return SampleSelection(inputs, labels, dict(counts), {}, dict(counts), [], example)  # no model: none judged
+
+
+def _shards_agree(shape: object, group: torch.distributed.ProcessGroup, what: str) -> None:
+    """Refuse, on every process at once, a process without batches or with a different `shape`
+    (None: no batches)."""
+    shapes = distributed.gather(shape, group)
+    idle = [r for r, v in enumerate(shapes) if v is None]
+    if idle:
+        raise UserError(f"processes {idle} got no batches: give every process a shard of the data")
+    if len(set(shapes)) > 1:
+        raise UserError(f"the processes disagree on {what}: {shapes} (in rank order)")

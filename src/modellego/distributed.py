@@ -1,0 +1,119 @@
+"""Profiling across processes with torch.distributed (e.g. under torchrun), one data shard each.
+
+`modellego.profile(..., group=...)` runs in every process of a process group. Each process reads
+its own batches; the collectives here make the result the profile of all the shards together:
+
+- Sample selection ranks every class's candidates across the processes, so the samples selected
+  are the ones a single process would select from all the data (ties go to the lower rank). Each
+  process keeps its own share of them; no image crosses processes.
+- Contribution sums are a plain additive state: one all-reduce per accumulator makes every process
+  hold the sums over all selected samples, so every process locates the same masks.
+
+Every process must make the same calls in the same order: anything that could differ between
+processes (the number of outputs, the classes chunked at once) is agreed on first.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .contribution import LayerAccumulator
+
+
+def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, size) of this process in `group`; (0, 1) without one."""
+    if group is None:
+        return 0, 1
+    if not dist.is_available() or not dist.is_initialized():
+        raise UserError("a process group was given, but torch.distributed is not initialised; call "
+                        "torch.distributed.init_process_group first (torchrun sets up its environment)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _device(group: dist.ProcessGroup) -> torch.device:
+    """Where this backend's collectives take their tensors: NCCL needs the process's GPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def gather(value: object, group: dist.ProcessGroup) -> list[object]:
+    """Every process's `value`, in rank order (small, plain values: they are pickled between the
+    group's own processes)."""
+    values: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    return values
+
+
+def agree(value: object, group: dist.ProcessGroup, what: str) -> None:
+    """Refuse, on every process at once, a `value` that is not the same on every process."""
+    values = gather(value, group)
+    if any(v != values[0] for v in values):
+        raise UserError(f"the processes disagree on {what}: {values} (in rank order)")
+
+
+def sum_counts(counts: Sequence[Mapping[int, int]], classes: Sequence[int],
+               group: dist.ProcessGroup) -> list[dict[int, int]]:
+    """Per-class counts summed over the processes, for each mapping of `counts`."""
+    t = torch.tensor([[m.get(c, 0) for c in classes] for m in counts], dtype=torch.int64, device=_device(group))
+    dist.all_reduce(t, group=group)  # (len(counts), C)
+    return [dict(zip(classes, row)) for row in t.tolist()]
+
+
+def global_top(scores: Sequence[torch.Tensor], want: Sequence[int], depth: int,
+               group: dist.ProcessGroup) -> list[torch.Tensor]:
+    """This process's share of each class's `want[i]` best scores over all processes.
+
+    Args:
+        scores: per class, this process's candidate scores, sorted in descending order, at most
+            `depth` of them (the same `depth` on every process).
+        want: per class, how many to keep over all processes (at most `depth`).
+
+    Returns: per class, the positions in `scores[i]` that are kept here.
+    """
+    rank, size = world(group)
+    device = _device(group)
+    padded = torch.full((len(scores), depth), -torch.inf, dtype=torch.float64, device=device)  # (C, M)
+    for i, s in enumerate(scores):
+        padded[i, : len(s)] = s.to(device, torch.float64)
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded, group=group)
+    every = torch.stack(gathered, 1).flatten(1).cpu()  # (C, W*M): rank-major, each rank's list in order
+    # A stable sort keeps rank-major order among equal scores: ties go to the lower rank.
+    order = torch.sort(every, dim=1, descending=True, stable=True).indices  # (C, W*M)
+    kept = []
+    for i, n in enumerate(want):
+        top = order[i, :n]
+        mine = top[(top // depth) == rank] % depth
+        kept.append(mine.sort().values)
+    return kept
+
+
+def sum_accumulators(accs: Mapping[str, LayerAccumulator], group: dist.ProcessGroup) -> None:
+    """All-reduce every layer's per-class sums in place, so each process holds the sums of all.
+
+    An accumulator creates its tensors when it first sees a sample, so a process whose shard had
+    none of the classes at hand lacks some: their shapes are agreed on first and zeros stand in.
+    """
+    present = {(name, key): (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+               for name, acc in accs.items() for key, t in acc.state.items()}
+    union: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+    for other in gather(present, group):
+        for k, spec in other.items():  # type: ignore[attr-defined]
+            if union.setdefault(k, spec) != spec:
+                raise UserError(f"the processes' sums of {k[0]}/{k[1]} differ in shape or dtype: {union[k]} and {spec}")
+    device = _device(group)
+    for name, key in sorted(union):  # the same order on every process
+        acc = accs[name]
+        shape, dtype = union[name, key]
+        if key not in acc.state:
+            acc.state[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=acc.module.weight.device)
+        t = acc.state[key]
+        moved = t.to(device)
+        dist.all_reduce(moved, group=group)
+        if moved is not t:
+            t.copy_(moved)

@@ -1,0 +1,124 @@
+"""Profiling in a process group (two CPU processes, gloo, a file rendezvous): each process profiles
+its own shard, and every process gets the profile of all the data in one process."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import modellego
+from modellego.errors import UserError
+from modellego.profiling import Profile
+from modellego.samples import select_samples
+
+PROCESSES = 2
+
+
+def _model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A seeded float64 net with a depthwise and a 1×1 convolution, and images that it mostly
+    classifies correctly (labels from its own predictions, 30% redrawn)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6), nn.ReLU(),
+                          nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 4)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 2, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        logits = model(x)
+        model[-1].bias -= logits.mean(0)  # centred logits: every class is predicted for some images
+        y = model(x).argmax(1)
+    wrong = torch.rand(96, generator=g) < 0.3
+    y[wrong] = torch.randint(0, 4, (int(wrong.sum()),), generator=g)
+    return model, x, y
+
+
+def _shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Uneven shards: every sample of the most frequent class goes to rank 0, so rank 1 has none."""
+    top = int(torch.bincount(y).argmax())
+    mine = (y == top) if rank == 0 else torch.zeros_like(y, dtype=torch.bool)
+    mine |= (torch.arange(len(y)) % PROCESSES == rank) & (y != top)
+    idx = mine.nonzero().flatten()
+    return [(x[idx][i: i + 10], y[idx][i: i + 10]) for i in range(0, len(idx), 10)]
+
+
+KWARGS = [dict(fraction=0.2, min_per_class=2, max_per_class=6),
+          dict(fraction=0.2, min_per_class=2, max_per_class=6, class_chunk=1),
+          dict(select=False)]
+
+
+def _worker(rank: int, folder: str) -> None:
+    out = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES)
+    try:
+        model, x, y = _model_and_data()
+        shard = _shard(x, y, rank)
+        for i, kwargs in enumerate(KWARGS):
+            modellego.profile(model, shard, group=dist.group.WORLD, **kwargs).save(out / f"profile{i}-{rank}")
+        sel = select_samples(model, shard, group=dist.group.WORLD, **KWARGS[0])
+        save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"selection-{rank}")
+        errors = []
+        # Rank 1 without batches; then rank 1 with another fraction.
+        for batches, fraction in [([] if rank == 1 else shard, 0.2), (shard, 0.3 if rank == 1 else 0.2)]:
+            try:
+                modellego.profile(model, batches, group=dist.group.WORLD, fraction=fraction)
+            except UserError as e:
+                errors.append(str(e))
+        (out / f"errors-{rank}.json").write_text(json.dumps(errors))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("group")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback device: nothing leaves the machine
+    mp.spawn(_worker, args=(str(folder),), nprocs=PROCESSES)
+    return folder
+
+
+@pytest.mark.parametrize("variant", range(len(KWARGS)))
+def test_every_process_gets_the_profile_of_all_the_data(group_run: Path, variant: int) -> None:
+    model, x, y = _model_and_data()
+    one = modellego.profile(model, [(x, y)], **KWARGS[variant])
+    assert one.provenance["processes"] == 1
+    for rank in range(PROCESSES):
+        got = Profile.load(group_run / f"profile{variant}-{rank}")
+        assert got.classes == one.classes and got.provenance["processes"] == PROCESSES
+        assert got.provenance["selection"] == one.provenance["selection"]  # counts of all the shards
+        assert got.provenance["missing"] == one.provenance["missing"]
+        for k in one.layers:
+            assert torch.equal(got.in_masks[k], one.in_masks[k]), (rank, k)
+            assert torch.equal(got.out_masks[k], one.out_masks[k]), (rank, k)
+    # The thresholds must cut through the layers, or equal masks would say little.
+    assert any(0 < int(m.sum()) < m.numel() for m in one.in_masks.values())
+
+
+def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path) -> None:
+    model, x, y = _model_and_data()
+    one = select_samples(model, [(x, y)], **KWARGS[0])
+    parts = [load_file(group_run / f"selection-{rank}") for rank in range(PROCESSES)]
+    assert all(len(p["labels"]) for p in parts)  # both processes hold a share
+    got = torch.cat([p["inputs"] for p in parts])
+    key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731: the samples as a set of rows
+    assert len(got) == len(one.inputs) and key(got) == key(one.inputs)
+
+
+def test_a_process_without_data_or_with_other_arguments_fails_on_every_process(group_run: Path) -> None:
+    for rank in range(PROCESSES):
+        errors = json.loads((group_run / f"errors-{rank}.json").read_text())
+        assert len(errors) == 2, errors
+        assert "processes [1] got no batches" in errors[0]
+        assert "the processes disagree on the model or the profiling arguments" in errors[1]
+
+
+def test_a_group_without_torch_distributed_initialised_is_refused() -> None:
+    model, x, y = _model_and_data()
+    with pytest.raises(UserError, match="torch.distributed is not initialised"):
+        modellego.profile(model, [(x, y)], group=object())  # type: ignore[arg-type]
