@@ -56,6 +56,17 @@ def agree(value: object, group: dist.ProcessGroup, what: str) -> None:
         raise UserError(f"the processes disagree on {what}: {values} (in rank order)")
 
 
+def agree_shards(shape: object, group: dist.ProcessGroup, what: str) -> None:
+    """Refuse, on every process at once, a process without batches (`shape` None) or whose
+    batches differ in `shape` from the others'."""
+    shapes = gather(shape, group)
+    idle = [r for r, v in enumerate(shapes) if v is None]
+    if idle:
+        raise UserError(f"processes {idle} got no batches: give every process a shard of the data")
+    if any(v != shapes[0] for v in shapes):
+        raise UserError(f"the processes disagree on {what}: {shapes} (in rank order)")
+
+
 def sum_counts(counts: Sequence[Mapping[int, int]], classes: Sequence[int],
                group: dist.ProcessGroup) -> list[dict[int, int]]:
     """Per-class counts summed over the processes, for each mapping of `counts`."""

@@ -119,7 +119,7 @@ def select_samples(
                 top = s.topk(min(max_per_class, len(s))).indices
                 best[c] = (s[top], xs[top])
     if group is not None:
-        _shards_agree(None if example is None else (outputs, tuple(example.shape[1:])), group,
+        distributed.agree_shards(None if example is None else (outputs, tuple(example.shape[1:])), group,
                       "the model's outputs and input shape")
         classes = list(range(outputs)) if classes is None else classes  # type: ignore[arg-type]
         seen, correct = distributed.sum_counts([seen, correct], classes, group)
@@ -155,7 +155,7 @@ def every_sample(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
     pairs = [(x.cpu(), y.cpu()) for x, y in batches]
     example = pairs[0][0][:1] if pairs else None
     if group is not None:
-        _shards_agree(None if example is None else tuple(example.shape[1:]), group, "the input shape")
+        distributed.agree_shards(None if example is None else tuple(example.shape[1:]), group, "the input shape")
     if example is None:
         raise UserError("no samples were given")
     inputs, labels = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
@@ -167,13 +167,3 @@ def every_sample(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
         (counts,) = distributed.sum_counts([counts], classes, group)
     return SampleSelection(inputs, labels, dict(counts), {}, dict(counts), [], example)  # no model: none judged
 
-
-def _shards_agree(shape: object, group: torch.distributed.ProcessGroup, what: str) -> None:
-    """Refuse, on every process at once, a process without batches or with a different `shape`
-    (None: no batches)."""
-    shapes = distributed.gather(shape, group)
-    idle = [r for r, v in enumerate(shapes) if v is None]
-    if idle:
-        raise UserError(f"processes {idle} got no batches: give every process a shard of the data")
-    if len(set(shapes)) > 1:
-        raise UserError(f"the processes disagree on {what}: {shapes} (in rank order)")
