@@ -266,10 +266,11 @@ def _launched_group(device: torch.device) -> Iterator[tuple[object | None, torch
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .checkpoint import load
+    from .distributed import world
     with _launched_group(_device(args)) as (group, device):
         model = load(args.model, map_location=device)
         prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions, group=group)
-        if prof.provenance["processes"] > 1 and int(os.environ["RANK"]) != 0:
+        if world(group)[0] != 0:
             return 0  # every process holds the same profile; the first writes it
     path = prof.save(args.output)
     sel = prof.provenance["selection"]["selected"]
