@@ -2,6 +2,7 @@
 its own shard, and every process gets the profile of all the data in one process."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -55,12 +56,17 @@ KWARGS = [dict(fraction=0.2, min_per_class=2, max_per_class=6),
 
 def _worker(rank: int, folder: str) -> None:
     out = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES)
+    # A short timeout: collectives that fail to pair up fail the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         model, x, y = _model_and_data()
         shard = _shard(x, y, rank)
         for i, kwargs in enumerate(KWARGS):
             modellego.profile(model, shard, group=dist.group.WORLD, **kwargs).save(out / f"profile{i}-{rank}")
+        # Chunks of classes chosen differently per process (one class, three): the smallest is used.
+        modellego.profile(model, shard, group=dist.group.WORLD, **KWARGS[0],
+                          class_chunk=1 if rank == 0 else 3).save(out / f"chunks-{rank}")
         sel = select_samples(model, shard, group=dist.group.WORLD, **KWARGS[0])
         save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"selection-{rank}")
         errors = []
@@ -83,21 +89,31 @@ def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", range(len(KWARGS)))
-def test_every_process_gets_the_profile_of_all_the_data(group_run: Path, variant: int) -> None:
-    model, x, y = _model_and_data()
-    one = modellego.profile(model, [(x, y)], **KWARGS[variant])
+def _assert_all_processes_got(one: Profile, files: list[Path]) -> None:
     assert one.provenance["processes"] == 1
-    for rank in range(PROCESSES):
-        got = Profile.load(group_run / f"profile{variant}-{rank}")
+    for path in files:
+        got = Profile.load(path)
         assert got.classes == one.classes and got.provenance["processes"] == PROCESSES
         assert got.provenance["selection"] == one.provenance["selection"]  # counts of all the shards
         assert got.provenance["missing"] == one.provenance["missing"]
         for k in one.layers:
-            assert torch.equal(got.in_masks[k], one.in_masks[k]), (rank, k)
-            assert torch.equal(got.out_masks[k], one.out_masks[k]), (rank, k)
+            assert torch.equal(got.in_masks[k], one.in_masks[k]), (path.name, k)
+            assert torch.equal(got.out_masks[k], one.out_masks[k]), (path.name, k)
     # The thresholds must cut through the layers, or equal masks would say little.
     assert any(0 < int(m.sum()) < m.numel() for m in one.in_masks.values())
+
+
+@pytest.mark.parametrize("variant", range(len(KWARGS)))
+def test_every_process_gets_the_profile_of_all_the_data(group_run: Path, variant: int) -> None:
+    model, x, y = _model_and_data()
+    _assert_all_processes_got(modellego.profile(model, [(x, y)], **KWARGS[variant]),
+                              [group_run / f"profile{variant}-{rank}" for rank in range(PROCESSES)])
+
+
+def test_processes_that_chunk_classes_differently_still_pair_up(group_run: Path) -> None:
+    model, x, y = _model_and_data()
+    _assert_all_processes_got(modellego.profile(model, [(x, y)], **KWARGS[0]),
+                              [group_run / f"chunks-{rank}" for rank in range(PROCESSES)])
 
 
 def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path) -> None:

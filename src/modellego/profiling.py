@@ -285,10 +285,10 @@ def profile(
         if memory_budget is None:  # read after the selection pass, which has let go of its batches
             memory_budget = default_budget(device)
         class_chunk = max(1, min(len(classes), memory_budget // max(per_class_bytes, 1)))
-        if group is not None:  # the smallest budget of all processes: the chunks' all-reduces must pair up
-            class_chunk = min(distributed.gather(class_chunk, group))  # type: ignore[type-var]
         log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
                   class_chunk, per_class_bytes, memory_budget)
+    if group is not None:  # the smallest chunk of all processes: their all-reduces must pair up
+        class_chunk = min(distributed.gather(class_chunk, group))  # type: ignore[type-var]
     names = class_names_of(model, n_out)
     in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
     out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
