@@ -131,7 +131,7 @@ def test_a_process_without_data_or_with_other_arguments_fails_on_every_process(g
         errors = json.loads((group_run / f"errors-{rank}.json").read_text())
         assert len(errors) == 2, errors
         assert "processes [1] got no batches" in errors[0]
-        assert "the processes disagree on the model or the profiling arguments" in errors[1]
+        assert errors[1] == "the processes disagree on fraction (0.2, 0.3, in rank order)"
 
 
 def test_a_group_without_torch_distributed_initialised_is_refused() -> None:

@@ -49,11 +49,18 @@ def gather(value: object, group: dist.ProcessGroup) -> list[object]:
     return values
 
 
-def agree(value: object, group: dist.ProcessGroup, what: str) -> None:
-    """Refuse, on every process at once, a `value` that is not the same on every process."""
-    values = gather(value, group)
-    if any(v != values[0] for v in values):
-        raise UserError(f"the processes disagree on {what}: {values} (in rank order)")
+def agree(values: Mapping[str, object], group: dist.ProcessGroup) -> None:
+    """Refuse, on every process at once, named values that are not the same on every process."""
+    everyone: list[Mapping[str, object]] = gather(dict(values), group)  # type: ignore[assignment]
+    differ = [k for k in values if any(v[k] != everyone[0][k] for v in everyone)]
+    if differ:
+        raise UserError("the processes disagree on " + "; ".join(
+            f"{k} ({', '.join(_short(v[k]) for v in everyone)}, in rank order)" for k in differ))
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def agree_shards(shape: object, group: dist.ProcessGroup, what: str) -> None:

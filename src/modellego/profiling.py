@@ -255,9 +255,10 @@ def profile(
     rank, processes = distributed.world(group)
     model_sha256 = weights_hash(model.state_dict())
     if group is not None:  # what steers the collectives below must match, or they would hang
-        distributed.agree((model_sha256, None if classes is None else [int(c) for c in classes], select, fraction,
-                           min_per_class, max_per_class, mode, thresholds.to_json()), group,
-                          "the model or the profiling arguments")
+        distributed.agree({"the model's weights (sha256)": model_sha256,
+                           "classes": None if classes is None else [int(c) for c in classes], "select": select,
+                           "fraction": fraction, "min_per_class": min_per_class, "max_per_class": max_per_class,
+                           "mode": mode, "thresholds": thresholds.to_json()}, group)
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
