@@ -112,21 +112,36 @@ def test_profile_file(run) -> None:
     assert prof.model_sha256 and prof.provenance["input_shape"] == [3, 32, 32]
 
 
-def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_path) -> None:
-    """Two CPU processes (gloo on the loopback device), half the training images each; the
-    profile equals one process's up to float32 rounding (exact in float64: test_distributed.py)."""
-    out = tmp_path / "two.safetensors"
+def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """`modellego ARGV` launched by torchrun as two CPU processes (gloo on the loopback device)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "modellego.cli", "profile", run["model"], "--data", "synthetic", "-o", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                           "-m", "modellego.cli", *argv], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("saved ") == 1  # every process holds the profile; the first writes it
+    assert proc.stdout.count("saved ") == 1  # every process holds the profile; the first writes
+    return proc
+
+
+def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_path) -> None:
+    """Half the training images each; the profile equals one process's up to float32 rounding and
+    ties (exact in float64: test_distributed.py)."""
+    out = tmp_path / "two.safetensors"
+    torchrun("profile", run["model"], "--data", "synthetic", "-o", str(out))
     two, one = Profile.load(out), Profile.load(run["profile"])
     assert (two.provenance["processes"], one.provenance["processes"]) == (2, 1)
     assert two.provenance["selection"]["seen"] == one.provenance["selection"]["seen"]  # all shards counted
     same = torch.cat([(two.in_masks[k] == one.in_masks[k]).flatten() for k in one.layers]).float().mean()
     assert same > 0.99, float(same)
+
+
+def test_disassemble_under_torchrun_profiles_in_both_processes_and_writes_once(run, tmp_path) -> None:
+    out = tmp_path / "c34"
+    torchrun("disassemble", run["model"], "--classes", "class3,CLASS4", "--data", "synthetic", "--calibrate", "none",
+             "-o", str(out))
+    two, one = modellego.load(out), modellego.load(run["c34"])  # the same cut, from a one-process profile
+    assert get_info(two).provenance["profile"]["processes"] == 2 and get_info(two).classes == (3, 4)
+    n_two, n_one = (sum(p.numel() for p in m.parameters()) for m in (two, one))
+    assert abs(n_two - n_one) <= 0.01 * n_one, (n_two, n_one)
 
 
 def test_disassembled_components(run) -> None:

@@ -286,22 +286,27 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     from .disassemble import disassemble
     from .locate import Thresholds
     from .evaluate import count_params
+    from .distributed import world
     from .profiling import Profile
     from .tasks import parse_classes
-    model = load(args.model, map_location=_device(args))
-    info = model.modellego_info
-    classes = parse_classes(args.classes, info.class_names)
-    faithful_note = args.calibrate is None and not args.data
-    if args.calibrate not in (None, "none") and not args.data:
-        raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
-    if args.profile:
-        if _thresholds(args) != Thresholds():
-            raise UserError("the thresholds are those the profile was made with; re-profile to change them")
-        prof = Profile.load(args.profile)
-    elif args.data:
-        prof = _profile_from_args(model, args, classes, keep_contributions=args.flops is not None)
-    else:
-        raise UserError("give --profile PROFILE or --data NAME to profile the model first")
+    # Under torchrun the processes share the profiling; the first alone calibrates and writes.
+    with _launched_group(_device(args)) as (group, device):
+        model = load(args.model, map_location=device)
+        info = model.modellego_info
+        classes = parse_classes(args.classes, info.class_names)
+        faithful_note = args.calibrate is None and not args.data
+        if args.calibrate not in (None, "none") and not args.data:
+            raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
+        if args.profile:
+            if _thresholds(args) != Thresholds():
+                raise UserError("the thresholds are those the profile was made with; re-profile to change them")
+            prof = Profile.load(args.profile)
+        elif args.data:
+            prof = _profile_from_args(model, args, classes, keep_contributions=args.flops is not None, group=group)
+        else:
+            raise UserError("give --profile PROFILE or --data NAME to profile the model first")
+        if world(group)[0] != 0:
+            return 0
     method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
     component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
                             budget_rank=args.budget_rank, progress=True)

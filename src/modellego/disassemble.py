@@ -120,7 +120,7 @@ def disassemble(
     provenance = {
         "task": list(classes),
         "thresholds": profile.thresholds.to_json(),
-        "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short")},
+        "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short", "processes")},
     }
     if flops is None:
         keep = keep_channels(graph, profile.task_in_masks(classes), classes)
