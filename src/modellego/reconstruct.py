@@ -342,7 +342,7 @@ def reconstruct(
             elif name in served:
                 if resumed is None:  # the checkpoints go to a private folder, removed however recon ends
                     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modellego-recon-")))
-                    resumed = CheckpointSteps(*traced, served, joins, inputs, root)
+                    resumed = CheckpointSteps(*traced, served[served.index(name):], joins, inputs, root)
                 values = resumed.values(name, join)
             else:  # one batch at a time, from passes that stop at the layer
                 values = (_pass_values(name, join, component, source, (comp_gm, src_gm), x) for x in inputs)
