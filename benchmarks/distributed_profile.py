@@ -53,10 +53,11 @@ def run(model_name: str, data: str, processes: int, args: argparse.Namespace, tm
     masks = [(a.in_masks[k] == b.in_masks[k]).flatten() for k in a.layers]
     masks += [(a.out_masks[k] == b.out_masks[k]).flatten() for k in a.layers]
     same = torch.cat(masks)
-    return {"model": model_name, "data": data, "processes": processes, "threads": threads, "torch": torch.__version__,
+    return {"model": model_name, "data": data, "processes": processes, "threads": threads, "device": "cpu",
+            "torch": torch.__version__,
             "one_process_s": round(t_one, 2), "torchrun_s": round(t_many, 2),
             "ratio": round(t_many / t_one, 2),
-            "same_selection": a.provenance["selection"] == b.provenance["selection"],
+            "same_selection": a.provenance["selection"] == b.provenance["selection"],  # the counts per class
             "mask_entries": int(same.numel()), "mask_entries_equal": int(same.sum()),
             "identical": bool(same.all()) and a.classes == b.classes}
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             rows.append(run(name, args.data, args.processes, args, Path(tmp)))
             record(rows[-1], args.out)
-    print(f"\n| model | data | processes | one process s | torchrun s | ratio | same selection | masks equal |")
+    print("\n| model | data | processes | one process s | torchrun s | ratio | same selection counts | masks equal |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['data']} | {r['processes']} | {r['one_process_s']} | {r['torchrun_s']} | "
