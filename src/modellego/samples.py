@@ -140,7 +140,7 @@ def select_samples(
         if len(mine[c]):
             inputs.append(best[c][1][mine[c]])
             labels.append(torch.full((len(mine[c]),), c, dtype=torch.long))
-    if short:
+    if short and distributed.world(group)[0] == 0:  # the counts are everyone's: one process says it
         log.warning("classes with fewer than %d correctly classified samples: %s", min_per_class,
                     ", ".join(f"{c} ({correct.get(c, 0)} correct of {seen.get(c, 0)})" for c in short))
     if not any(want.values()):
