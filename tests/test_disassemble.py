@@ -219,7 +219,7 @@ def test_profile_of_another_model_raises_user_error() -> None:
         modellego.disassemble(model, [0, 1], profile=prof)
 
 
-def test_class_without_correct_samples_is_reported_and_refused() -> None:
+def test_class_without_correct_samples_is_reported_and_refused(caplog: pytest.LogCaptureFixture) -> None:
     model = build("lenet5", 0.25)
     with torch.no_grad():
         model.classifier.fc3.bias[2] = -1e4  # class 2 is never predicted
@@ -231,7 +231,10 @@ def test_class_without_correct_samples_is_reported_and_refused() -> None:
     ok = int(counts.argmax())
     assert counts[2] == 0 and counts[ok] >= 5
 
-    prof = modellego.profile(model, [(x[:30], y[:30]), (x[30:], y[30:])], select=True)
+    with caplog.at_level("WARNING", logger="modellego"):
+        prof = modellego.profile(model, [(x[:30], y[:30]), (x[30:], y[30:])], select=True)
+    assert "2 (0 correct of 6)" in caplog.text  # said once, by name
+    assert caplog.text.count("fewer than") == 1
     assert prof.provenance["missing"] == [c for c in range(NUM_CLASSES) if c == 2 or counts[c] == 0]
     assert 2 in prof.provenance["short"] and ok not in prof.provenance["short"]
     assert prof.provenance["selection"]["seen"]["2"] == 6 and prof.provenance["selection"]["correct"]["2"] == 0
