@@ -234,7 +234,7 @@ def profile(
             (default: half the memory free on `device` when profiling starts,
             `modellego.memory.default_budget`). The profile does not depend on it.
         device: where to run (default: where the model's parameters are).
-        progress: show a progress bar.
+        progress: show progress bars (over the selection pass's batches, then over the classes).
         keep_contributions: keep every class's relative contributions in the profile (one
             float per weight and class: 4 bytes × parameters × classes), so it can be located
             again without profiling (`modellego.disassemble(..., flops=...)` needs them).
@@ -262,7 +262,7 @@ def profile(
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
-                             max_per_class=max_per_class, device=device, group=group)
+                             max_per_class=max_per_class, device=device, group=group, progress=progress)
     else:
         sel = every_sample(batches, group=group)
     t_select = time.perf_counter() - t0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import distributed
 from .errors import UserError
@@ -66,6 +67,7 @@ def select_samples(
     max_per_class: int = 256,
     device: torch.device | str | None = None,
     group: torch.distributed.ProcessGroup | None = None,
+    progress: bool = False,
 ) -> SampleSelection:
     """Keep, per class, the top `fraction` of its correctly classified samples by predicted probability.
 
@@ -84,6 +86,7 @@ def select_samples(
         group: a torch.distributed process group whose every process calls this with its own
             shard of the batches: the selection is then that of all shards together, each process
             keeping its share (`modellego.distributed`).
+        progress: show a progress bar over the batches (in a process group, the first process's).
     """
     if not 0 < fraction <= 1:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
@@ -97,7 +100,10 @@ def select_samples(
     outputs: int | None = None
     with preserve_training(model):
         model.eval()
-        for x, y in batches:
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        bar = tqdm(batches, total=total, desc="selecting samples", unit="batch",
+                   disable=None if progress and distributed.world(group)[0] == 0 else True)
+        for x, y in bar:
             logits = model(x.to(device))
             if example is None:
                 example, outputs = x[:1].cpu(), logits.shape[1]
