@@ -134,6 +134,17 @@ def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_p
     assert same > 0.99, float(same)
 
 
+def test_world_size_without_torchrun_is_one_clear_error(run, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["profile", run["model"], "--data", "synthetic", "-o", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE is 2, but the process group did not start" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p").exists()
+
+
 def test_disassemble_under_torchrun_profiles_in_both_processes_and_writes_once(run, tmp_path) -> None:
     out = tmp_path / "c34"
     torchrun("disassemble", run["model"], "--classes", "class3,CLASS4", "--data", "synthetic", "--calibrate", "none",

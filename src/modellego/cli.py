@@ -257,7 +257,11 @@ def _launched_group(device: torch.device) -> Iterator[tuple[object | None, torch
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as e:  # e.g. WORLD_SIZE set by hand, without torchrun's rendezvous
+        raise UserError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']}, but the process group did not start ({e}); "
+                        "launch with torchrun, or unset WORLD_SIZE") from e
     try:
         yield dist.group.WORLD, device
     finally:
