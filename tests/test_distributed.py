@@ -54,11 +54,15 @@ KWARGS = [dict(fraction=0.2, min_per_class=2, max_per_class=6),
           dict(select=False)]
 
 
-def _worker(rank: int, folder: str) -> None:
-    out = Path(folder)
+def _join(rank: int, out: Path) -> None:
     # A short timeout: collectives that fail to pair up fail the test instead of hanging it.
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
                             timeout=datetime.timedelta(seconds=60))
+
+
+def _worker(rank: int, folder: str) -> None:
+    out = Path(folder)
+    _join(rank, out)
     try:
         model, x, y = _model_and_data()
         shard = _shard(x, y, rank)
@@ -81,11 +85,28 @@ def _worker(rank: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+def _gpu_worker(rank: int, folder: str) -> None:
+    """Both processes on the one GPU: the sums live there, gloo carries them through the host."""
+    out = Path(folder)
+    _join(rank, out)
+    try:
+        model, x, y = _model_and_data()
+        shard = _shard(x, y, rank)
+        for i in (0, 1):
+            modellego.profile(model.cuda(), shard, group=dist.group.WORLD, **KWARGS[i]).save(out / f"gpu{i}-{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(worker, folder: Path) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback device: nothing leaves the machine
+    mp.spawn(worker, args=(str(folder),), nprocs=PROCESSES)
+
+
 @pytest.fixture(scope="module")
 def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("group")
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the loopback device: nothing leaves the machine
-    mp.spawn(_worker, args=(str(folder),), nprocs=PROCESSES)
+    _spawn(_worker, folder)
     return folder
 
 
@@ -114,6 +135,15 @@ def test_processes_that_chunk_classes_differently_still_pair_up(group_run: Path)
     model, x, y = _model_and_data()
     _assert_all_processes_got(modellego.profile(model, [(x, y)], **KWARGS[0]),
                               [group_run / f"chunks-{rank}" for rank in range(PROCESSES)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_group_profiling_on_a_gpu_gets_the_profile_of_all_the_data(tmp_path: Path) -> None:
+    _spawn(_gpu_worker, tmp_path)
+    model, x, y = _model_and_data()
+    for i in (0, 1):
+        _assert_all_processes_got(modellego.profile(model.cuda(), [(x, y)], **KWARGS[i]),
+                                  [tmp_path / f"gpu{i}-{rank}" for rank in range(PROCESSES)])
 
 
 def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path) -> None:
