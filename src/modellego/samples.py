@@ -94,8 +94,7 @@ def select_samples(
         raise UserError(f"need 1 <= min_per_class <= max_per_class, got {min_per_class}, {max_per_class}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # class -> (scores, descending; inputs)
-    seen: dict[int, int] = {}
-    correct: dict[int, int] = {}
+    seen_all = correct_all = torch.zeros(0, dtype=torch.long)  # per output, once the first batch has run
     example: torch.Tensor | None = None
     outputs: int | None = None
     with preserve_training(model):
@@ -105,25 +104,31 @@ def select_samples(
                    disable=None if progress and distributed.world(group)[0] == 0 else True)
         for x, y in bar:
             logits = model(x.to(device))
+            y = y.cpu()
             if example is None:
                 example, outputs = x[:1].cpu(), logits.shape[1]
-            if classes is None:
-                classes = list(range(logits.shape[1]))
+                seen_all = correct_all = torch.zeros(outputs, dtype=torch.long)
+                wanted = torch.zeros(outputs, dtype=torch.bool)
+                if classes is None:
+                    classes = list(range(outputs))
+                wanted[[c for c in classes if 0 <= c < outputs]] = True
             prob = logits.float().softmax(1).cpu()
-            hit = prob.argmax(1) == y
-            score = prob.gather(1, y.clamp(0, prob.shape[1] - 1)[:, None]).squeeze(1)
-            for c in classes:
-                of_c = y == c
-                seen[c] = seen.get(c, 0) + int(of_c.sum())
-                ok = of_c & hit
-                correct[c] = correct.get(c, 0) + int(ok.sum())
-                if not ok.any():
-                    continue
+            inside = (y >= 0) & (y < outputs)  # labels the model has an output for
+            hit = inside & (prob.argmax(1) == y)
+            score = prob.gather(1, y.clamp(0, outputs - 1)[:, None]).squeeze(1)
+            seen_all = seen_all + torch.bincount(y[inside], minlength=outputs)
+            correct_all = correct_all + torch.bincount(y[hit], minlength=outputs)
+            # Only the classes with a correct sample here can change their candidates: with a
+            # 1000-class head that is a few hundred per batch, not every class.
+            for c in y[hit & wanted[y.clamp(0, outputs - 1)]].unique().tolist():
+                ok = hit & (y == c)
                 s, xs = score[ok], x[ok].cpu()
                 if c in best:
                     s, xs = torch.cat([best[c][0], s]), torch.cat([best[c][1], xs])
                 top = s.topk(min(max_per_class, len(s))).indices
                 best[c] = (s[top], xs[top])
+    seen = {c: int(seen_all[c]) if 0 <= c < len(seen_all) else 0 for c in classes or ()}
+    correct = {c: int(correct_all[c]) if 0 <= c < len(correct_all) else 0 for c in classes or ()}
     if group is not None:
         distributed.agree_shards(None if example is None else (outputs, tuple(example.shape[1:])), group,
                       "the model's outputs and input shape")

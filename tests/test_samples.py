@@ -1,0 +1,69 @@
+"""Sample selection against a literal reading of the rule: per class, the top `fraction` of the
+correctly classified samples by predicted probability, clamped to [min, max] and to what exists."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from modellego.errors import UserError
+from modellego.samples import select_samples
+
+
+class Logits(nn.Module):
+    """A 'model' whose inputs are its logits, so each sample's probability is chosen by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # where the model lives
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _data(n: int = 300, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct logits, mostly but not always favouring the label."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, classes, generator=g, dtype=torch.float64)  # (N, C)
+    x[torch.arange(n), y] += 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
+    y[:5] = classes + 2  # labels the model has no output for: never counted, never selected
+    return x, y
+
+
+def _literal(x: torch.Tensor, y: torch.Tensor, c: int, fraction: float, lo: int, hi: int) -> torch.Tensor:
+    prob = x.float().softmax(1)
+    ok = ((prob.argmax(1) == y) & (y == c)).nonzero().flatten()
+    n = min(max(math.ceil(fraction * len(ok)), lo), hi, len(ok))
+    order = prob[ok, c].argsort(descending=True)
+    return x[ok[order[:n]]]
+
+
+@pytest.mark.parametrize("fraction,lo,hi", [(0.1, 2, 50), (0.5, 1, 7), (1.0, 3, 500)])
+def test_the_selection_is_the_literal_rule_whatever_the_batches(fraction: float, lo: int, hi: int) -> None:
+    x, y = _data()
+    model = Logits()
+    for size in (300, 64, 7):  # one batch, or streamed in many
+        batches = [(x[i: i + size], y[i: i + size]) for i in range(0, len(y), size)]
+        sel = select_samples(model, batches, fraction=fraction, min_per_class=lo, max_per_class=hi)
+        for c in range(4):
+            want = _literal(x, y, c, fraction, lo, hi)
+            assert torch.equal(sel.inputs[sel.labels == c], want), (size, c)
+            assert sel.seen[c] == int((y == c).sum()) and sel.selected[c] == len(want)
+            assert sel.correct[c] == int(((x.argmax(1) == y) & (y == c)).sum())
+        assert set(sel.labels.tolist()) <= {0, 1, 2, 3} and sel.example.shape == (1, 4)
+
+
+def test_a_subset_of_classes_and_a_short_class() -> None:
+    x, y = _data()
+    model = Logits()
+    correct3 = int(((x.argmax(1) == y) & (y == 3)).sum())
+    sel = select_samples(model, [(x, y)], classes=[3, 1], min_per_class=correct3 + 1, max_per_class=400)
+    assert set(sel.seen) == {1, 3} and set(sel.labels.tolist()) == {1, 3}
+    assert sel.short == [3] and sel.selected[3] == correct3  # every correct one, and reported
+    with pytest.raises(UserError, match="fraction must be in"):
+        select_samples(model, [(x, y)], fraction=0)
+    with pytest.raises(UserError, match="no samples were given"):
+        select_samples(model, [])
