@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = add("profile", "select samples and locate every class's relevant channels (the route map)")
+    s.description += ("\n\nLaunched by torchrun, each of the N processes reads every N-th training image and\n"
+                      "the first writes the profile of all of them:\n"
+                      "  torchrun --standalone --nproc-per-node N -m modellego.cli profile MODEL --data NAME -o PROFILE")
     s.add_argument("model")
     data_args(s)
     _profile_args(s)
