@@ -122,7 +122,7 @@ def select_samples(
             # 1000-class head that is a few hundred per batch, not every class.
             for c in y[hit & wanted[y.clamp(0, outputs - 1)]].unique().tolist():
                 ok = hit & (y == c)
-                s, xs = score[ok], x[ok].cpu()
+                s, xs = score[ok], x[ok.to(x.device)].cpu()
                 if c in best:
                     s, xs = torch.cat([best[c][0], s]), torch.cat([best[c][1], xs])
                 top = s.topk(min(max_per_class, len(s))).indices
@@ -131,7 +131,7 @@ def select_samples(
     correct = {c: int(correct_all[c]) if 0 <= c < len(correct_all) else 0 for c in classes or ()}
     if group is not None:
         distributed.agree_shards(None if example is None else (outputs, tuple(example.shape[1:])), group,
-                      "the model's outputs and input shape")
+                                 "the model's outputs and input shape")
         classes = list(range(outputs)) if classes is None else classes  # type: ignore[arg-type]
         seen, correct = distributed.sum_counts([seen, correct], classes, group)
     if classes is None or example is None:
