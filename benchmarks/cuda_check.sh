@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short run of every GPU check, for a machine with a CUDA device and a CUDA build of torch:
-# 1. the CUDA tests (each GPU result against the CPU's), the fused Triton kernel's tests, and
-#    profiling in a process group of two processes on the GPU;
+# 1. the CUDA tests (each GPU result against the CPU's), the fused Triton kernel's tests, the
+#    GPU's free memory as recon and profiling read it, and profiling in a process group of two
+#    processes on the GPU;
 # 2. profiling speed on the GPU at batch 128 (with the literal form) and 1024, first with the
 #    default kernel, then with the fused Triton kernel (`--kernel triton`);
 # 3. each layer against its own forward at batch 1024, with both kernels (where the gap comes from);
@@ -19,6 +20,7 @@ mkdir -p "$out"
 status=0
 speed() { PYTHONPATH=src python benchmarks/contribution_speed.py --device cuda --repeats 5 "$@" || status=1; }
 PYTHONPATH=src python -m pytest -q tests/test_cuda.py tests/test_kernels.py -rs \
+    "tests/test_memory.py::test_free_cuda_memory_counts_what_the_allocator_cached" \
     "tests/test_distributed.py::test_a_group_profiling_on_a_gpu_gets_the_profile_of_all_the_data" || status=1
 speed --out "$out/contribution_speed.jsonl"
 speed --batch 1024 --methods forward profile --out "$out/contribution_speed.jsonl"
