@@ -2,9 +2,11 @@
 its own shard, and every process gets the profile of all the data in one process."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,18 +56,22 @@ KWARGS = [dict(fraction=0.2, min_per_class=2, max_per_class=6),
           dict(select=False)]
 
 
-def _join(rank: int, out: Path) -> None:
+@contextlib.contextmanager
+def _in_group(rank: int, folder: str) -> Iterator[tuple[Path, nn.Module, list]]:
+    """This process joined to the group: the output folder, the model and this process's shard."""
+    out = Path(folder)
     # A short timeout: collectives that fail to pair up fail the test instead of hanging it.
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
                             timeout=datetime.timedelta(seconds=60))
+    try:
+        model, x, y = _model_and_data()
+        yield out, model, _shard(x, y, rank)
+    finally:
+        dist.destroy_process_group()
 
 
 def _worker(rank: int, folder: str) -> None:
-    out = Path(folder)
-    _join(rank, out)
-    try:
-        model, x, y = _model_and_data()
-        shard = _shard(x, y, rank)
+    with _in_group(rank, folder) as (out, model, shard):
         for i, kwargs in enumerate(KWARGS):
             modellego.profile(model, shard, group=dist.group.WORLD, **kwargs).save(out / f"profile{i}-{rank}")
         # Chunks of classes chosen differently per process (one class, three): the smallest is used.
@@ -81,21 +87,13 @@ def _worker(rank: int, folder: str) -> None:
             except UserError as e:
                 errors.append(str(e))
         (out / f"errors-{rank}.json").write_text(json.dumps(errors))
-    finally:
-        dist.destroy_process_group()
 
 
 def _gpu_worker(rank: int, folder: str) -> None:
     """Both processes on the one GPU: the sums live there, gloo carries them through the host."""
-    out = Path(folder)
-    _join(rank, out)
-    try:
-        model, x, y = _model_and_data()
-        shard = _shard(x, y, rank)
+    with _in_group(rank, folder) as (out, model, shard):
         for i in (0, 1):
             modellego.profile(model.cuda(), shard, group=dist.group.WORLD, **KWARGS[i]).save(out / f"gpu{i}-{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(worker, folder: Path) -> None:
