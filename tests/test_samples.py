@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from modellego.errors import UserError
-from modellego.samples import select_samples
+from modellego.samples import log_odds, select_samples
 
 
 class Logits(nn.Module):
@@ -34,7 +34,7 @@ def _data(n: int = 300, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _literal(x: torch.Tensor, y: torch.Tensor, c: int, fraction: float, lo: int, hi: int) -> torch.Tensor:
-    prob = x.float().softmax(1)
+    prob = x.softmax(1)  # float64: these logits leave no ties
     ok = ((prob.argmax(1) == y) & (y == c)).nonzero().flatten()
     n = min(max(math.ceil(fraction * len(ok)), lo), hi, len(ok))
     order = prob[ok, c].argsort(descending=True)
@@ -67,3 +67,28 @@ def test_a_subset_of_classes_and_a_short_class() -> None:
         select_samples(model, [(x, y)], fraction=0)
     with pytest.raises(UserError, match="no samples were given"):
         select_samples(model, [])
+
+
+def test_log_odds_are_those_of_the_softmax_probability() -> None:
+    x, y = _data()
+    y = y.clamp(0, 3)
+    p = x.softmax(1).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(log_odds(x, y), torch.log(p / (1 - p)), rtol=1e-12, atol=1e-12)
+
+
+def test_saturated_probabilities_are_ranked_by_their_logits_whatever_the_order() -> None:
+    """A confident model's float32 probability is exactly 1.0 once its logit leads by about 17:
+    the ranking must still follow the logits, not the order in which the samples come."""
+    n = 200
+    gap = torch.linspace(20.0, 60.0, n)  # every sample saturates in float32
+    x = torch.zeros(n, 3)
+    x[:, 0] = gap
+    assert bool((x.softmax(1)[:, 0] == 1.0).all())
+    y = torch.zeros(n, dtype=torch.long)
+    want = x[-20:].flip(0)  # fraction 0.1: the 20 largest leads, best first
+    for seed in range(3):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        xs, ys = x[order], y[order]
+        batches = [(xs[i: i + 32], ys[i: i + 32]) for i in range(0, n, 32)]
+        sel = select_samples(Logits(), batches, fraction=0.1, min_per_class=1, max_per_class=100)
+        assert torch.equal(sel.inputs, want), seed

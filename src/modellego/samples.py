@@ -71,6 +71,10 @@ def select_samples(
 ) -> SampleSelection:
     """Keep, per class, the top `fraction` of its correctly classified samples by predicted probability.
 
+    Samples are ranked by the log-odds of their class (`log_odds`, in float64), which orders them
+    as the probability does without float32's ties at 1.0, so which samples are kept does not
+    depend on the order they are read in.
+
     The count per class is ``ceil(fraction * correct)``, clamped to [min_per_class, max_per_class]
     and to what exists. A class with fewer correct samples than `min_per_class` is reported in
     ``short`` (and logged by name), never an error.
@@ -112,10 +116,10 @@ def select_samples(
                 if classes is None:
                     classes = list(range(outputs))
                 wanted[[c for c in classes if 0 <= c < outputs]] = True
-            prob = logits.float().softmax(1).cpu()
+            z = logits.detach().to("cpu", torch.float64)  # (B, outputs)
             inside = (y >= 0) & (y < outputs)  # labels the model has an output for
-            hit = inside & (prob.argmax(1) == y)
-            score = prob.gather(1, y.clamp(0, outputs - 1)[:, None]).squeeze(1)
+            hit = inside & (z.argmax(1) == y)
+            score = log_odds(z, y.clamp(0, outputs - 1))
             seen_all = seen_all + torch.bincount(y[inside], minlength=outputs)
             correct_all = correct_all + torch.bincount(y[hit], minlength=outputs)
             # Only the classes with a correct sample here can change their candidates: with a
@@ -157,6 +161,21 @@ def select_samples(
     if not any(want.values()):
         raise UserError("the model classified no sample of the requested classes correctly")
     return SampleSelection(torch.cat(inputs), torch.cat(labels), seen, correct, want, short, example)
+
+
+def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of each sample's label under the softmax, from the logits.
+
+    It orders samples exactly as the probability p does, but a confident model's float32
+    probabilities round to 1.0 for hundreds of training images (LeNet-5 on MNIST), which would
+    leave the choice among them to the order the images are read in. The log-odds,
+    z_y - logsumexp_{j != y} z_j, stays finite and distinct.
+
+    Shape: logits (B, C), labels (B,) in [0, C) -> (B,), in the logits' dtype.
+    """
+    own = logits.gather(1, labels[:, None])  # (B, 1)
+    others = logits.scatter(1, labels[:, None], -torch.inf).logsumexp(1)  # (B,)
+    return own.squeeze(1) - others
 
 
 def every_sample(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
