@@ -3,6 +3,7 @@ its own shard, and every process gets the profile of all the data in one process
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -42,6 +43,20 @@ def _model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
+def _saturated(model: nn.Module) -> nn.Module:
+    """The model in float32 with its logits scaled up, so that the float32 probability of every
+    correctly classified image is exactly 1.0."""
+    hot = copy.deepcopy(model).float()
+    with torch.no_grad():
+        hot[-1].weight *= 1e5
+        hot[-1].bias *= 1e5
+    return hot
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def _shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Uneven shards: every sample of the most frequent class goes to rank 0, so rank 1 has none."""
     top = int(torch.bincount(y).argmax())
@@ -77,8 +92,9 @@ def _worker(rank: int, folder: str) -> None:
         # Chunks of classes chosen differently per process (one class, three): the smallest is used.
         modellego.profile(model, shard, group=dist.group.WORLD, **KWARGS[0],
                           class_chunk=1 if rank == 0 else 3).save(out / f"chunks-{rank}")
-        sel = select_samples(model, shard, group=dist.group.WORLD, **KWARGS[0])
-        save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"selection-{rank}")
+        for name, m in [("selection", model), ("saturated", _saturated(model))]:
+            sel = select_samples(m, [(x.to(_dtype(m)), y) for x, y in shard], group=dist.group.WORLD, **KWARGS[0])
+            save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"{name}-{rank}")
         errors = []
         # Rank 1 without batches; then rank 1 with another fraction.
         for batches, fraction in [([] if rank == 1 else shard, 0.2), (shard, 0.3 if rank == 1 else 0.2)]:
@@ -144,10 +160,15 @@ def test_a_group_profiling_on_a_gpu_gets_the_profile_of_all_the_data(tmp_path: P
                                   [tmp_path / f"gpu{i}-{rank}" for rank in range(PROCESSES)])
 
 
-def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path) -> None:
+@pytest.mark.parametrize("name", ["selection", "saturated"])
+def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path, name: str) -> None:
     model, x, y = _model_and_data()
+    if name == "saturated":  # equal float32 probabilities: only the log-odds tell the images apart
+        model = _saturated(model)
+        x = x.float()
+        assert int((model(x).softmax(1).amax(1) == 1.0).sum()) > len(x) // 2
     one = select_samples(model, [(x, y)], **KWARGS[0])
-    parts = [load_file(group_run / f"selection-{rank}") for rank in range(PROCESSES)]
+    parts = [load_file(group_run / f"{name}-{rank}") for rank in range(PROCESSES)]
     assert all(len(p["labels"]) for p in parts)  # both processes hold a share
     got = torch.cat([p["inputs"] for p in parts])
     key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731: the samples as a set of rows
