@@ -92,8 +92,10 @@ def _worker(rank: int, folder: str) -> None:
         # Chunks of classes chosen differently per process (one class, three): the smallest is used.
         modellego.profile(model, shard, group=dist.group.WORLD, **KWARGS[0],
                           class_chunk=1 if rank == 0 else 3).save(out / f"chunks-{rank}")
-        for name, m in [("selection", model), ("saturated", _saturated(model))]:
-            sel = select_samples(m, [(x.to(_dtype(m)), y) for x, y in shard], group=dist.group.WORLD, **KWARGS[0])
+        for name, m, hold in [("selection", model, None), ("saturated", _saturated(model), None),
+                              ("read-again", model, 0)]:
+            sel = select_samples(m, [(x.to(_dtype(m)), y) for x, y in shard], group=dist.group.WORLD,
+                                 hold_budget=hold, **KWARGS[0])
             save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"{name}-{rank}")
         errors = []
         # Rank 1 without batches; then rank 1 with another fraction.
@@ -160,7 +162,7 @@ def test_a_group_profiling_on_a_gpu_gets_the_profile_of_all_the_data(tmp_path: P
                                   [tmp_path / f"gpu{i}-{rank}" for rank in range(PROCESSES)])
 
 
-@pytest.mark.parametrize("name", ["selection", "saturated"])
+@pytest.mark.parametrize("name", ["selection", "saturated", "read-again"])
 def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run: Path, name: str) -> None:
     model, x, y = _model_and_data()
     if name == "saturated":  # equal float32 probabilities: only the log-odds tell the images apart

@@ -41,13 +41,16 @@ def _literal(x: torch.Tensor, y: torch.Tensor, c: int, fraction: float, lo: int,
     return x[ok[order[:n]]]
 
 
+@pytest.mark.parametrize("hold_budget", [None, 0])  # 0: the selected samples are read again
 @pytest.mark.parametrize("fraction,lo,hi", [(0.1, 2, 50), (0.5, 1, 7), (1.0, 3, 500)])
-def test_the_selection_is_the_literal_rule_whatever_the_batches(fraction: float, lo: int, hi: int) -> None:
+def test_the_selection_is_the_literal_rule_whatever_the_batches(fraction: float, lo: int, hi: int,
+                                                                 hold_budget: int | None) -> None:
     x, y = _data()
     model = Logits()
     for size in (300, 64, 7):  # one batch, or streamed in many
         batches = [(x[i: i + size], y[i: i + size]) for i in range(0, len(y), size)]
-        sel = select_samples(model, batches, fraction=fraction, min_per_class=lo, max_per_class=hi)
+        sel = select_samples(model, batches, fraction=fraction, min_per_class=lo, max_per_class=hi,
+                             hold_budget=hold_budget)
         for c in range(4):
             want = _literal(x, y, c, fraction, lo, hi)
             assert torch.equal(sel.inputs[sel.labels == c], want), (size, c)
@@ -92,3 +95,34 @@ def test_saturated_probabilities_are_ranked_by_their_logits_whatever_the_order()
         batches = [(xs[i: i + 32], ys[i: i + 32]) for i in range(0, n, 32)]
         sel = select_samples(Logits(), batches, fraction=0.1, min_per_class=1, max_per_class=100)
         assert torch.equal(sel.inputs, want), seed
+
+
+class Readings:
+    """Batches that differ from one reading to the next (a shuffling loader, a stream that ends)."""
+
+    def __init__(self, *readings: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.readings = list(readings)
+
+    def __iter__(self):
+        return iter(self.readings.pop(0))
+
+
+def test_candidates_past_the_budget_are_read_again_only_from_batches_that_allow_it() -> None:
+    x, y = _data()
+    model = Logits()
+    held = select_samples(model, [(x, y)], fraction=0.3)
+    # A budget of one sample's bytes: the inputs are dropped after the first batch, then read again.
+    again = select_samples(model, [(x[:100], y[:100]), (x[100:], y[100:])], fraction=0.3,
+                           hold_budget=x[0].numel() * x.element_size())
+    assert torch.equal(again.inputs, held.inputs) and torch.equal(again.labels, held.labels)
+    with pytest.raises(UserError, match="can be read only once"):
+        select_samples(model, iter([(x, y)]), hold_budget=0)
+    batches = [(x[i: i + 32], y[i: i + 32]) for i in range(0, len(y), 32)]
+    shuffled = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="other samples on the second reading"):
+        select_samples(model, Readings(batches, [(x[shuffled], y[shuffled])]), hold_budget=0)
+    with pytest.raises(UserError, match="the batches ended after 32 samples on the second reading"):
+        select_samples(model, Readings(batches, batches[:1]), hold_budget=0)
+    with pytest.raises(UserError, match="hold_budget must be"):
+        select_samples(model, [(x, y)], hold_budget=-1)
+    assert torch.equal(select_samples(model, iter([(x, y)]), fraction=0.3).inputs, held.inputs)  # within budget

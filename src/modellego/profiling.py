@@ -209,6 +209,7 @@ def profile(
     fraction: float = 0.01,
     min_per_class: int = 5,
     max_per_class: int = 256,
+    hold_budget: int | None = None,
     batch_size: int = 128,
     class_chunk: int | None = None,
     memory_budget: int | None = None,
@@ -222,12 +223,13 @@ def profile(
 
     Args:
         model: a classifier whose forward pass torch.fx can trace.
-        batches: iterable of (inputs, labels), normally the TRAINING split; read once.
+        batches: iterable of (inputs, labels), normally the TRAINING split; read once (twice
+            when the selection's candidates take more than `hold_budget`).
         classes: output indices to profile (default: all).
         thresholds: α and β (default: the paper's).
         mode: "sample" (ReLU per sample, then sum) or "mean" (average features first).
         select: pick the top `fraction` of correct samples per class; ``False`` uses every sample given.
-        fraction, min_per_class, max_per_class: see `select_samples`.
+        fraction, min_per_class, max_per_class, hold_budget: see `select_samples`.
         batch_size: batch size of the contribution pass.
         class_chunk: classes accumulated at once (default: as many as fit `memory_budget`).
         memory_budget: bytes of contribution sums to hold at once when choosing `class_chunk`
@@ -262,7 +264,8 @@ def profile(
     t0 = time.perf_counter()
     if select:
         sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
-                             max_per_class=max_per_class, device=device, group=group, progress=progress)
+                             max_per_class=max_per_class, device=device, group=group, progress=progress,
+                             hold_budget=hold_budget)
     else:
         sel = every_sample(batches, group=group)
     t_select = time.perf_counter() - t0

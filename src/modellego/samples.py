@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, memory
 from .errors import UserError
 from .hooks import preserve_training
 
@@ -56,6 +56,60 @@ class SampleSelection:
         return {"seen": self.seen, "correct": self.correct, "selected": self.selected, "short": self.short}
 
 
+class _Candidates:
+    """Per class, the best `depth` candidates so far: their scores (descending), their positions
+    in this process's stream of samples and, while `inputs` is not None, the inputs themselves.
+
+    New candidates wait in a pending list, merged once a class has `depth` of them or
+    `MERGE_EVERY` batches' worth: the held inputs are copied once per merge instead of once per
+    batch that brings the class a candidate. Call `merge` before reading the results.
+    """
+
+    MERGE_EVERY = 8
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.scores: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, torch.Tensor] | None = {}
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
+        self.nbytes = 0  # of the inputs held, pending ones included
+
+    def add(self, c: int, scores: torch.Tensor, positions: torch.Tensor, inputs: torch.Tensor | None) -> None:
+        self.pending.setdefault(c, []).append((scores, positions, inputs))
+        if inputs is not None and self.inputs is not None:
+            self.nbytes += _nbytes(inputs)
+        parts = self.pending[c]
+        if len(parts) >= self.MERGE_EVERY or sum(len(s) for s, _, _ in parts) >= self.depth:
+            self._merge(c)
+
+    def merge(self) -> None:
+        for c in list(self.pending):
+            self._merge(c)
+
+    def _merge(self, c: int) -> None:
+        parts = self.pending.pop(c)
+        if c in self.scores:
+            held = self.inputs[c] if self.inputs is not None else None
+            parts.insert(0, (self.scores[c], self.positions[c], held))
+        scores = torch.cat([s for s, _, _ in parts])
+        top = scores.topk(min(self.depth, len(scores))).indices
+        self.scores[c], self.positions[c] = scores[top], torch.cat([p for _, p, _ in parts])[top]
+        if self.inputs is not None:
+            xs = torch.cat([x for _, _, x in parts])  # type: ignore[misc]
+            self.nbytes -= _nbytes(xs)
+            self.inputs[c] = xs[top]
+            self.nbytes += _nbytes(self.inputs[c])
+
+    def drop_inputs(self) -> None:
+        self.inputs, self.nbytes = None, 0
+        self.pending = {c: [(s, p, None) for s, p, _ in parts] for c, parts in self.pending.items()}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 @torch.no_grad()
 def select_samples(
     model: nn.Module,
@@ -68,6 +122,7 @@ def select_samples(
     device: torch.device | str | None = None,
     group: torch.distributed.ProcessGroup | None = None,
     progress: bool = False,
+    hold_budget: int | None = None,
 ) -> SampleSelection:
     """Keep, per class, the top `fraction` of its correctly classified samples by predicted probability.
 
@@ -79,34 +134,44 @@ def select_samples(
     and to what exists. A class with fewer correct samples than `min_per_class` is reported in
     ``short`` (and logged by name), never an error.
 
+    The pass holds up to `max_per_class` candidates per class, since the count is known only at
+    the end. When their inputs would take more than `hold_budget` bytes (1000 classes of 224×224
+    images: 154 GB), it keeps only their scores and positions and reads `batches` a second time,
+    without the model, for the selected inputs; `batches` must then give the same samples in the
+    same order again (a list, or a loader without shuffling), which is checked on the labels.
+
     Args:
         model: the classifier (evaluated in eval mode, restored afterwards).
         batches: iterable of (inputs, labels), e.g. the training split.
         classes: classes to select for (default: all the model's outputs).
         fraction: fraction of correct samples kept per class, in (0, 1].
         min_per_class: lower bound on the kept count per class.
-        max_per_class: upper bound, also the most candidates held in memory per class.
+        max_per_class: upper bound, also the most candidates kept per class during the pass.
         device: where to run the model (default: where its parameters are).
         group: a torch.distributed process group whose every process calls this with its own
             shard of the batches: the selection is then that of all shards together, each process
             keeping its share (`modellego.distributed`).
         progress: show a progress bar over the batches (in a process group, the first process's).
+        hold_budget: bytes of candidate inputs held during the pass (default: half the host's
+            available memory, `memory.default_budget`).
     """
     if not 0 < fraction <= 1:
         raise UserError(f"fraction must be in (0, 1], got {fraction}")
     if min_per_class < 1 or max_per_class < min_per_class:
         raise UserError(f"need 1 <= min_per_class <= max_per_class, got {min_per_class}, {max_per_class}")
+    if hold_budget is not None and hold_budget < 0:
+        raise UserError(f"hold_budget must be >= 0 bytes, got {hold_budget}")
+    budget = memory.default_budget("cpu") if hold_budget is None else hold_budget
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    best: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # class -> (scores, descending; inputs)
+    best = _Candidates(max_per_class)
     seen_all = correct_all = torch.zeros(0, dtype=torch.long)  # per output, once the first batch has run
     example: torch.Tensor | None = None
     outputs: int | None = None
+    position = 0  # of the batch's first sample in this process's stream
+    first_rank = distributed.world(group)[0] == 0
     with preserve_training(model):
         model.eval()
-        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-        bar = tqdm(batches, total=total, desc="selecting samples", unit="batch",
-                   disable=None if progress and distributed.world(group)[0] == 0 else True)
-        for x, y in bar:
+        for x, y in _with_bar(batches, "selecting samples", progress and first_rank):
             logits = model(x.to(device))
             y = y.cpu()
             if example is None:
@@ -126,11 +191,19 @@ def select_samples(
             # 1000-class head that is a few hundred per batch, not every class.
             for c in y[hit & wanted[y.clamp(0, outputs - 1)]].unique().tolist():
                 ok = hit & (y == c)
-                s, xs = score[ok], x[ok.to(x.device)].cpu()
-                if c in best:
-                    s, xs = torch.cat([best[c][0], s]), torch.cat([best[c][1], xs])
-                top = s.topk(min(max_per_class, len(s))).indices
-                best[c] = (s[top], xs[top])
+                xs = x[ok.to(x.device)].cpu() if best.inputs is not None else None
+                best.add(c, score[ok], position + ok.nonzero().flatten(), xs)
+            position += len(y)
+            if best.nbytes > budget:
+                if isinstance(batches, Iterator):
+                    raise UserError(
+                        f"the candidate samples take more than hold_budget ({budget:,} bytes) and `batches` "
+                        "can be read only once: pass a list or a loader (without shuffling), so that the "
+                        "selected samples are read again, or lower max_per_class")
+                log.info("candidate samples past %s bytes: keeping their positions, reading the batches again",
+                         f"{budget:,}")
+                best.drop_inputs()
+    best.merge()
     seen = {c: int(seen_all[c]) if 0 <= c < len(seen_all) else 0 for c in classes or ()}
     correct = {c: int(correct_all[c]) if 0 <= c < len(correct_all) else 0 for c in classes or ()}
     if group is not None:
@@ -146,21 +219,66 @@ def select_samples(
         mine = {c: torch.arange(want[c]) for c in classes}  # the scores are in descending order
     else:
         empty = torch.empty(0)
-        mine = dict(zip(classes, distributed.global_top([best[c][0] if c in best else empty for c in classes],
+        mine = dict(zip(classes, distributed.global_top([best.scores.get(c, empty) for c in classes],
                                                         [want[c] for c in classes], max_per_class, group)))
-    inputs, labels, short = [example[:0]], [torch.empty(0, dtype=torch.long)], []
-    for c in classes:
-        if correct.get(c, 0) < min_per_class:
-            short.append(c)
-        if len(mine[c]):
-            inputs.append(best[c][1][mine[c]])
-            labels.append(torch.full((len(mine[c]),), c, dtype=torch.long))
-    if short and distributed.world(group)[0] == 0:  # the counts are everyone's: one process says it
+    mine = {c: m for c, m in mine.items() if len(m)}
+    if best.inputs is not None:
+        chosen = {c: best.inputs[c][m] for c, m in mine.items()}
+    else:
+        chosen = _read_again(batches, {c: best.positions[c][m] for c, m in mine.items()}, progress and first_rank)
+    short = [c for c in classes if correct.get(c, 0) < min_per_class]
+    if short and first_rank:  # the counts are everyone's: one process says it
         log.warning("classes with fewer than %d correctly classified samples: %s", min_per_class,
                     ", ".join(f"{c} ({correct.get(c, 0)} correct of {seen.get(c, 0)})" for c in short))
     if not any(want.values()):
         raise UserError("the model classified no sample of the requested classes correctly")
-    return SampleSelection(torch.cat(inputs), torch.cat(labels), seen, correct, want, short, example)
+    inputs = torch.cat([example[:0]] + [chosen[c] for c in classes if c in chosen])
+    labels = torch.cat([torch.empty(0, dtype=torch.long)]
+                       + [torch.full((len(chosen[c]),), c, dtype=torch.long) for c in classes if c in chosen])
+    return SampleSelection(inputs, labels, seen, correct, want, short, example)
+
+
+def _with_bar(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str,
+              show: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches, counted on a progress bar. The bar is not handed the iterable: tqdm's asyncio
+    variant would call `iter` on it twice, which costs a reading of a loader that changes between
+    readings and starts a DataLoader's workers twice."""
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with tqdm(total=total, desc=desc, unit="batch", disable=None if show else True) as bar:
+        for batch in batches:
+            yield batch
+            bar.update()
+
+
+def _read_again(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], positions: dict[int, torch.Tensor],
+                progress: bool) -> dict[int, torch.Tensor]:
+    """The inputs at `positions` (per class, in this process's stream of samples), from a second
+    pass over `batches` that stops after the last one; the labels there must be the classes."""
+    if not positions:
+        return {}
+    flat = torch.cat(list(positions.values()))
+    label = torch.cat([torch.full((len(p),), c, dtype=torch.long) for c, p in positions.items()])
+    order = flat.argsort()
+    flat, label = flat[order], label[order]
+    inputs: torch.Tensor | None = None  # in the order of `positions`, filled as the batches pass
+    start, i = 0, 0
+    for x, y in _with_bar(batches, "reading the selected samples", progress):
+        j = int(torch.searchsorted(flat, start + len(y)))
+        local = flat[i:j] - start
+        if not torch.equal(y.cpu()[local], label[i:j]):
+            raise UserError("the batches gave other samples on the second reading (their labels differ): "
+                            "turn shuffling off, or raise hold_budget so that the first reading suffices")
+        if inputs is None:
+            inputs = torch.empty((len(flat), *x.shape[1:]), dtype=x.dtype)
+        inputs[order[i:j]] = x[local.to(x.device)].cpu()
+        start, i = start + len(y), j
+        if i == len(flat):
+            break  # the rest holds nothing selected
+    if i < len(flat) or inputs is None:
+        raise UserError(f"the batches ended after {start:,} samples on the second reading, "
+                        f"before the selected sample at position {int(flat[i]):,}")
+    sizes = [len(p) for p in positions.values()]
+    return dict(zip(positions, inputs.split(sizes)))
 
 
 def log_odds(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
