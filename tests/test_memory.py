@@ -1,4 +1,4 @@
-"""The memory budget read from the device, and recon's use of it."""
+"""The memory budget read from the device, and how profiling, selection and recon use it."""
 from __future__ import annotations
 
 import copy
@@ -111,3 +111,34 @@ def test_profiling_holds_the_sums_of_as_many_classes_as_half_the_free_memory_fit
         modellego.profile(source, list(zip(images, labels)), select=False, memory_budget=-1)
     with pytest.raises(UserError, match="class_chunk must be at least 1, got 0"):
         modellego.profile(source, list(zip(images, labels)), select=False, class_chunk=0)
+
+
+class _Counted(list):
+    """A list of batches that counts its readings."""
+
+    readings = 0
+
+    def __iter__(self):
+        self.readings += 1
+        return super().__iter__()
+
+
+def test_selection_reads_the_batches_again_once_its_candidates_pass_half_the_free_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import modellego
+
+    source, _, _, images = _perturbed_pair()
+    with torch.no_grad():
+        labels = [source(x).argmax(1) for x in images]  # every sample correct: every one a candidate
+    held = _Counted(zip(images, labels))
+    whole = modellego.profile(source, held, fraction=0.5, min_per_class=1)
+    monkeypatch.setattr("modellego.memory.free_bytes", lambda device: 0)
+    again = _Counted(zip(images, labels))
+    reread = modellego.profile(source, again, fraction=0.5, min_per_class=1)
+    assert (held.readings, again.readings) == (1, 2)
+    assert reread.provenance["selection"] == whole.provenance["selection"]
+    for k in whole.layers:
+        assert torch.equal(reread.in_masks[k], whole.in_masks[k]) and torch.equal(reread.out_masks[k], whole.out_masks[k])
+    explicit = _Counted(zip(images, labels))  # a budget given overrides the free memory
+    modellego.profile(source, explicit, fraction=0.5, min_per_class=1, hold_budget=10**12)
+    assert explicit.readings == 1
