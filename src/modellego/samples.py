@@ -307,10 +307,11 @@ def every_sample(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
     if example is None:
         raise UserError("no samples were given")
     inputs, labels = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
-    classes = sorted(set(labels.unique().tolist()))
+    present = dict(zip(*(t.tolist() for t in labels.unique(return_counts=True))))  # class -> count
+    classes = sorted(present)
     if group is not None:
         classes = sorted(set().union(*distributed.gather(classes, group)))  # type: ignore[arg-type]
-    counts = {c: int((labels == c).sum()) for c in classes}
+    counts = {c: present.get(c, 0) for c in classes}
     if group is not None:
         (counts,) = distributed.sum_counts([counts], classes, group)
     return SampleSelection(inputs, labels, dict(counts), {}, dict(counts), [], example)  # no model: none judged
