@@ -27,6 +27,7 @@ ZOO = {
     "resnet18": dict(width=0.25, epochs=2, train_limit=20000),
     "googlenet": dict(width=0.0625, epochs=2, train_limit=20000),
     "mobilenet_v2": dict(width=0.25, epochs=2, train_limit=20000),
+    "mobilenet_v3_small": dict(width=0.5, epochs=2, train_limit=20000),
 }
 DATA = ["mnist", "fashion-mnist"]
 

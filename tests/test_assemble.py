@@ -17,7 +17,8 @@ from modellego.info import InputSpec, get_info
 from modellego.scaling import scale_assembly
 
 NUM_CLASSES = 6
-ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125)]
+ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
+       ("mobilenet_v3_small", 0.125)]
 # (label, [(source, classes), ...]); sources: "a" and "b" share their normalisation, "c" is "b"'s
 # weights with another normalisation.
 CONFIGS = [

@@ -38,7 +38,8 @@ def resnet():
 
 
 @pytest.mark.parametrize("name,width", [("lenet5", 0.5), ("vgg11_bn", 0.125), ("resnet18", 0.125),
-                                        ("googlenet", 0.0625), ("mobilenet_v2", 0.125)])
+                                        ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
+                                        ("mobilenet_v3_small", 0.125)])
 def test_budgeted_component_fits_and_is_exact(name: str, width: float) -> None:
     model, x, prof = _setup(name, width)
     full = count_flops(model, SHAPE)

@@ -21,7 +21,7 @@ from modellego.locate import Thresholds
 from modellego.profiling import Profile
 
 SHAPE = (3, 28, 28)
-TINY_WIDTH = {"lenet5": 0.25, "alexnet": 0.125, "mobilenet_v2": 0.125}
+TINY_WIDTH = {"lenet5": 0.25, "alexnet": 0.125, "mobilenet_v2": 0.125, "mobilenet_v3_small": 0.125}
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
@@ -75,7 +75,7 @@ def test_zoo_model_round_trip_is_bit_identical(name: str, tmp_path: Path) -> Non
     assert json.loads((path.parent / "model.json").read_text())["model"] == get_info(model).to_json()
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet18", "googlenet", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet18", "googlenet", "mobilenet_v2", "mobilenet_v3_small"])
 def test_component_round_trip_rebuilds_from_the_spec(name: str, tmp_path: Path) -> None:
     model = build(name)
     prof = modellego.profile(model, data(), select=False)

@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a 
 CUDA = torch.device("cuda")
 NUM_CLASSES = 5
 SHAPE = (1, 28, 28)
-ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125)]
+ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
+       ("mobilenet_v3_small", 0.125)]
 
 
 def build(name: str, width: float, seed: int = 0) -> nn.Module:

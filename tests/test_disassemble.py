@@ -29,6 +29,7 @@ ZOO = [
     ("resnet50", 0.0625),
     ("googlenet", 0.0625),
     ("mobilenet_v2", 0.125),
+    ("mobilenet_v3_small", 0.125),
 ]
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -100,7 +101,7 @@ def test_component_equals_masked_source(name: str, width: float) -> None:
 
 
 @pytest.mark.parametrize("name,width", [("lenet5", 0.25), ("resnet18", 0.0625), ("googlenet", 0.0625),
-                                        ("mobilenet_v2", 0.125)])
+                                        ("mobilenet_v2", 0.125), ("mobilenet_v3_small", 0.125)])
 def test_keep_all_component_is_the_source(name: str, width: float) -> None:
     model = build(name, width)
     classes = list(range(NUM_CLASSES))

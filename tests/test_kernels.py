@@ -55,7 +55,7 @@ def test_triton_kernel_float32_blocks_with_ragged_edges(samples: int, offsets: i
 
 # Every zoo family: plain chains, residual adds, inception concatenations, depthwise convolutions.
 ZOO = [("lenet5", 0.25, 28), ("vgg11_bn", 0.0625, 8), ("resnet18", 0.0625, 16), ("googlenet", 0.0625, 16),
-       ("mobilenet_v2", 0.125, 8)]
+       ("mobilenet_v2", 0.125, 8), ("mobilenet_v3_small", 0.125, 8)]
 
 
 @pytest.mark.parametrize("name,width,size", ZOO, ids=[z[0] for z in ZOO])

@@ -372,6 +372,46 @@ def test_depthwise_couples_input_to_output() -> None:
     assert torch.equal(prof.out_masks["dw"], prof.in_masks["conv2"])
 
 
+class Gated(nn.Module):
+    """A squeeze-and-excitation gate (B, C, 1, 1) scales h channel by channel, then scalar arithmetic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(2, 4, 3, padding=1)
+        self.reduce = nn.Conv2d(4, 2, 1)
+        self.expand = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv0(x))
+        g = F.hardsigmoid(self.expand(torch.relu(self.reduce(torch.mean(h, (2, 3), keepdim=True)))))
+        z = (h * g) / 2 - 0.5  # a product, then a division and subtraction by numbers
+        return self.fc(z.mean((-2, -1)))
+
+
+def test_product_passes_relevance_to_both_factors_and_merges_their_channels() -> None:
+    graph = trace(Gated(), torch.randn(1, 2, 5, 5))
+    space = lambda name: graph.segments(graph.layers[name].node)[0].space  # noqa: E731
+    assert space("expand") == space("conv0")  # channel c of the gate scales channel c of h
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    r = {
+        "fc": t([[0, 1, 1, 0], [1, 0, 0, 1]]),  # class 0 needs product channels 1 and 2
+        "expand": t([[1, 0], [0, 1], [0, 1], [1, 0]]),  # gate channels 1 and 2 read squeezed channel 1
+        "reduce": t([[0, 0, 0, 1], [0, 0, 0, 1]]),  # the squeeze reads h's channel 3 only
+        "conv0": t([[1, 0], [1, 0], [1, 0], [1, 0]]),
+    }
+    ins, outs = locate_class(graph, r, 0, Thresholds())
+    assert outs["expand"].tolist() == [False, True, True, False]  # the gate's factor
+    assert ins["expand"].tolist() == [False, True]
+    assert outs["reduce"].tolist() == [False, True]
+    assert ins["reduce"].tolist() == [False, False, False, True]
+    # h is read by the product (channels 1, 2) and, through the mean, by the squeeze (channel 3)
+    assert outs["conv0"].tolist() == [False, True, True, True]
+    keep = keep_channels(graph, ins, [0])
+    assert keep[space("conv0")] == [1, 2, 3]  # what the squeeze reads is kept for the gate as well
+    assert keep[space("reduce")] == [1]
+
+
 # --- Thresholds and unsupported graphs -----------------------------------------------------------
 
 
@@ -400,16 +440,42 @@ class ScalarGate(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class SqueezeExcite(nn.Module):
+class SpatialGate(nn.Module):
+    """A (B, 1, H, W) map scales every channel: channel c of the product reads channel 0 of the gate."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3)
+        self.att = nn.Conv2d(3, 1, 1)
         self.fc = nn.Linear(3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
-        x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+        x = x * torch.sigmoid(self.att(x))  # (B, 3, H, W) * (B, 1, H, W)
         return self.fc(x.mean((2, 3)))
+
+
+class Difference(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 3, 3)
+        self.conv_b = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.conv_a(x) - self.conv_b(x)).mean((2, 3)))
+
+
+class ChannelMean(nn.Module):
+    """A mean over the channels of a (B, 3, 3, 3) map keeps the shape's first two sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.mean(self.conv(x), 1).flatten(1))
 
 
 class MatMul(nn.Module):
@@ -469,7 +535,9 @@ class CatSpatial(nn.Module):
 
 UNSUPPORTED = [
     (ScalarGate, (1, 2, 5, 5), "'mean'"),
-    (SqueezeExcite, (1, 2, 5, 5), "'mul'"),
+    (SpatialGate, (1, 2, 5, 5), "'mul'"),
+    (Difference, (1, 2, 5, 5), "'sub'"),
+    (ChannelMean, (1, 2, 5, 5), "'mean'"),
     (MatMul, (1, 2, 4, 4), "'matmul'"),
     (Recurrent, (1, 3, 4), "'lstm'"),
     (SharedConv, (1, 2, 4, 4), "'conv_1'"),
@@ -488,7 +556,7 @@ def test_unsupported_ops_raise_naming_the_node(cls: type, shape: tuple, node: st
 
 
 def test_unsupported_op_raises_from_profile_too() -> None:
-    model = SqueezeExcite()
+    model = SpatialGate()
     x, y = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 0, 1])
     with pytest.raises(UnsupportedGraphError, match="'mul'"):
         modellego.profile(model, [(x, y)], select=False)

@@ -18,7 +18,8 @@ from modellego.locate import keep_channels
 
 NUM_CLASSES = 5
 SHAPE = (1, 28, 28)
-ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125)]
+ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
+       ("mobilenet_v3_small", 0.125)]
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 

@@ -32,7 +32,7 @@ def n_params(model: nn.Module) -> int:
 def test_all_families_registered() -> None:
     expected = {
         "lenet5", "alexnet", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-        "resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v2",
+        "resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v2", "mobilenet_v3_small",
     }  # fmt: skip
     assert expected <= set(ALL_MODELS)
     assert ALL_MODELS == sorted(ALL_MODELS)
@@ -197,7 +197,7 @@ def _functions(model: nn.Module) -> list[object]:
     return [n.target for n in graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small"])
 def test_residual_adds_in_graph(name: str) -> None:
     targets = _functions(build(name))
     assert any(t in (operator.add, torch.add) for t in targets)

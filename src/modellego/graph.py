@@ -6,10 +6,12 @@ traces the model once and records, per fx node:
 
 - its *layout*: the tensor's feature axis (dim 1) as segments of *channel spaces*. A channel space
   is a set of channels that must be kept or dropped together: a convolution creates one; BatchNorm,
-  activations, pooling and a depthwise convolution keep it; a residual add merges the spaces of
-  its addends (union-find); a concatenation lays spaces side by side; a flatten repeats each
-  channel over the spatial positions.
-- its role for relevance: pass-through, add, concat, flatten or parametric layer.
+  activations, pooling, arithmetic with a number and a depthwise convolution keep it; a residual
+  add merges the spaces of its addends (union-find), and so does a product of two tensors (a
+  squeeze-and-excitation gate of shape (B, C, 1, 1) scaling its (B, C, H, W) input channel by
+  channel); a concatenation lays spaces side by side; a flatten repeats each channel over the
+  spatial positions.
+- its role for relevance: pass-through, add, product, concat, flatten or parametric layer.
 
 Anything else that touches a tensor raises `UnsupportedGraphError` naming the op and the node, so
 nothing is ever skipped or silently kept whole.
@@ -31,16 +33,23 @@ from .hooks import preserve_training
 # Modules that act on each channel independently (relevance and channels pass straight through).
 CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.PReLU, nn.Dropout, nn.Dropout2d,
-    nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU,
+    nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
 )
 CHANNELWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.sigmoid, F.tanh, F.dropout,
-    torch.relu, torch.sigmoid, torch.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d,
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
 }
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
+# Element-wise arithmetic: with a number it acts channel by channel; of two tensors, an add merges
+# residual streams and a product gates channels (squeeze-and-excitation). Two-tensor subtraction
+# and division are not followed: no classifier here needs them.
+MUL_FUNCTIONS = {operator.mul, torch.mul, operator.imul}
+SCALAR_FUNCTIONS = {operator.sub, torch.sub, operator.isub, operator.truediv, torch.div, operator.itruediv}
+SCALAR_METHODS = {"sub", "sub_", "div", "div_"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
@@ -157,6 +166,12 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in flat if _shape(a) is not None]
 
 
+def _gates(factor: tuple[int, ...], product: tuple[int, ...]) -> bool:
+    """Whether `factor` is `product`'s shape, or the same batch and channels with every other axis 1."""
+    return factor == product or (len(factor) == len(product) > 2 and factor[:2] == product[:2]
+                                 and all(d == 1 for d in factor[2:]))
+
+
 def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace `model` on `example_input` (Shape: (B, C, H, W)) and build its channel graph.
 
@@ -217,7 +232,8 @@ class _Builder:
         return UnsupportedGraphError(
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
             "Supported: Conv2d (groups=1 or depthwise), Linear, BatchNorm, activations, pooling, "
-            "dropout, residual add, torch.cat on dim 1, flatten."
+            "dropout, arithmetic with a number, residual add, channel gating (x * gate), torch.cat on "
+            "dim 1, flatten."
         )
 
     def build(self) -> ChannelGraph:
@@ -271,12 +287,24 @@ class _Builder:
             self._pass(node, inputs)
         elif node.op == "call_method" and node.target in CHANNELWISE_METHODS:
             self._pass(node, inputs)
-        elif node.op == "call_method" and node.target == "mean" and _shape(node) is not None:
+        elif (node.op == "call_method" and node.target == "mean") or (
+            node.op == "call_function" and node.target is torch.mean
+        ):
             self._visit_mean(node, inputs)
         elif node.op == "call_function" and node.target in ADD_FUNCTIONS or (
             node.op == "call_method" and node.target in ("add", "add_")
         ):
             self._visit_add(node, inputs)
+        elif node.op == "call_function" and node.target in MUL_FUNCTIONS or (
+            node.op == "call_method" and node.target in ("mul", "mul_")
+        ):
+            self._visit_mul(node, inputs)
+        elif (node.op == "call_function" and node.target in SCALAR_FUNCTIONS) or (
+            node.op == "call_method" and node.target in SCALAR_METHODS
+        ):
+            if len(inputs) != 1:
+                raise self.fail(node, "subtraction or division of two tensors")
+            self._pass(node, inputs)
         elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
             self._visit_cat(node, inputs)
         elif (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS) or (
@@ -295,11 +323,14 @@ class _Builder:
         self.roles[node] = "pass"
 
     def _visit_mean(self, node: fx.Node, inputs: list[fx.Node]) -> None:
-        # x.mean((2, 3)) is global average pooling: channel-wise.
-        if len(inputs) == 1 and _shape(node)[:2] == _shape(inputs[0])[:2]:
-            self._pass(node, inputs)
-        else:
-            raise self.fail(node, "mean over the channel axis")
+        # x.mean((2, 3)) is global average pooling: channel-wise, as long as no reduced axis is the
+        # batch or channel axis (compared by index: a shape can match by coincidence).
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        ndim = len(_shape(inputs[0])) if len(inputs) == 1 else 0
+        dims = (dims,) if isinstance(dims, int) else dims
+        if len(inputs) != 1 or not dims or any(d % ndim in (0, 1) for d in dims):
+            raise self.fail(node, f"mean over dims {dims}: only over the spatial axes")
+        self._pass(node, inputs)
 
     def _visit_module(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         m = self.modules[node.target]
@@ -345,6 +376,18 @@ class _Builder:
             raise self.fail(node, "add of tensors with different shapes (broadcasting)")
         self.layouts[node] = self.union(self.layouts[inputs[0]], self.layouts[inputs[1]], node)
         self.roles[node] = "add"
+
+    def _visit_mul(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        if len(inputs) == 1:  # tensor * number
+            self._pass(node, inputs)
+            return
+        shapes = [_shape(i) for i in inputs]
+        if len(inputs) != 2 or not all(_gates(s, _shape(node)) for s in shapes):
+            raise self.fail(node, f"product of tensors of shapes {shapes}: only equal shapes, or a "
+                                  "(B, C, 1, 1) gate times a (B, C, H, W) tensor")
+        # Output channel c reads channel c of both factors: kept or dropped together.
+        self.layouts[node] = self.union(self.layouts[inputs[0]], self.layouts[inputs[1]], node)
+        self.roles[node] = "mul"
 
     def _visit_cat(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)

@@ -142,7 +142,7 @@ def locate_class(
             in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction)
             out_masks[layer.name], in_masks[layer.name] = mask, in_mask
             _or(rel, layer.input, in_mask)
-        elif role in ("pass", "add"):
+        elif role in ("pass", "add", "mul"):
             for src in inputs:
                 _or(rel, src, mask)
         elif role == "cat":
