@@ -287,6 +287,25 @@ def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatc
         torch.testing.assert_close(chunked.s_hat(slot), whole.s_hat(slot), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("fold", [False, True])  # window sums, or the weight folded over the pixels
+@pytest.mark.parametrize("samples_per_block", [1, 3, 100])
+def test_depthwise_accumulator_matches_literal(monkeypatch: pytest.MonkeyPatch, fold: bool,
+                                               samples_per_block: int) -> None:
+    """One filter per input channel: a (B, P) block per chunk of samples, summed by class."""
+    m = ACC_LAYERS["depthwise"]()
+    x = _inputs("depthwise", 10)  # (10, 4, 7, 6)
+    slots = torch.tensor([0, 2, 2, 1, 0, 1, 1, 2, 0, 0])
+    monkeypatch.setattr(contrib, "KRON_PIXELS", 10_000 if fold else 0)
+    monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", samples_per_block * m.in_channels * (42 if fold else 9))
+    u, _ = contrib.contraction_operands(m, x)
+    assert u.shape[2] == (42 if fold else 9)  # j runs over the 7×6 pixels, or over the 3×3 offsets
+    acc = LayerAccumulator(m, 3, "sample")
+    acc.update(x, slots)
+    s = literal_contribution(m, x).clamp(min=0)  # (B, Q, 1)
+    for slot in range(3):
+        torch.testing.assert_close(acc.s_hat(slot), s[slots == slot].sum(0), rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("slice_runs", [0, 64])  # 0: every chunk is summed by the one-hot matmul
 @pytest.mark.parametrize("tile", [1, 20])  # tiles of one input channel, or one tile for all
 @pytest.mark.parametrize("kind", ["conv", "grouped", "conv_tiny_map"])

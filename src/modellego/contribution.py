@@ -135,12 +135,17 @@ def contraction_operands(m: nn.Conv2d, x: torch.Tensor,
 
     Usually u = U (the window sums) and j runs over the K kernel offsets. On a map of H·W ≤ K
     pixels, U = x·Tᵀ has rank at most H·W, so the touch matrix T folds into the weight instead
-    (w·T) and j runs over the pixels: 4 terms instead of 9 on a 2×2 map, and no window sums.
-    `folded` memoises the folded weight across calls (it depends only on the weight and the map).
-    Shape: x (B, P, H, W) -> u (B, P, J), w (P, J, Qg) with J = min(K, H·W).
+    (w·T) and j runs over the pixels: 4 terms instead of 9 on a 2×2 map, and no window sums. A
+    convolution with one filter per input channel (depthwise) folds on every map of at most
+    `KRON_PIXELS` pixels: its contraction is then one elementwise pass over the input, cheaper
+    than the window sums alone (measured 0.2-0.6 ms against 0.8-2.7 ms per MobileNet layer on
+    4×4 to 16×16 maps). `folded` memoises the folded weight across calls (it depends only on the
+    weight and the map). Shape: x (B, P, H, W) -> u (B, P, J), w (P, J, Qg) with J = K or H·W.
     """
     x, row_args, col_args = _geometry(m, x)
-    if x.shape[2] * x.shape[3] > math.prod(m.kernel_size):
+    pixels = x.shape[2] * x.shape[3]
+    single_filter = m.out_channels == m.groups  # each input channel feeds one filter (Qg = 1)
+    if pixels > math.prod(m.kernel_size) and not (single_filter and pixels <= KRON_PIXELS):
         return _window_sums(x, row_args, col_args), _grouped_weight(m).to(x.dtype)  # (B, P, K), (P, K, Qg)
     key = (row_args, col_args, x.dtype, x.device, m.weight.data_ptr(), m.weight._version)
     w = folded.get(key) if folded is not None else None
@@ -310,6 +315,15 @@ class LayerAccumulator:
             pos, neg = onehot @ u_all[:, :, 0].clamp(min=0), onehot @ (-u_all[:, :, 0]).clamp(min=0)  # (C, P)
             wp, wn = w.clamp(min=0), (-w).clamp(min=0)  # (P, 1, Qg)
             state += pos.T[:, :, None] * wp + neg.T[:, :, None] * wn  # (P, C, Qg)
+            return
+        if w.shape[2] == 1:
+            # One filter per input channel (depthwise): s[b, p] is a (B, P) block, an elementwise
+            # product summed over j, where P batched matmuls of one column each would be slow.
+            step = max(1, CHUNK_ELEMENTS // (u_all.shape[1] * u_all.shape[2]))  # samples per block
+            for i in range(0, x.shape[0], step):
+                s = (u_all[i: i + step] * w[:, :, 0]).sum(-1).clamp_(min=0)  # (b, P, J) -> (b, P)
+                onehot = _onehot(slots[i: i + step], self.num_slots, s.dtype)  # (C, b)
+                state[:, :, 0] += (onehot @ s).T  # (P, C)
             return
         if self.kernel == "triton" and state.dtype in kernels.DTYPES:
             # Fused: no per-sample block in memory. Other dtypes take the torch path below.
