@@ -115,6 +115,47 @@ def test_keep_all_component_is_the_source(name: str, width: float) -> None:
         assert torch.equal(component(x), model(x))
 
 
+class LinearGateNet(nn.Module):
+    """A residual block whose squeeze-and-excitation gate is made of Linear layers (SENet's form), its
+    (B, C) output reshaped to scale a (B, C, H, W) map by `view`, or by `unsqueeze` and `expand_as`."""
+
+    def __init__(self, reshape: str) -> None:
+        super().__init__()
+        self.reshape = reshape
+        self.conv0, self.bn0 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.conv1, self.bn1 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32, 8), nn.Linear(8, 32)
+        self.head = nn.Linear(32, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn0(self.conv0(x)))
+        z = self.bn1(self.conv1(h))
+        g = torch.sigmoid(self.fc2(torch.relu(self.fc1(z.mean((2, 3))))))  # (B, C)
+        if self.reshape == "view":
+            g = g.view(g.size(0), g.size(1), 1, 1)
+        else:
+            g = g.unsqueeze(-1).unsqueeze(3).expand_as(z)
+        return self.head(torch.relu(z * g + h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("reshape", ["view", "expand"])
+def test_linear_gates_are_cut_with_the_channels_they_scale(reshape: str) -> None:
+    torch.manual_seed(0)
+    model = randomise_bn(LinearGateNet(reshape)).eval()
+    x, y = data()
+    prof = modellego.profile(model, [(x, y)], select=False)
+    classes = [3, 1]
+    component = modellego.disassemble(model, classes, profile=prof)
+    # The gate's rows, the convolutions and the residual stream are one channel space.
+    kept = component.conv1.out_channels
+    assert component.fc2.out_features == component.conv0.out_channels == kept < 32
+    assert component.fc1.in_features == kept
+    x_test = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        got = copy.deepcopy(component).double()(x_test)
+    torch.testing.assert_close(got, expected_output(model, prof, classes, x_test), rtol=0, atol=1e-9)
+
+
 def test_keep_all_with_reordered_classes_permutes_logits() -> None:
     model = build("resnet18", 0.0625)
     classes = [4, 0, 2, 1, 3]

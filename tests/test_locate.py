@@ -455,6 +455,25 @@ class SpatialGate(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class SpatialGateExpanded(SpatialGate):
+    """The same gate broadcast over the channels by `expand_as` before the product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = x * torch.sigmoid(self.att(x)).expand_as(x)  # (B, 1, H, W) -> (B, 3, H, W)
+        return self.fc(x.mean((2, 3)))
+
+
+class ChannelUnsqueeze(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)).unsqueeze(1).flatten(1))  # (B, 3) -> (B, 1, 3)
+
+
 class Difference(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -536,6 +555,8 @@ class CatSpatial(nn.Module):
 UNSUPPORTED = [
     (ScalarGate, (1, 2, 5, 5), "'mean'"),
     (SpatialGate, (1, 2, 5, 5), "'mul'"),
+    (SpatialGateExpanded, (1, 2, 5, 5), "'expand_as'"),
+    (ChannelUnsqueeze, (1, 2, 5, 5), "'unsqueeze'"),
     (Difference, (1, 2, 5, 5), "'sub'"),
     (ChannelMean, (1, 2, 5, 5), "'mean'"),
     (MatMul, (1, 2, 4, 4), "'matmul'"),

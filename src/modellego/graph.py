@@ -9,8 +9,9 @@ traces the model once and records, per fx node:
   activations, pooling, arithmetic with a number and a depthwise convolution keep it; a residual
   add merges the spaces of its addends (union-find), and so does a product of two tensors (a
   squeeze-and-excitation gate of shape (B, C, 1, 1) scaling its (B, C, H, W) input channel by
-  channel); a concatenation lays spaces side by side; a flatten repeats each channel over the
-  spatial positions.
+  channel; a (B, C) gate may get its trailing axes by view, unsqueeze or expand first); a
+  concatenation lays spaces side by side; a flatten repeats each channel over the spatial
+  positions.
 - its role for relevance: pass-through, add, product, concat, flatten or parametric layer.
 
 Anything else that touches a tensor raises `UnsupportedGraphError` naming the op and the node, so
@@ -53,6 +54,8 @@ SCALAR_METHODS = {"sub", "sub_", "div", "div_"}
 CAT_FUNCTIONS = {torch.cat, torch.concat}
 FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
+# Shape changes behind the channel axis: a (B, C) gate made (B, C, 1, 1), then (B, C, H, W).
+TRAILING_METHODS = {"unsqueeze", "expand", "expand_as"}
 # Methods and functions whose result is not a tensor we follow (shapes, sizes).
 NON_TENSOR_METHODS = {"size", "dim"}
 
@@ -233,7 +236,7 @@ class _Builder:
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
             "Supported: Conv2d (groups=1 or depthwise), Linear, BatchNorm, activations, pooling, "
             "dropout, arithmetic with a number, residual add, channel gating (x * gate), torch.cat on "
-            "dim 1, flatten."
+            "dim 1, flatten, axes added or expanded after the channel axis."
         )
 
     def build(self) -> ChannelGraph:
@@ -305,6 +308,10 @@ class _Builder:
             if len(inputs) != 1:
                 raise self.fail(node, "subtraction or division of two tensors")
             self._pass(node, inputs)
+        elif (node.op == "call_method" and node.target in TRAILING_METHODS) or (
+            node.op == "call_function" and node.target is torch.unsqueeze
+        ):
+            self._visit_trailing(node, shape)
         elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
             self._visit_cat(node, inputs)
         elif (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS) or (
@@ -397,9 +404,24 @@ class _Builder:
         self.layouts[node] = tuple(seg for src in inputs for seg in self.layouts[src])
         self.roles[node] = "cat"
 
+    def _visit_trailing(self, node: fx.Node, shape: tuple[int, ...]) -> None:
+        src = node.args[0] if node.args else None
+        src_shape = _shape(src) if isinstance(src, fx.Node) else None
+        if src_shape is None or len(src_shape) < 2 or shape[:2] != src_shape[:2]:
+            raise self.fail(node, f"{src_shape} to {shape}: only axes after the channel axis may be added or expanded")
+        if node.target in ("unsqueeze", torch.unsqueeze):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            if not isinstance(dim, int) or dim % len(shape) < 2:
+                raise self.fail(node, f"unsqueeze at dim {dim}: only after the channel axis")
+        self.layouts[node] = self.layouts[src]  # expand can only grow axes of size 1: dims 0 and 1 are unchanged
+        self.roles[node] = "pass"
+
     def _visit_flatten(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         src = inputs[0] if inputs else None
         src_shape = _shape(src) if src is not None else None
+        if src_shape is not None and len(src_shape) == 2 and shape[:2] == src_shape and all(d == 1 for d in shape[2:]):
+            self._pass(node, [src])  # (B, C) viewed as (B, C, 1, 1): a gate about to scale a map
+            return
         if src_shape is None or len(shape) != 2 or shape[0] != src_shape[0]:
             raise self.fail(node, f"reshape from {src_shape} to {shape}: only (B, C, ...) -> (B, C*...) is supported")
         if len(src_shape) == 2:
