@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import modellego
 from helpers import randomise_bn
@@ -138,18 +139,46 @@ class LinearGateNet(nn.Module):
         return self.head(torch.relu(z * g + h).mean((2, 3)))
 
 
-@pytest.mark.parametrize("reshape", ["view", "expand"])
-def test_linear_gates_are_cut_with_the_channels_they_scale(reshape: str) -> None:
+class DenseBlockNet(nn.Module):
+    """DenseNet's pattern: each convolution reads, through BatchNorm, every map concatenated so far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1, self.conv1 = nn.BatchNorm2d(16), nn.Conv2d(16, 12, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(28), nn.Conv2d(28, 12, 3, padding=1)
+        self.bn3, self.transition = nn.BatchNorm2d(40), nn.Conv2d(40, 20, 1)
+        self.bn4, self.head = nn.BatchNorm2d(20), nn.Linear(20, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.cat([h, self.conv1(torch.relu(self.bn1(h)))], 1)  # (B, 28, H, W)
+        h = torch.cat([h, self.conv2(torch.relu(self.bn2(h)))], 1)  # (B, 40, H, W)
+        h = F.avg_pool2d(self.transition(torch.relu(self.bn3(h))), 2)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(torch.relu(self.bn4(h)), 1), 1))
+
+
+CUSTOM = {"linear_gate_view": lambda: LinearGateNet("view"), "linear_gate_expand": lambda: LinearGateNet("expand"),
+          "dense": DenseBlockNet}
+
+
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_custom_architectures_are_cut_exactly(name: str) -> None:
     torch.manual_seed(0)
-    model = randomise_bn(LinearGateNet(reshape)).eval()
+    model = randomise_bn(CUSTOM[name]()).eval()
     x, y = data()
     prof = modellego.profile(model, [(x, y)], select=False)
     classes = [3, 1]
     component = modellego.disassemble(model, classes, profile=prof)
-    # The gate's rows, the convolutions and the residual stream are one channel space.
-    kept = component.conv1.out_channels
-    assert component.fc2.out_features == component.conv0.out_channels == kept < 32
-    assert component.fc1.in_features == kept
+    assert n_params(component) < n_params(model)
+    if name == "dense":
+        # BatchNorm over a concatenation is cut segment by segment, as the convolution reading it.
+        assert component.bn2.num_features == component.conv2.in_channels < 28
+        assert component.bn3.num_features == component.transition.in_channels < 40
+    else:
+        # The gate's rows, the convolutions and the residual stream are one channel space.
+        kept = component.conv1.out_channels
+        assert component.fc2.out_features == component.conv0.out_channels == component.fc1.in_features == kept < 32
     x_test = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with torch.no_grad():
         got = copy.deepcopy(component).double()(x_test)
