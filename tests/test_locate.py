@@ -474,6 +474,18 @@ class ChannelUnsqueeze(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)).unsqueeze(1).flatten(1))  # (B, 3) -> (B, 1, 3)
 
 
+class LogSoftmaxHead(nn.Module):
+    """PyTorch's MNIST example ends with log_softmax, for NLLLoss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc(self.conv(x).mean((2, 3))), dim=1)
+
+
 class Difference(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -558,6 +570,7 @@ UNSUPPORTED = [
     (SpatialGateExpanded, (1, 2, 5, 5), "'expand_as'"),
     (ChannelUnsqueeze, (1, 2, 5, 5), "'unsqueeze'"),
     (Difference, (1, 2, 5, 5), "'sub'"),
+    (LogSoftmaxHead, (1, 2, 5, 5), "return the logits instead"),
     (ChannelMean, (1, 2, 5, 5), "'mean'"),
     (MatMul, (1, 2, 4, 4), "'matmul'"),
     (Recurrent, (1, 3, 4), "'lstm'"),

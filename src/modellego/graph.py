@@ -175,6 +175,12 @@ def _gates(factor: tuple[int, ...], product: tuple[int, ...]) -> bool:
                                  and all(d == 1 for d in factor[2:]))
 
 
+def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.Softmax, nn.LogSoftmax))
+    return node.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+
+
 def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     """Trace `model` on `example_input` (Shape: (B, C, H, W)) and build its channel graph.
 
@@ -284,6 +290,11 @@ class _Builder:
 
     def _visit(self, node: fx.Node, shape: tuple[int, ...]) -> None:
         inputs = _tensor_args(node)
+        if _is_softmax(node, self.modules):
+            # Common in MNIST examples trained with NLLLoss; it mixes the classes, so a component
+            # cut to a few of them could not reproduce it. Say what to do instead of "not understood".
+            raise self.fail(node, "a softmax over the classes; return the logits instead and apply it "
+                                  "outside the model (argmax and the ranking of samples do not change)")
         if node.op == "call_module":
             self._visit_module(node, shape, inputs)
         elif node.op == "call_function" and node.target in CHANNELWISE_FUNCTIONS:
