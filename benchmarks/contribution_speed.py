@@ -7,6 +7,11 @@ model and batch were created and one warm-up forward pass ran.
     python benchmarks/contribution_speed.py                       # VGG-16 and ResNet-18, 32x32, batch 128
     python benchmarks/contribution_speed.py --models vgg16_bn --batch 64 --repeats 3
     python benchmarks/contribution_speed.py --per-layer --models vgg16_bn   # each layer vs its own forward
+    python benchmarks/contribution_speed.py --interleaved --repeats 9       # time only, one process
+
+`--interleaved` times a forward pass and a profile pass alternately in one process and reports the
+median of the ratios of neighbouring pairs: on a host whose speed drifts between runs it is the
+steadier figure for the time ratio (separate processes each see the host at another moment).
 
 Prints one JSON row per measurement and a table of ratios; rows are appended to
 benchmarks/results/contribution_speed.jsonl.
@@ -58,16 +63,18 @@ class LiteralAccumulator:
 def _median_time(fn, repeats: int, dev: torch.device) -> float:
     """Median wall time of `fn` over `repeats` calls after one warm-up, the device synchronised."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, dev) for _ in range(repeats))
+
+
+def _timed(fn, dev: torch.device) -> float:
+    """Wall time of one call of `fn`, the device synchronised before and after."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 @torch.no_grad()
@@ -105,6 +112,34 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
                      "forward_ms": 1e3 * _median_time(lambda: m(a), repeats, dev),
                      "update_ms": 1e3 * _median_time(lambda: acc.update(a, slots), repeats, dev)})
     return rows
+
+
+def run_interleaved(model_name: str, batch: int, size: int, repeats: int, device: str, kernel: str = "torch") -> dict:
+    """Forward and profile passes alternated in one process: medians and the median pair ratio."""
+    import modellego.profiling as profiling
+    from modellego.graph import trace
+    from modellego.models import create_model
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
+    x = torch.randn(batch, 3, size, size, device=dev)
+    y = torch.arange(batch, device=dev) % 10
+    graph = trace(model, x[:2])
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def profile() -> None:
+        profiling.contributions(model, graph, [(x, y)], list(range(10)), device=dev, kernel=kernel)
+
+    forward(), profile()  # warm-up
+    pairs = [(_timed(forward, dev), _timed(profile, dev)) for _ in range(repeats)]
+    return {"model": model_name, "method": "interleaved", "kernel": kernel, "batch": batch, "size": size,
+            "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+            "forward_s": statistics.median(f for f, _ in pairs), "profile_s": statistics.median(p for _, p in pairs),
+            "ratio": statistics.median(p / f for f, p in pairs), "ratios": [round(p / f, 3) for f, p in pairs]}
 
 
 def _print_per_layer(rows: list[dict]) -> None:
@@ -176,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-layer", action="store_true",
                    help="time each layer's contribution update against its own forward instead (one process)")
     p.add_argument("--layers-out", type=Path, default=Path("benchmarks/results/contribution_layers.jsonl"))
+    p.add_argument("--interleaved", action="store_true",
+                   help="time forward and profile passes alternately in one process (time only, no memory)")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
@@ -190,6 +227,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}, kernel {args.kernel}")
         _print_per_layer(layer_rows)
+        return 0
+    if args.interleaved:
+        timed = [run_interleaved(model, args.batch, args.size, args.repeats, args.device, args.kernel)
+                 for model in args.models]
+        for r in timed:
+            record(r, args.out)
+        print(f"\n{args.device}, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}, kernel {args.kernel}; forward and profile passes alternated")
+        print("| model | forward s | profile s | profile / forward (median of pairs) | range of pairs |")
+        print("|---|---|---|---|---|")
+        for r in timed:
+            print(f"| {r['model']} | {r['forward_s']:.3f} | {r['profile_s']:.3f} | {r['ratio']:.2f}x | "
+                  f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}x |")
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = {}

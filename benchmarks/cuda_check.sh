@@ -4,7 +4,8 @@
 #    GPU's free memory as recon and profiling read it, and profiling in a process group of two
 #    processes on the GPU;
 # 2. profiling speed on the GPU at batch 128 (with the literal form) and 1024, first with the
-#    default kernel, then with the fused Triton kernel (`--kernel triton`);
+#    default kernel, then with the fused Triton kernel (`--kernel triton`), and both kernels with
+#    forward and profile passes alternated in one process (`--interleaved`);
 # 3. each layer against its own forward at batch 1024, with both kernels (where the gap comes from);
 # 4. the default kernel at batch 1024 with larger contraction blocks than 2^24 elements.
 # A failing test does not stop the measurements; the script then exits non-zero. Results are
@@ -26,6 +27,9 @@ speed --out "$out/contribution_speed.jsonl"
 speed --batch 1024 --methods forward profile --out "$out/contribution_speed.jsonl"
 for batch in 128 1024; do
     speed --batch "$batch" --methods forward profile --kernel triton --out "$out/contribution_speed.jsonl"
+done
+for kernel in torch triton; do
+    speed --interleaved --repeats 9 --kernel "$kernel" --out "$out/contribution_speed.jsonl"
 done
 for kernel in torch triton; do
     speed --batch 1024 --per-layer --kernel "$kernel" --layers-out "$out/contribution_layers.jsonl"
