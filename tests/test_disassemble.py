@@ -118,11 +118,13 @@ def test_keep_all_component_is_the_source(name: str, width: float) -> None:
 
 class LinearGateNet(nn.Module):
     """A residual block whose squeeze-and-excitation gate is made of Linear layers (SENet's form), its
-    (B, C) output reshaped to scale a (B, C, H, W) map by `view`, or by `unsqueeze` and `expand_as`."""
+    (B, C) output reshaped to scale a (B, C, H, W) map by `view`, or by `unsqueeze` and `expand_as`
+    (of the map it scales, or of another map that lends only its shape)."""
 
     def __init__(self, reshape: str) -> None:
         super().__init__()
         self.reshape = reshape
+        self.shape_source = nn.Conv2d(32, 32, 1) if reshape == "expand_as_other" else None
         self.conv0, self.bn0 = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
         self.conv1, self.bn1 = nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32)
         self.fc1, self.fc2 = nn.Linear(32, 8), nn.Linear(8, 32)
@@ -134,6 +136,8 @@ class LinearGateNet(nn.Module):
         g = torch.sigmoid(self.fc2(torch.relu(self.fc1(z.mean((2, 3))))))  # (B, C)
         if self.reshape == "view":
             g = g.view(g.size(0), g.size(1), 1, 1)
+        elif self.reshape == "expand_as_other":
+            g = g.unsqueeze(-1).unsqueeze(3).expand_as(self.shape_source(h))
         else:
             g = g.unsqueeze(-1).unsqueeze(3).expand_as(z)
         return self.head(torch.relu(z * g + h).mean((2, 3)))
@@ -159,7 +163,7 @@ class DenseBlockNet(nn.Module):
 
 
 CUSTOM = {"linear_gate_view": lambda: LinearGateNet("view"), "linear_gate_expand": lambda: LinearGateNet("expand"),
-          "dense": DenseBlockNet}
+          "linear_gate_expand_as_other": lambda: LinearGateNet("expand_as_other"), "dense": DenseBlockNet}
 
 
 @pytest.mark.parametrize("name", list(CUSTOM))
@@ -179,6 +183,8 @@ def test_custom_architectures_are_cut_exactly(name: str) -> None:
         # The gate's rows, the convolutions and the residual stream are one channel space.
         kept = component.conv1.out_channels
         assert component.fc2.out_features == component.conv0.out_channels == component.fc1.in_features == kept < 32
+        if component.shape_source is not None:  # lends expand_as its shape: cut to the same channels
+            assert component.shape_source.out_channels == kept
     x_test = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     with torch.no_grad():
         got = copy.deepcopy(component).double()(x_test)

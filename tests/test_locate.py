@@ -412,6 +412,36 @@ def test_product_passes_relevance_to_both_factors_and_merges_their_channels() ->
     assert keep[space("reduce")] == [1]
 
 
+class ExpandAsOther(nn.Module):
+    """A (B, C) gate expanded to the shape of a map it does not scale: that map gives only a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(2, 4, 3, padding=1)
+        self.gate = nn.Linear(2, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x.mean((2, 3)))).unsqueeze(2).unsqueeze(3)  # (B, 4, 1, 1)
+        y = self.conv_a(x) * g.expand_as(self.conv_b(x))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_expand_as_passes_no_relevance_to_the_tensor_it_reads_for_its_shape() -> None:
+    graph = trace(ExpandAsOther(), torch.randn(1, 2, 5, 5))
+    r = {name: torch.ones(layer.out_features, layer.in_features, dtype=torch.float64)
+         for name, layer in graph.layers.items()}
+    r["fc"] = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.float64)
+    ins, outs = locate_class(graph, r, 0, Thresholds())
+    assert ins["fc"].tolist() == [True, False, True, False]
+    assert outs["conv_a"].tolist() == outs["gate"].tolist() == [True, False, True, False]
+    assert not outs["conv_b"].any()  # no relevance, so conv_b's inputs are not kept for it
+    # but conv_b keeps the channels the gate keeps, or the component's expand_as would fail
+    space = lambda name: graph.segments(graph.layers[name].node)[0].space  # noqa: E731
+    assert space("conv_b") == space("conv_a") == space("gate")
+
+
 # --- Thresholds and unsupported graphs -----------------------------------------------------------
 
 

@@ -169,6 +169,14 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in flat if _shape(a) is not None]
 
 
+def channel_inputs(node: fx.Node) -> list[fx.Node]:
+    """The tensors whose channels `node`'s output carries: its tensor arguments, less the one that
+    `x.expand_as(other)` reads only for its shape."""
+    if node.op == "call_method" and node.target == "expand_as":
+        return _tensor_args(node)[:1]
+    return _tensor_args(node)
+
+
 def _gates(factor: tuple[int, ...], product: tuple[int, ...]) -> bool:
     """Whether `factor` is `product`'s shape, or the same batch and channels with every other axis 1."""
     return factor == product or (len(factor) == len(product) > 2 and factor[:2] == product[:2]
@@ -289,7 +297,7 @@ class _Builder:
         raise self.fail(node, "it produced no tensor shape during tracing")
 
     def _visit(self, node: fx.Node, shape: tuple[int, ...]) -> None:
-        inputs = _tensor_args(node)
+        inputs = channel_inputs(node)
         if _is_softmax(node, self.modules):
             # Common in MNIST examples trained with NLLLoss; it mixes the classes, so a component
             # cut to a few of them could not reproduce it. Say what to do instead of "not understood".
@@ -322,7 +330,7 @@ class _Builder:
         elif (node.op == "call_method" and node.target in TRAILING_METHODS) or (
             node.op == "call_function" and node.target is torch.unsqueeze
         ):
-            self._visit_trailing(node, shape)
+            self._visit_trailing(node, shape, inputs)
         elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
             self._visit_cat(node, inputs)
         elif (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS) or (
@@ -415,16 +423,22 @@ class _Builder:
         self.layouts[node] = tuple(seg for src in inputs for seg in self.layouts[src])
         self.roles[node] = "cat"
 
-    def _visit_trailing(self, node: fx.Node, shape: tuple[int, ...]) -> None:
-        src = node.args[0] if node.args else None
-        src_shape = _shape(src) if isinstance(src, fx.Node) else None
+    def _visit_trailing(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
+        src = inputs[0] if len(inputs) == 1 and node.args and inputs[0] is node.args[0] else None
+        src_shape = _shape(src) if src is not None else None
         if src_shape is None or len(src_shape) < 2 or shape[:2] != src_shape[:2]:
             raise self.fail(node, f"{src_shape} to {shape}: only axes after the channel axis may be added or expanded")
         if node.target in ("unsqueeze", torch.unsqueeze):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
             if not isinstance(dim, int) or dim % len(shape) < 2:
                 raise self.fail(node, f"unsqueeze at dim {dim}: only after the channel axis")
-        self.layouts[node] = self.layouts[src]  # expand can only grow axes of size 1: dims 0 and 1 are unchanged
+        layout = self.layouts[src]  # expand can only grow axes of size 1: dims 0 and 1 are unchanged
+        other = _tensor_args(node)[1:]
+        if node.target == "expand_as" and other:
+            # `other` lends only its shape, so it gets no relevance (`channel_inputs`), but a cut must
+            # keep its channel count equal to this tensor's: the two spaces are kept or dropped together.
+            layout = self.union(layout, self.layouts[other[0]], node)
+        self.layouts[node] = layout
         self.roles[node] = "pass"
 
     def _visit_flatten(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .errors import UserError
-from .graph import ChannelGraph, Layer, _tensor_args
+from .graph import ChannelGraph, Layer, channel_inputs
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def locate_class(
             continue
         n_feat = sum(s.features for s in graph.layouts[node])
         mask = rel.get(node, torch.zeros(n_feat, dtype=torch.bool))
-        inputs = _tensor_args(node)
+        inputs = channel_inputs(node)
         if role == "layer":
             layer = graph.layers[node.target]
             in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction)
