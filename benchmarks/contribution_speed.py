@@ -114,9 +114,8 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
     return rows
 
 
-def run_interleaved(model_name: str, batch: int, size: int, repeats: int, device: str, kernel: str = "torch") -> dict:
-    """Forward and profile passes alternated in one process: medians and the median pair ratio."""
-    import modellego.profiling as profiling
+def _setup(model_name: str, batch: int, size: int, device: str):
+    """A seeded zoo model in eval mode, a random batch with labels 0-9 cycling, its traced graph."""
     from modellego.graph import trace
     from modellego.models import create_model
 
@@ -125,7 +124,14 @@ def run_interleaved(model_name: str, batch: int, size: int, repeats: int, device
     model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
     x = torch.randn(batch, 3, size, size, device=dev)
     y = torch.arange(batch, device=dev) % 10
-    graph = trace(model, x[:2])
+    return model, x, y, trace(model, x[:2]), dev
+
+
+def run_interleaved(model_name: str, batch: int, size: int, repeats: int, device: str, kernel: str = "torch") -> dict:
+    """Forward and profile passes alternated in one process: medians and the median pair ratio."""
+    import modellego.profiling as profiling
+
+    model, x, y, graph, dev = _setup(model_name, batch, size, device)
 
     def forward() -> None:
         with torch.no_grad():
@@ -158,17 +164,10 @@ def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, d
             chunk_elements: int | None = None, kernel: str = "torch") -> dict:
     import modellego.contribution as contribution
     import modellego.profiling as profiling
-    from modellego.graph import trace
-    from modellego.models import create_model
 
     if chunk_elements:  # the largest (samples × Q × P) block per step; a GPU may afford more than the default
         contribution.CHUNK_ELEMENTS = chunk_elements
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    model = create_model(model_name, num_classes=10, in_channels=3).to(dev).eval()
-    x = torch.randn(batch, 3, size, size, device=dev)
-    y = torch.arange(batch, device=dev) % 10
-    graph = trace(model, x[:2])
+    model, x, y, graph, dev = _setup(model_name, batch, size, device)
     with torch.no_grad():
         model(x)
     if dev.type == "cuda":

@@ -352,7 +352,8 @@ def test_bad_input_prints_one_line_and_fails(run, tmp_path, capsys, monkeypatch,
     assert not out.exists()  # nothing written
 
 
-ZOO_WIDTHS = {"googlenet": "0.0625", "mobilenet_v2": "0.125", "mobilenet_v3_small": "0.125", "resnet50": "0.0625", "resnet34": "0.0625"}
+ZOO_WIDTHS = {"googlenet": "0.0625", "mobilenet_v2": "0.125", "mobilenet_v3_small": "0.125", "resnet50": "0.0625",
+              "resnet34": "0.0625"}
 
 
 @pytest.mark.parametrize("arch", list_models())
