@@ -8,7 +8,7 @@ from torch import nn
 
 from modellego.models.registry import init_weights, register_model, scaled
 
-__all__ = ["InvertedResidual", "MobileNetV2", "mobilenet_v2"]
+__all__ = ["InvertedResidual", "MobileNetV2", "SqueezeExcite", "mobilenet_v2"]
 
 # (expansion t, output channels c, repeats n, first stride s). The ImageNet
 # config has s=2 in the second row; 1 here keeps 32x32 inputs from shrinking too fast.
@@ -23,33 +23,61 @@ MOBILENET_V2_CONFIG: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-class InvertedResidual(nn.Module):
-    """Expand 1x1 -> depthwise 3x3 -> linear project 1x1, with BN after each conv.
+class SqueezeExcite(nn.Module):
+    """x · gate(W2 · relu(W1 · mean(x))): a per-channel gate computed from the map itself.
 
-    The expand conv is omitted when ``expand_ratio == 1`` (as in the reference
-    model). The hidden width is ``in_channels * expand_ratio`` computed from the
-    already-scaled input, so the depthwise conv always has
+    Shape: ``(B, C, H, W)`` -> ``(B, C, H, W)``; the gate is ``(B, C, 1, 1)``.
+    """
+
+    def __init__(self, channels: int, squeezed: int, gate: type[nn.Module] = nn.Hardsigmoid) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, squeezed, 1)
+        self.relu = nn.ReLU(inplace=False)
+        self.expand = nn.Conv2d(squeezed, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(self.expand(self.relu(self.reduce(self.pool(x)))))  # (B, C, 1, 1)
+        return x * g
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise k×k -> optional squeeze-and-excitation -> linear project 1x1, with BN
+    after each conv.
+
+    The expand conv is omitted when the hidden width equals the input's (MobileNetV2's expansion
+    ratio 1, as in the reference model), so the depthwise conv always has
     ``groups == in == out``.
+
+    Args:
+        in_channels, out_channels, stride: of the block.
+        hidden: the expanded width.
+        kernel: the depthwise kernel size.
+        activation: after the expand and depthwise convs (MobileNetV2: ReLU6).
+        squeeze: width of the squeeze-and-excitation gate after the depthwise conv (0: none).
 
     Shape:
         ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride), ceil(W / stride))``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, hidden: int, *, kernel: int = 3,
+                 activation: type[nn.Module] = nn.ReLU6, squeeze: int = 0) -> None:
         super().__init__()
-        hidden = in_channels * expand_ratio
         # Fixed at construction, so the traced graph has a single static branch.
         self.use_residual = stride == 1 and in_channels == out_channels
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if expand_ratio != 1:
+        if hidden != in_channels:
             layers["expand_conv"] = nn.Conv2d(in_channels, hidden, 1, bias=False)
             layers["expand_bn"] = nn.BatchNorm2d(hidden)
-            layers["expand_relu"] = nn.ReLU6(inplace=False)
+            layers["expand_act"] = activation()
         layers["dw_conv"] = nn.Conv2d(
-            hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False
+            hidden, hidden, kernel, stride=stride, padding=kernel // 2, groups=hidden, bias=False
         )
         layers["dw_bn"] = nn.BatchNorm2d(hidden)
-        layers["dw_relu"] = nn.ReLU6(inplace=False)
+        layers["dw_act"] = activation()
+        if squeeze:
+            layers["se"] = SqueezeExcite(hidden, squeeze)
         # Linear bottleneck: no activation after the projection.
         layers["project_conv"] = nn.Conv2d(hidden, out_channels, 1, bias=False)
         layers["project_bn"] = nn.BatchNorm2d(out_channels)
@@ -92,7 +120,7 @@ class MobileNetV2(nn.Module):
         for t, c, n, s in MOBILENET_V2_CONFIG:
             out = scaled(c, width)
             for i in range(n):
-                blocks.append(InvertedResidual(channels, out, s if i == 0 else 1, t))
+                blocks.append(InvertedResidual(channels, out, s if i == 0 else 1, channels * t))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
         last = scaled(1280, width)

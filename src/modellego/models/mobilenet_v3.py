@@ -10,9 +10,10 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from modellego.models.mobilenet import InvertedResidual
 from modellego.models.registry import init_weights, register_model, scaled
 
-__all__ = ["MobileNetV3Small", "SqueezeExcite", "mobilenet_v3_small"]
+__all__ = ["MobileNetV3Small", "mobilenet_v3_small"]
 
 # (kernel, expanded channels, output channels, squeeze-and-excite, hard-swish, stride).
 # ImageNet strides are 2, 2, 2, 2 at rows 1, 2, 4, 9 (and 2 in the stem); here 1, 2, 2, 2.
@@ -29,60 +30,6 @@ MOBILENET_V3_SMALL_CONFIG: tuple[tuple[int, int, int, bool, bool, int], ...] = (
     (5, 576, 96, True, True, 1),
     (5, 576, 96, True, True, 1),
 )
-
-
-class SqueezeExcite(nn.Module):
-    """x · hardsigmoid(W2 · relu(W1 · mean(x))): a per-channel gate computed from the map itself.
-
-    Shape: ``(B, C, H, W)`` -> ``(B, C, H, W)``; the gate is ``(B, C, 1, 1)``.
-    """
-
-    def __init__(self, channels: int, squeezed: int) -> None:
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = nn.Conv2d(channels, squeezed, 1)
-        self.relu = nn.ReLU(inplace=False)
-        self.expand = nn.Conv2d(squeezed, channels, 1)
-        self.gate = nn.Hardsigmoid(inplace=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate(self.expand(self.relu(self.reduce(self.pool(x)))))  # (B, C, 1, 1)
-        return x * g
-
-
-class InvertedResidualSE(nn.Module):
-    """Expand 1×1 -> depthwise k×k -> optional squeeze-and-excite -> linear project 1×1.
-
-    Shape: ``(B, in_channels, H, W)`` -> ``(B, out_channels, ceil(H / stride), ceil(W / stride))``.
-    """
-
-    def __init__(self, in_channels: int, hidden: int, out_channels: int, kernel: int, se: bool,
-                 hard_swish: bool, stride: int) -> None:
-        super().__init__()
-        self.use_residual = stride == 1 and in_channels == out_channels  # static: one traced branch
-        act = nn.Hardswish if hard_swish else nn.ReLU
-        layers: OrderedDict[str, nn.Module] = OrderedDict()
-        if hidden != in_channels:
-            layers["expand_conv"] = nn.Conv2d(in_channels, hidden, 1, bias=False)
-            layers["expand_bn"] = nn.BatchNorm2d(hidden)
-            layers["expand_act"] = act()
-        layers["dw_conv"] = nn.Conv2d(hidden, hidden, kernel, stride=stride, padding=kernel // 2,
-                                      groups=hidden, bias=False)
-        layers["dw_bn"] = nn.BatchNorm2d(hidden)
-        layers["dw_act"] = act()
-        if se:
-            # A quarter of the expanded width (torchvision also rounds it up to a multiple of 8,
-            # which would widen the gates of width-scaled models past their blocks).
-            layers["se"] = SqueezeExcite(hidden, max(1, hidden // 4))
-        layers["project_conv"] = nn.Conv2d(hidden, out_channels, 1, bias=False)
-        layers["project_bn"] = nn.BatchNorm2d(out_channels)
-        self.conv = nn.Sequential(layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
-        if self.use_residual:
-            out = out + x
-        return out
 
 
 class MobileNetV3Small(nn.Module):
@@ -111,8 +58,12 @@ class MobileNetV3Small(nn.Module):
         blocks: list[nn.Module] = []
         channels = stem
         for kernel, hidden, out, se, hs, stride in MOBILENET_V3_SMALL_CONFIG:
-            out = scaled(out, width)
-            blocks.append(InvertedResidualSE(channels, scaled(hidden, width), out, kernel, se, hs, stride))
+            out, hidden = scaled(out, width), scaled(hidden, width)
+            # The gate is a quarter of the expanded width (torchvision also rounds it up to a multiple
+            # of 8, which would widen the gates of width-scaled models past their blocks).
+            blocks.append(InvertedResidual(channels, out, stride, hidden, kernel=kernel,
+                                           activation=nn.Hardswish if hs else nn.ReLU,
+                                           squeeze=max(1, hidden // 4) if se else 0))
             channels = out
         self.blocks = nn.Sequential(*blocks)
         last, hidden = scaled(576, width), scaled(1024, width)
