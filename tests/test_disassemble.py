@@ -118,8 +118,8 @@ def test_keep_all_component_is_the_source(name: str, width: float) -> None:
 
 class LinearGateNet(nn.Module):
     """A residual block whose squeeze-and-excitation gate is made of Linear layers (SENet's form), its
-    (B, C) output reshaped to scale a (B, C, H, W) map by `view`, or by `unsqueeze` and `expand_as`
-    (of the map it scales, or of another map that lends only its shape)."""
+    (B, C) output reshaped to scale a (B, C, H, W) map by `view` (the product also in place), or by
+    `unsqueeze` and `expand_as` (of the map it scales, or of another map that lends only its shape)."""
 
     def __init__(self, reshape: str) -> None:
         super().__init__()
@@ -134,12 +134,15 @@ class LinearGateNet(nn.Module):
         h = torch.relu(self.bn0(self.conv0(x)))
         z = self.bn1(self.conv1(h))
         g = torch.sigmoid(self.fc2(torch.relu(self.fc1(z.mean((2, 3))))))  # (B, C)
-        if self.reshape == "view":
+        if self.reshape in ("view", "view_in_place"):
             g = g.view(g.size(0), g.size(1), 1, 1)
         elif self.reshape == "expand_as_other":
             g = g.unsqueeze(-1).unsqueeze(3).expand_as(self.shape_source(h))
         else:
             g = g.unsqueeze(-1).unsqueeze(3).expand_as(z)
+        if self.reshape == "view_in_place":
+            z *= g  # operator.imul, after the gate has read z
+            return self.head(torch.relu(z + h).mean((2, 3)))
         return self.head(torch.relu(z * g + h).mean((2, 3)))
 
 
@@ -163,7 +166,8 @@ class DenseBlockNet(nn.Module):
 
 
 CUSTOM = {"linear_gate_view": lambda: LinearGateNet("view"), "linear_gate_expand": lambda: LinearGateNet("expand"),
-          "linear_gate_expand_as_other": lambda: LinearGateNet("expand_as_other"), "dense": DenseBlockNet}
+          "linear_gate_expand_as_other": lambda: LinearGateNet("expand_as_other"),
+          "linear_gate_in_place": lambda: LinearGateNet("view_in_place"), "dense": DenseBlockNet}
 
 
 @pytest.mark.parametrize("name", list(CUSTOM))
@@ -189,6 +193,23 @@ def test_custom_architectures_are_cut_exactly(name: str) -> None:
     with torch.no_grad():
         got = copy.deepcopy(component).double()(x_test)
     torch.testing.assert_close(got, expected_output(model, prof, classes, x_test), rtol=0, atol=1e-9)
+
+
+def test_an_in_place_gate_gives_the_components_of_an_out_of_place_one() -> None:
+    """Profiling, cutting and recon's refit read values that `z *= g` overwrites; all must agree."""
+    torch.manual_seed(0)
+    out_of_place = randomise_bn(LinearGateNet("view")).eval()
+    in_place = copy.deepcopy(out_of_place)
+    in_place.reshape = "view_in_place"
+    x, y = data(40)
+    batches = list(zip(x.split(10), y.split(10)))
+    states = []
+    for model in (out_of_place, in_place):
+        prof = modellego.profile(model, batches, select=False)
+        states.append(modellego.disassemble(model, [3, 1], profile=prof, calibration=batches).state_dict())
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=0, atol=1e-6, msg=k)
 
 
 def test_keep_all_with_reordered_classes_permutes_logits() -> None:
