@@ -445,13 +445,10 @@ class _Builder:
         src = inputs[0] if inputs else None
         src_shape = _shape(src) if src is not None else None
         if src_shape is not None and len(src_shape) == 2 and shape[:2] == src_shape and all(d == 1 for d in shape[2:]):
-            self._pass(node, [src])  # (B, C) viewed as (B, C, 1, 1): a gate about to scale a map
+            self._pass(node, [src])  # (B, C) kept as it is, or viewed as (B, C, 1, 1): a gate about to scale a map
             return
         if src_shape is None or len(shape) != 2 or shape[0] != src_shape[0]:
             raise self.fail(node, f"reshape from {src_shape} to {shape}: only (B, C, ...) -> (B, C*...) is supported")
-        if len(src_shape) == 2:
-            self._pass(node, [src])
-            return
         spatial = 1
         for d in src_shape[2:]:
             spatial *= d
