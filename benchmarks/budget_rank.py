@@ -37,13 +37,13 @@ from rows import record  # noqa: E402
 from train_zoo import ZOO, get_model  # noqa: E402
 
 import modellego  # noqa: E402
-import modellego.budget as budget  # noqa: E402
-import modellego.locate as locate  # noqa: E402
+import modellego.core.locate as locate  # noqa: E402
+import modellego.cut.budget as budget  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.evaluate import accuracy  # noqa: E402
-from modellego.info import get_info  # noqa: E402
-from modellego.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
-from modellego.tasks import parse_classes  # noqa: E402
+from modellego.data.tasks import parse_classes  # noqa: E402
+from modellego.evaluation.metrics import accuracy  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
+from modellego.io.info import get_info  # noqa: E402
 
 RULES = ("task", "class", "layers")
 

@@ -29,9 +29,9 @@ from train_zoo import ZOO, get_model  # noqa: E402
 
 import modellego  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.evaluate import count_flops, count_params  # noqa: E402
-from modellego.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
-from modellego.tasks import parse_classes  # noqa: E402
+from modellego.data.tasks import parse_classes  # noqa: E402
+from modellego.evaluation.metrics import count_flops, count_params  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, model_transform, test_accuracy  # noqa: E402
 
 BUDGETS = [1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05]
 CALIBRATIONS = ["none", "bn+refit+balance", "recon+balance"]  # faithful, last layer, every layer

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-
 from rows import record  # the script's folder is on sys.path
 
 METHODS = ("forward", "profile", "literal")
@@ -53,7 +52,7 @@ class LiteralAccumulator:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
-        from modellego.contribution import literal_contribution
+        from modellego.core.contribution import literal_contribution
         s = literal_contribution(self.module, x.detach()).clamp(min=0)  # (B, Q, P)
         if self.state is None:
             self.state = torch.zeros(self.num_slots, *s.shape[1:], dtype=s.dtype, device=s.device)
@@ -85,7 +84,7 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
     The accumulator is reused across repeats, as over the batches of a profile (what it memoises,
     such as a folded weight, is then in place).
     """
-    from modellego.contribution import LayerAccumulator, Workspace
+    from modellego.core.contribution import LayerAccumulator, Workspace
     from modellego.hooks import forward_hooks
     from modellego.models import create_model
 
@@ -116,7 +115,7 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
 
 def _setup(model_name: str, batch: int, size: int, device: str):
     """A seeded zoo model in eval mode, a random batch with labels 0-9 cycling, its traced graph."""
-    from modellego.graph import trace
+    from modellego.core.graph import trace
     from modellego.models import create_model
 
     torch.manual_seed(0)
@@ -129,7 +128,7 @@ def _setup(model_name: str, batch: int, size: int, device: str):
 
 def run_interleaved(model_name: str, batch: int, size: int, repeats: int, device: str, kernel: str = "torch") -> dict:
     """Forward and profile passes alternated in one process: medians and the median pair ratio."""
-    import modellego.profiling as profiling
+    import modellego.core.profiling as profiling
 
     model, x, y, graph, dev = _setup(model_name, batch, size, device)
 
@@ -162,8 +161,8 @@ def _print_per_layer(rows: list[dict]) -> None:
 
 def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, device: str,
             chunk_elements: int | None = None, kernel: str = "torch") -> dict:
-    import modellego.contribution as contribution
-    import modellego.profiling as profiling
+    import modellego.core.contribution as contribution
+    import modellego.core.profiling as profiling
 
     if chunk_elements:  # the largest (samples × Q × P) block per step; a GPU may afford more than the default
         contribution.CHUNK_ELEMENTS = chunk_elements
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/contribution_speed.jsonl"))
     p.add_argument("--chunk-elements", type=int, default=None,
-                   help="override modellego.contribution.CHUNK_ELEMENTS (the per-step block of the contraction)")
+                   help="override modellego.core.contribution.CHUNK_ELEMENTS (the per-step block of the contraction)")
     p.add_argument("--kernel", choices=("torch", "triton"), default="torch",
                    help="contribution kernel of the profile (triton: fused, CUDA only)")
     p.add_argument("--per-layer", action="store_true",

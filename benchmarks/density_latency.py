@@ -21,12 +21,12 @@ from rows import record  # noqa: E402
 from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
+from modellego.assembly.scaling import scale_assembly  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.evaluate import measure_latency  # noqa: E402
-from modellego.info import get_info  # noqa: E402
-from modellego.protocol import model_transform, scaling_batches  # noqa: E402
-from modellego.scaling import scale_assembly  # noqa: E402
-from modellego.union import union_dataset  # noqa: E402
+from modellego.data.union import union_dataset  # noqa: E402
+from modellego.evaluation.metrics import measure_latency  # noqa: E402
+from modellego.evaluation.protocol import model_transform, scaling_batches  # noqa: E402
+from modellego.io.info import get_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
-
-from modellego.profiling import Profile  # noqa: E402
 from train_zoo import checkpoint_path, get_model  # noqa: E402
+
+from modellego.core.profile import Profile  # noqa: E402
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from rows import record  # the script's folder is on sys.path
 
 # A SASS line: /*0a30*/  @!P0 FFMA R4, R5, R6, R4 ;
@@ -50,7 +49,7 @@ def sample_loop(sass: str) -> collections.Counter:
 def inspect(arch: int, dtype: torch.dtype, block_b: int, block_q: int, offsets: int) -> dict:
     from triton.backends.nvidia.compiler import get_ptxas  # the assembler Triton itself uses for `arch`
 
-    from modellego import kernels
+    from modellego.core import kernels
 
     compiled = kernels.compile_ahead(arch, dtype, block_b, block_q, offsets)
     product_j, last_apart = kernels._block_j(offsets)  # how the dispatcher splits J

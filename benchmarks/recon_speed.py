@@ -28,16 +28,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
+from train_zoo import ZOO, checkpoint_path, get_model  # noqa: E402
 
 import modellego  # noqa: E402
-from modellego.calibrate import calibrate  # noqa: E402
+import modellego.calibration.reconstruct as recon_module  # noqa: E402
+from modellego.calibration.calibrate import calibrate  # noqa: E402
+from modellego.calibration.reconstruct import execution_order, reconstruct  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.info import get_info  # noqa: E402
-from modellego.protocol import calibration_batches, model_transform  # noqa: E402
-import modellego.reconstruct as recon_module  # noqa: E402
-from modellego.reconstruct import execution_order, reconstruct  # noqa: E402
-from modellego.tasks import parse_classes  # noqa: E402
-from train_zoo import ZOO, checkpoint_path, get_model  # noqa: E402
+from modellego.data.tasks import parse_classes  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, model_transform  # noqa: E402
+from modellego.io.info import get_info  # noqa: E402
 
 
 def run(model_name: str, data: str, spec: str, args: argparse.Namespace) -> dict:

@@ -31,7 +31,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
 
-from modellego.samples import select_samples  # noqa: E402
+from modellego.core.samples import select_samples  # noqa: E402
 
 
 class Synthetic:
@@ -68,9 +68,10 @@ class ReadsLabel(nn.Module):
 
 
 def _zoo(spec: str) -> tuple[object, nn.Module]:
-    from modellego.data import batches, load_dataset
-    from modellego.protocol import model_transform
     from train_zoo import get_model
+
+    from modellego.data import batches, load_dataset
+    from modellego.evaluation.protocol import model_transform
 
     name, data = spec.split(":")
     model = get_model(Path(".cache/zoo"), name, data).eval()

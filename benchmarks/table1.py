@@ -40,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
+from train_zoo import DATA, ZOO, checkpoint_path, get_model  # noqa: E402
 
 import modellego  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.evaluate import count_flops, count_params  # noqa: E402
-from modellego.info import get_info  # noqa: E402
-from modellego.protocol import calibration_batches, compare, model_transform, test_accuracy  # noqa: E402
-from modellego.tasks import parse_classes  # noqa: E402
-from train_zoo import DATA, ZOO, checkpoint_path, get_model  # noqa: E402
+from modellego.data.tasks import parse_classes  # noqa: E402
+from modellego.evaluation.metrics import count_flops, count_params  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, compare, model_transform, test_accuracy  # noqa: E402
+from modellego.io.info import get_info  # noqa: E402
 
 LAST_LAYER = "bn+refit+balance"  # the "calibrated" column: BatchNorm statistics and the last layer only
 RECON = "recon+balance"  # the recon and budget columns (the library's default)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--budget", type=float, default=0.5, help="FLOPs budget of the budget column (0: no such column)")
     p.add_argument("--budget-rank", choices=("task", "class"), default="task",
-                   help="how the task's classes share each layer under the budget (see modellego.budget.RANKS)")
+                   help="how the task's classes share each layer under the budget (see modellego.cut.budget.RANKS)")
     p.add_argument("--no-recon", dest="recon", action="store_false", help="skip the recon column")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table1.jsonl"))
     args = p.parse_args(argv)

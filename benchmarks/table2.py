@@ -26,15 +26,15 @@ from rows import record  # noqa: E402
 from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
-from modellego.assemble import assemble  # noqa: E402
-from modellego.calibrate import DEFAULT_CALIBRATION  # noqa: E402
+from modellego.assembly.assemble import assemble  # noqa: E402
+from modellego.assembly.scaling import SCALINGS, scale_assembly  # noqa: E402
+from modellego.calibration.calibrate import DEFAULT_CALIBRATION  # noqa: E402
 from modellego.data import Split, batches, load_dataset  # noqa: E402
-from modellego.evaluate import count_flops, count_params, measure_latency  # noqa: E402
-from modellego.info import get_info  # noqa: E402
-from modellego.protocol import calibration_batches, model_transform, scaling_batches, test_accuracy  # noqa: E402
-from modellego.scaling import SCALINGS, scale_assembly  # noqa: E402
-from modellego.train import finetune  # noqa: E402
-from modellego.union import union_dataset  # noqa: E402
+from modellego.data.union import union_dataset  # noqa: E402
+from modellego.evaluation.metrics import count_flops, count_params, measure_latency  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, model_transform, scaling_batches, test_accuracy  # noqa: E402
+from modellego.io.info import get_info  # noqa: E402
+from modellego.training.fit import finetune  # noqa: E402
 
 PAIRS = {"0+0": ([0], [0]), "0-2+0-2": ([0, 1, 2], [0, 1, 2]), "3-9+3-9": (list(range(3, 10)), list(range(3, 10))),
          "0-4+5-9": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "0-9+0-9": (list(range(10)), list(range(10)))}

@@ -18,10 +18,10 @@ from rows import record  # noqa: E402
 from train_zoo import get_model  # noqa: E402
 
 import modellego  # noqa: E402
+from modellego.core.locate import Thresholds  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
-from modellego.locate import Thresholds  # noqa: E402
-from modellego.protocol import calibration_batches, compare, model_transform  # noqa: E402
-from modellego.tasks import parse_classes  # noqa: E402
+from modellego.data.tasks import parse_classes  # noqa: E402
+from modellego.evaluation.protocol import calibration_batches, compare, model_transform  # noqa: E402
 
 GRID = [(0.3, 0.2, 0.4, 0.3), (0.3, 0.4, 0.4, 0.3), (0.5, 0.5, 0.5, 0.5), (0.6, 0.7, 0.6, 0.7), (0.7, 0.9, 0.7, 0.9)]
 

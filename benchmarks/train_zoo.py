@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
+from rows import record  # the script's folder is on sys.path (importers put it there too)
 
 import modellego
-from modellego.train import TrainConfig, train
-from rows import record  # the script's folder is on sys.path (importers put it there too)
+from modellego.training.fit import TrainConfig, train
 
 # Widths and budgets sized for a 2-core CPU (epoch times in BENCHMARKS.md).
 ZOO = {

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import modellego
-from modellego.info import InputSpec, get_info, set_info
+from modellego.io.info import InputSpec, get_info, set_info
 
 
 def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -7,14 +7,14 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
+from helpers import described_model
 
 import modellego
-from helpers import described_model
-from modellego.assemble import Assembly, InputAdapter, assemble, can_pad, side_by_side
+from modellego.assembly.assemble import Assembly, InputAdapter, assemble, can_pad, side_by_side
+from modellego.assembly.scaling import scale_assembly
 from modellego.errors import UserError
-from modellego.evaluate import count_flops
-from modellego.info import InputSpec, get_info
-from modellego.scaling import scale_assembly
+from modellego.evaluation.metrics import count_flops
+from modellego.io.info import InputSpec, get_info
 
 NUM_CLASSES = 6
 ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
@@ -113,7 +113,7 @@ def test_assembly_equals_components_side_by_side(name: str, width: float, config
     comps = components64(name, width, config)
     asm = assemble(comps, mode=mode)
     info = get_info(asm)
-    assert isinstance(asm, Assembly) and asm.mode == mode and info.assembly["mode"] == mode
+    assert isinstance(asm, Assembly) and asm.mode == mode and info.assembly.mode == mode
     assert not asm.training
     assert next(asm.parameters()).dtype == torch.float64
     same_norm = len({get_info(c).input for c in comps}) == 1
@@ -171,7 +171,7 @@ def test_label_map_names_and_groups() -> None:
         assert info.class_names == ("d1:0", "d1:2", "d2:5", "d2:1", "d2:3", "d1:4")
         assert info.classes == tuple(range(6))
         assert info.dataset == "d1+d2"
-        assert info.provenance["label_map"] == [
+        assert [e.to_json() for e in info.assembly.label_map] == [
             {"component": 0, "dataset": "d1", "source_class": 0, "name": "0"},
             {"component": 0, "dataset": "d1", "source_class": 2, "name": "2"},
             {"component": 1, "dataset": "d2", "source_class": 5, "name": "5"},
@@ -181,7 +181,7 @@ def test_label_map_names_and_groups() -> None:
         ]
         assert info.provenance["scaling"] == {"method": "none"}
         assert asm.head.groups.tolist() == [0, 0, 1, 1, 1, 2]
-        assert len(info.assembly["components"]) == 3
+        assert len(info.assembly.components) == 3
     # Stacked padded assemblies take normalised input; the others raw [0, 1] images.
     stacked = assemble([a, a4], mode="padded")
     assert stacked.adapters is None and get_info(stacked).input == get_info(a).input

@@ -1,25 +1,23 @@
 """Locating under a FLOPs budget, and profiles that keep their contributions."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import described_model
+from safetensors.torch import load_file, save_file
 
 import modellego
-from helpers import described_model
-from modellego.budget import locate_budget, output_positions, plan_flops
-from modellego.disassemble import example_input
+from modellego.core.graph import trace
+from modellego.core.locate import Thresholds, keep_channels, locate_class, relevant_inputs
+from modellego.core.profile import Profile
+from modellego.cut.budget import locate_budget, output_positions, plan_flops
+from modellego.cut.prune import build_plan, full_plan
 from modellego.errors import CorruptFileError, UserError
-from modellego.evaluate import count_flops
-from modellego.graph import trace
-from modellego.info import get_info
-from modellego.locate import Thresholds, keep_channels, locate_class, relevant_inputs
-from modellego.profiling import Profile
-from modellego.prune import build_plan, full_plan
-from safetensors.torch import load_file, save_file
+from modellego.evaluation.metrics import count_flops
+from modellego.io.info import get_info
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 SHAPE = (1, 28, 28)

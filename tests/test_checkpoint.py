@@ -13,12 +13,12 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import modellego
-import modellego.checkpoint as checkpoint
-import modellego.profiling as profiling
+import modellego.core.profile as profile_file
+import modellego.io.checkpoint as checkpoint
+from modellego.core.locate import Thresholds
+from modellego.core.profile import Profile
 from modellego.errors import CorruptFileError, UserError
-from modellego.info import InputSpec, ModelInfo, get_info, set_info
-from modellego.locate import Thresholds
-from modellego.profiling import Profile
+from modellego.io.info import InputSpec, ModelInfo, get_info, set_info, weights_hash
 
 SHAPE = (3, 28, 28)
 TINY_WIDTH = {"lenet5": 0.25, "alexnet": 0.125, "mobilenet_v2": 0.125, "mobilenet_v3_small": 0.125}
@@ -91,7 +91,7 @@ def test_component_round_trip_rebuilds_from_the_spec(name: str, tmp_path: Path) 
     # Loading re-creates the zoo architecture and replays the plan: the header alone determines it.
     header = checkpoint.read_header(path)
     assert header["model"]["pruning"] == info.pruning
-    assert header["weights_sha256"] == checkpoint.weights_hash(component.state_dict())
+    assert header["weights_sha256"] == weights_hash(component.state_dict())
 
 
 def test_model_info_round_trip() -> None:
@@ -273,7 +273,7 @@ def test_interrupted_overwrite_keeps_the_old_file(tmp_path: Path, monkeypatch: p
 
 def test_interrupted_profile_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prof = modellego.profile(build("lenet5"), data(), select=False)
-    monkeypatch.setattr(profiling, "save_file", _failing_save_file)
+    monkeypatch.setattr(profile_file, "save_file", _failing_save_file)
     with pytest.raises(OSError):
         prof.save(tmp_path / "p.profile")
     no_files_but(tmp_path)

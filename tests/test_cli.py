@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import modellego
-from modellego.checkpoint import read_header, weights_hash
 from modellego.cli import EXAMPLES, main
+from modellego.core.profile import Profile
+from modellego.io.checkpoint import read_header
+from modellego.io.info import InputSpec, get_info, set_info, weights_hash
 from modellego.models import list_models
-from modellego.info import InputSpec, get_info, set_info
-from modellego.profiling import Profile
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 TRAIN = ["--model", "vgg11_bn", "--width", "0.125", "--data", "synthetic", "--epochs", "1", "--train-limit", "800",
@@ -186,7 +186,7 @@ def test_assemble_and_evaluate_without_data(run, capsys, key: str, scaling: str)
     assert f"padded assembly of 2 components, 5 classes" in run["out"][key] and f"scaling {scaling}" in run["out"][key]
     asm = modellego.load(run[key])
     info = get_info(asm)
-    assert info.kind == "assembly" and info.assembly["mode"] == "padded" and info.dataset == "synthetic"
+    assert info.kind == "assembly" and info.assembly.mode == "padded" and info.dataset == "synthetic"
     assert info.class_names == tuple(f"synthetic:class{c}" for c in range(5))
     assert info.provenance["scaling"]["method"] == scaling and info.provenance["scaling"]["images"] == 5 * 50
     assert not torch.equal(asm.head.scale, torch.ones(5))
@@ -370,7 +370,7 @@ def test_every_zoo_model_trains_saves_reloads_and_evaluates(arch: str, tmp_path,
 
 
 def test_disassemble_under_a_flops_budget(run, tmp_path, capsys) -> None:
-    from modellego.evaluate import count_flops
+    from modellego.evaluation.metrics import count_flops
     prof = str(tmp_path / "r.profile.safetensors")
     assert main(["profile", run["model"], "--data", "synthetic", "--keep-contributions", "-o", prof]) == 0
     assert Profile.load(prof).contributions is not None

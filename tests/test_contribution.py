@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modellego import contribution as contrib
-from modellego.contribution import (
+from modellego.core import contribution as contrib
+from modellego.core.contribution import (
     EPS,
     LayerAccumulator,
     class_slots,

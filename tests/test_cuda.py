@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import described_model
 
 import modellego
-from helpers import described_model
-from modellego.assemble import InputAdapter, assemble, side_by_side
-from modellego.info import get_info
-from modellego.scaling import scale_assembly
+from modellego.assembly.assemble import InputAdapter, assemble, side_by_side
+from modellego.assembly.scaling import scale_assembly
+from modellego.io.info import get_info
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore:no class uses channel space")]
@@ -134,7 +134,7 @@ def test_accumulator_on_cuda_matches_literal(kind: str) -> None:
     """Every contraction path (window sums, folded pixels, one pixel, O(P)) on the device."""
     from test_contribution import ACC_LAYERS, _inputs
 
-    from modellego.contribution import LayerAccumulator, literal_contribution
+    from modellego.core.contribution import LayerAccumulator, literal_contribution
 
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 10)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from modellego.density import DensityProbe, fit_gaussian, pooled
+from modellego.assembly.density import DensityProbe, fit_gaussian, pooled
 
 
 def test_fit_gaussian_means_and_whitening_by_hand() -> None:

@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomise_bn
 
 import modellego
-from helpers import randomise_bn
-from modellego.checkpoint import weights_hash
-from modellego.disassemble import masked_forward
+from modellego.core.graph import trace
+from modellego.core.locate import Thresholds, keep_channels
+from modellego.core.profile import Profile
+from modellego.cut.disassemble import masked_forward
+from modellego.cut.prune import prune_layers
 from modellego.errors import UnsupportedGraphError, UserError
-from modellego.graph import trace
-from modellego.info import get_info
-from modellego.locate import Thresholds, keep_channels
-from modellego.profiling import Profile
-from modellego.prune import compose_plans, prune_layers, relative_plan
+from modellego.io.info import get_info, weights_hash
+from modellego.io.plan import compose_plans, relative_plan
 
 NUM_CLASSES = 5
 SHAPE = (3, 28, 28)

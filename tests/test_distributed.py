@@ -18,9 +18,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import modellego
+from modellego.core.profile import Profile
+from modellego.core.samples import select_samples
 from modellego.errors import UserError
-from modellego.profiling import Profile
-from modellego.samples import select_samples
 
 PROCESSES = 2
 

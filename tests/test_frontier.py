@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modellego.frontier import INPUT, Checkpoints, TracedGraph
+from modellego.calibration.frontier import INPUT, Checkpoints, TracedGraph
 
 
 @pytest.mark.parametrize("shape,channels_last", [((3, 7), False), ((5, 3, 4, 4), False), ((2, 6, 5, 3), True),

@@ -7,10 +7,10 @@ import torch.fx
 import torch.nn as nn
 
 import modellego
-from modellego.disassemble import masked_forward
-from modellego.graph import trace
+from modellego.core.graph import trace
+from modellego.core.locate import keep_channels
+from modellego.cut.disassemble import masked_forward
 from modellego.hooks import forward_hooks
-from modellego.locate import keep_channels
 
 
 def no_hooks_left(model: nn.Module) -> bool:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import described_model
+from test_contribution import ACC_LAYERS, _feed, _inputs
 
 import modellego
-from helpers import described_model
-from modellego import kernels
-from modellego.contribution import LayerAccumulator, literal_contribution
+from modellego.core import kernels
+from modellego.core.contribution import LayerAccumulator, literal_contribution
 from modellego.errors import UserError
-from test_contribution import ACC_LAYERS, _feed, _inputs
 
 triton = pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +105,7 @@ AHEAD = [("float32", 32, 64, 9), ("float32", 16, 16, 4), ("float32", 32, 32, 25)
          ("float64", 16, 16, 4)]
 COMPILE_AHEAD = """
 import json, sys, torch
-from modellego import kernels
+from modellego.core import kernels
 for dtype, *blocks in json.loads(sys.argv[1]):
     try:
         k = kernels.compile_ahead(90, getattr(torch, dtype), *blocks)

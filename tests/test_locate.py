@@ -10,10 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modellego
+from modellego.core.graph import trace
+from modellego.core.locate import Thresholds, keep_channels, locate_class
 from modellego.errors import UnsupportedGraphError, UserError
-from modellego.graph import trace
-from modellego.locate import Thresholds, keep_channels, locate_class
-
 
 # --- Hand computation of Eqs. 3-10 (numpy / plain torch ops, no library code) -----------------
 
@@ -198,7 +197,7 @@ def test_eq9_and_eq10_thresholds_are_inclusive() -> None:
 
 
 def test_minmax_by_hand_and_constant_vectors() -> None:
-    from modellego.locate import minmax
+    from modellego.core.locate import minmax
 
     torch.testing.assert_close(minmax(torch.tensor([2, 4, 3, 2])), torch.tensor([0, 1, 0.5, 0], dtype=torch.float64))
     # Eq. 8 is 0/0 for a constant vector: a constant positive count keeps everything, zero nothing.

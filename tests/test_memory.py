@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from modellego.calibration.reconstruct import reconstruct
+from modellego.core.graph import trace
+from modellego.cut.prune import full_plan
 from modellego.errors import UserError
-from modellego.graph import trace
 from modellego.memory import FREE_SHARE, default_budget, free_bytes
-from modellego.prune import full_plan
-from modellego.reconstruct import reconstruct
 
 
 def test_free_host_memory_is_positive_and_below_the_total() -> None:
@@ -86,7 +86,7 @@ def test_profiling_holds_the_sums_of_as_many_classes_as_half_the_free_memory_fit
     """Free memory for the sums of 4 classes: budget for 2, so 5 classes take 3 passes; the
     profile equals one pass over all classes."""
     import modellego
-    import modellego.profiling as profiling
+    import modellego.core.profiling as profiling
 
     source, _, _, images = _perturbed_pair()
     labels = [torch.arange(len(x)) % 5 for x in images]

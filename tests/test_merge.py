@@ -6,15 +6,15 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import described_model
 
 import modellego
-from helpers import described_model
-from modellego.assemble import assemble
-from modellego.disassemble import masked_forward
+from modellego.assembly.assemble import assemble
+from modellego.core.graph import trace
+from modellego.core.locate import keep_channels
+from modellego.cut.disassemble import masked_forward
 from modellego.errors import UserError
-from modellego.graph import trace
-from modellego.info import get_info
-from modellego.locate import keep_channels
+from modellego.io.info import get_info
 
 NUM_CLASSES = 5
 SHAPE = (1, 28, 28)

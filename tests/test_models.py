@@ -10,8 +10,7 @@ import torch.fx
 from torch import nn
 
 from modellego.errors import UnknownNameError, UserError
-from modellego.models import classifier_layer, create_model, list_models, register_model, scaled
-from modellego.models import registry
+from modellego.models import classifier_layer, create_model, list_models, register_model, registry, scaled
 
 ALL_MODELS = list_models()
 # Small widths keep the big networks fast on two CPU cores.

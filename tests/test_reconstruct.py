@@ -8,17 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import described_model
 
 import modellego
-from helpers import described_model
-from modellego.calibrate import calibrate
+import modellego.calibration.frontier as frontier
+import modellego.calibration.reconstruct as recon_module
+from modellego.calibration.calibrate import calibrate
+from modellego.calibration.reconstruct import _conv_rows, _Normal, execution_order, reconstruct, residual_joins
+from modellego.core.graph import trace
+from modellego.cut.prune import full_plan
 from modellego.errors import UserError
-from modellego.graph import trace
-from modellego.info import get_info
-from modellego.prune import full_plan
-import modellego.frontier as frontier
-import modellego.reconstruct as recon_module
-from modellego.reconstruct import _Normal, _conv_rows, execution_order, reconstruct, residual_joins
+from modellego.io.info import get_info
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 

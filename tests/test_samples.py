@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from modellego.core.samples import log_odds, select_samples
 from modellego.errors import UserError
-from modellego.samples import log_odds, select_samples
 
 
 class Logits(nn.Module):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,17 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modellego
-from modellego.assemble import Assembly, OutputHead, assemble
-from modellego.calibrate import (calibrate, fit_affine, fit_balance, fit_ridge, last_layer, parse_methods,
-                                 recompute_batchnorm)
+from modellego.assembly.assemble import Assembly, OutputHead, assemble
+from modellego.assembly.scaling import assembled_logits, fit_head, paper_scale, scale_assembly
+from modellego.calibration.calibrate import calibrate, fit_affine, fit_balance, fit_ridge, last_layer, parse_methods, recompute_batchnorm
 from modellego.data import SyntheticSpec, batches, load_dataset
+from modellego.data.union import union_dataset
 from modellego.errors import UserError
-from modellego.info import InputSpec, get_info, set_info
-from modellego.protocol import calibration_batches, model_transform, scaling_batches
-from modellego.protocol import test_accuracy as accuracy_on
-from modellego.scaling import assembled_logits, fit_head, paper_scale, scale_assembly
-from modellego.train import TrainConfig, finetune, train
-from modellego.union import union_dataset
+from modellego.evaluation.protocol import calibration_batches, model_transform, scaling_batches
+from modellego.evaluation.protocol import test_accuracy as accuracy_on
+from modellego.io.info import InputSpec, get_info, set_info
+from modellego.training.fit import TrainConfig, finetune, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -312,14 +312,14 @@ def test_density_adds_one_score_per_component_and_round_trips(trained, mode: str
     for g in range(2):  # the same number on every output of one component: its "mine" score
         torch.testing.assert_close(extra[:, groups == g], extra[:, groups == g][:, :1].expand(-1, 3), rtol=0, atol=1e-5)
     assert not torch.allclose(extra[:, 0], extra[:, 3])
-    assert get_info(asm).assembly["density"] == asm.probe.spec()
+    assert get_info(asm).assembly.density == asm.probe.spec()
     back = modellego.load(modellego.save(asm, tmp_path / "asm.safetensors"))
     assert back.probe is not None and back.probe.layers == asm.probe.layers
     with torch.no_grad():
         assert torch.equal(back(x), asm(x))
     # Another scaling removes the probe, from the model and from its description.
     scale_assembly(back, fit, "calibrated")
-    assert back.probe is None and "density" not in get_info(back).assembly
+    assert back.probe is None and get_info(back).assembly.density is None
     assert not any(k.startswith("probe.") for k in back.state_dict())
 
 
@@ -327,7 +327,7 @@ def test_density_needs_recorded_layer_inputs(trained) -> None:
     ds, _, comps = trained
     asm = _assembly(comps)
     info = get_info(asm)
-    set_info(asm, info.replace(assembly={k: v for k, v in info.assembly.items() if k != "layer_inputs"}))
+    set_info(asm, info.replace(assembly=dataclasses.replace(info.assembly, layer_inputs={})))
     _, fit = _fit_images(asm, ds)
     with pytest.raises(UserError, match="assemble it again"):
         scale_assembly(asm, fit, "density")

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from modellego.data.tasks import format_classes, parse_classes
 from modellego.errors import UnknownNameError, UserError
-from modellego.tasks import format_classes, parse_classes
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DIGITS = tuple(str(i) for i in range(10))

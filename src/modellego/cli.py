@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import ModellegoError, UserError
 
 log = logging.getLogger("modellego")
@@ -153,7 +153,7 @@ def _profile_args(s: argparse.ArgumentParser) -> None:
 
 
 def _device(args: argparse.Namespace) -> torch.device:
-    from .train import default_device
+    from .training.fit import default_device
     return default_device(getattr(args, "device", None))
 
 
@@ -163,7 +163,7 @@ def _dataset(args: argparse.Namespace):
 
 
 def _thresholds(args: argparse.Namespace):
-    from .locate import Thresholds
+    from .core.locate import Thresholds
     return Thresholds(args.conv_alpha, args.conv_beta, args.linear_alpha, args.linear_beta)
 
 
@@ -174,8 +174,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import save
-    from .train import TrainConfig, train
+    from .files import save
+    from .training.fit import TrainConfig, train
     cfg = TrainConfig(model=args.model, width=args.width, data=args.data, data_dir=args.data_dir, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                       schedule=args.schedule, augment=args.augment, seed=args.seed, val_fraction=args.val_fraction,
@@ -188,16 +188,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load
-    from .evaluate import cost
-    from .protocol import input_shape, test_accuracy
-    from .tasks import parse_classes
+    from .data.tasks import parse_classes
+    from .evaluation.metrics import cost
+    from .evaluation.protocol import input_shape, test_accuracy
+    from .files import load
     device = _device(args)
     model = load(args.model, map_location=device)
     info = model.modellego_info
     if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel
         from .data import load_dataset
-        from .union import union_dataset
+        from .data.union import union_dataset
         given = {}
         if args.data:
             d = _dataset(args)
@@ -236,10 +236,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_contributions: bool = False,
                        group=None):
+    from .core.distributed import world
+    from .core.profiling import profile
     from .data import batches
-    from .distributed import world
-    from .profiling import profile
-    from .protocol import model_transform
+    from .evaluation.protocol import model_transform
     ds = _dataset(args)
     rank, size = world(group)
     train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
@@ -272,8 +272,8 @@ def _launched_group(device: torch.device) -> Iterator[tuple[object | None, torch
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .checkpoint import load
-    from .distributed import world
+    from .core.distributed import world
+    from .files import load
     with _launched_group(_device(args)) as (group, device):
         model = load(args.model, map_location=device)
         prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions, group=group)
@@ -289,13 +289,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
-    from .checkpoint import load, save
-    from .disassemble import disassemble
-    from .locate import Thresholds
-    from .evaluate import count_params
-    from .distributed import world
-    from .profiling import Profile
-    from .tasks import parse_classes
+    from .core.distributed import world
+    from .core.locate import Thresholds
+    from .core.profiling import Profile
+    from .cut.disassemble import disassemble
+    from .data.tasks import parse_classes
+    from .evaluation.metrics import count_params
+    from .files import load, save
     # Under torchrun the processes share the profiling; the first alone calibrates and writes.
     with _launched_group(_device(args)) as (group, device):
         model = load(args.model, map_location=device)
@@ -330,20 +330,20 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
 
 def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | None]:
     """The calibration method and training batches that --calibrate / --data ask for."""
-    from .calibrate import DEFAULT_CALIBRATION
+    from .calibration.calibrate import DEFAULT_CALIBRATION
     method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
     if method == "none":
         return method, None
     if not args.data:
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
-    from .protocol import calibration_batches
+    from .evaluation.protocol import calibration_batches
     return method, calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .checkpoint import load, save
-    from .evaluate import count_params
-    from .merge import merge
+    from .cut.merge import merge
+    from .evaluation.metrics import count_params
+    from .files import load, save
     device = _device(args)
     source = load(args.source, map_location=device)
     components = [load(p, map_location=device) for p in args.components]
@@ -357,13 +357,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_assemble(args: argparse.Namespace) -> int:
-    from .assemble import assemble
-    from .checkpoint import load, save
+    from .assembly.assemble import assemble
+    from .assembly.scaling import scale_assembly
     from .data import load_dataset
-    from .protocol import scaling_batches
-    from .scaling import scale_assembly
-    from .train import finetune
-    from .union import union_dataset
+    from .data.union import union_dataset
+    from .evaluation.protocol import scaling_batches
+    from .files import load, save
+    from .training.fit import finetune
     device = _device(args)
     components = [load(p, map_location=device) for p in args.components]
     asm = assemble(components, mode=args.mode)
@@ -375,7 +375,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         if args.scaling != "none":
             scale_assembly(asm, scaling_batches(asm, ds, per_class=args.images_per_class), args.scaling)
     path = save(asm, args.output)
-    print(f"saved {path}: {info.assembly['mode']} assembly of {len(components)} components, "
+    print(f"saved {path}: {info.assembly.mode} assembly of {len(components)} components, "
           f"{len(info.classes)} classes ({', '.join(info.class_names)}), scaling {args.scaling}")
     return 0
 

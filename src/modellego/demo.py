@@ -7,19 +7,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load, save
+from .assembly.assemble import assemble
+from .assembly.scaling import SCALINGS, scale_assembly
+from .core.profiling import profile
+from .cut.disassemble import disassemble
 from .data import batches, load_dataset
-from .disassemble import disassemble
+from .data.tasks import format_classes
+from .data.union import union_dataset
 from .errors import UserError
-from .profiling import profile
-from .assemble import assemble
-from .info import get_info
-from .evaluate import count_flops
-from .protocol import calibration_batches, compare, model_transform, scaling_batches, test_accuracy
-from .scaling import SCALINGS, scale_assembly
-from .union import union_dataset
-from .tasks import format_classes
-from .train import TrainConfig, train
+from .evaluation.metrics import count_flops
+from .evaluation.protocol import calibration_batches, compare, model_transform, scaling_batches, test_accuracy
+from .files import load, save
+from .io.info import get_info
+from .training.fit import TrainConfig, train
 
 SOURCES = [("mnist", "lenet5", 1.0), ("fashion-mnist", "lenet5", 1.0)]
 TASKS = [[0], [0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]
@@ -55,7 +55,7 @@ def _assembly_demo(models: dict, profiles: dict) -> None:
     asm = assemble(parts)
     union = union_dataset(asm, {d: p[1] for d, p in profiles.items()})
     scaling_images = scaling_batches(asm, union)
-    print(f"\nAssembly: MNIST 0-4 + Fashion-MNIST 5-9, {get_info(asm).assembly['mode']}, no training "
+    print(f"\nAssembly: MNIST 0-4 + Fashion-MNIST 5-9, {get_info(asm).assembly.mode}, no training "
           f"(mean per-class test accuracy %, worst class in brackets)")
     print(f"  Base (the two sources, each on its own task): {base_sum / n:.2f}")
     for method in SCALINGS:

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch.nn as nn
 
+from .errors import UnknownNameError
+
 
 @contextlib.contextmanager
 def preserve_training(model: nn.Module) -> Iterator[None]:
@@ -20,6 +22,14 @@ def preserve_training(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode for the block; every submodule's own flag comes back on exit."""
+    with preserve_training(model):
+        model.eval()
+        yield model
 
 
 @contextlib.contextmanager
@@ -46,7 +56,7 @@ def forward_hooks(
     modules = dict(model.named_modules())
     missing = [n for n in hooks if n not in modules]
     if missing:
-        raise KeyError(f"no such layers: {missing}")
+        raise UnknownNameError(f"no such layers: {missing}; layer names come from model.named_modules()")
     handles = []
     with preserve_training(model):
         try:

@@ -5,8 +5,8 @@ Build them by name with :func:`create_model`; :func:`list_models` lists the name
 from __future__ import annotations
 
 # Importing the family modules registers their models.
-from modellego.models import alexnet, googlenet, lenet, mobilenet, mobilenet_v3, resnet, vgg  # noqa: F401
-from modellego.models.registry import (
+from . import alexnet, googlenet, lenet, mobilenet, mobilenet_v3, resnet, vgg  # noqa: F401
+from .registry import (
     classifier_layer,
     create_model,
     list_models,

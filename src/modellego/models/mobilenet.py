@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from modellego.models.registry import init_weights, register_model, scaled
+from .registry import init_weights, register_model, scaled
 
 __all__ = ["InvertedResidual", "MobileNetV2", "SqueezeExcite", "mobilenet_v2"]
 

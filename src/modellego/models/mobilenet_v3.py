@@ -10,8 +10,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from modellego.models.mobilenet import InvertedResidual
-from modellego.models.registry import init_weights, register_model, scaled
+from .mobilenet import InvertedResidual
+from .registry import init_weights, register_model, scaled
 
 __all__ = ["MobileNetV3Small", "mobilenet_v3_small"]
 

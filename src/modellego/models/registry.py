@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from modellego.info import ModelInfo, set_info
-from modellego.errors import UserError, unknown_name
+from ..errors import UserError, unknown_name
+from ..io.info import ModelInfo, set_info
 
 __all__ = [
     "classifier_layer",

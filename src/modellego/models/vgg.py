@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from modellego.models.registry import init_weights, register_model, scaled
+from .registry import init_weights, register_model, scaled
 
 __all__ = ["VGG", "VGG_CONFIGS", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 

@@ -27,10 +27,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import weights_hash
-from .errors import UserError
-from .info import get_info
-from .prune import Plan, relative_plan
+from ..errors import UserError
+from ..hooks import eval_mode, forward_hooks
+from ..io.info import get_info, weights_hash
+from ..io.plan import Plan, relative_plan
 from .reconstruct import reconstruct
 
 log = logging.getLogger(__name__)
@@ -64,30 +64,24 @@ def recompute_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int
     if not norms:
         return 0
     saved = {m: m.momentum for m in norms}
-    was_training = model.training
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: batch-size invariant
-            m.train()
-        for x in inputs:
-            model(x)
-    finally:
-        for m, mom in saved.items():
-            m.momentum = mom
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average: batch-size invariant
+                m.train()
+            for x in inputs:
+                model(x)
+        finally:
+            for m, mom in saved.items():
+                m.momentum = mom
     return len(norms)
 
 
 @torch.no_grad()
 def _logits(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return torch.cat([model(x).double().cpu() for x in inputs])  # fits run on the CPU in float64
-    finally:
-        model.train(was_training)
 
 
 def fit_affine(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,11 +109,9 @@ def fit_ridge(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tup
 def _penultimate(model: nn.Module, fc: nn.Linear, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Inputs of the last layer over `inputs`. Shape: (N, F)."""
     feats: list[torch.Tensor] = []
-    handle = fc.register_forward_pre_hook(lambda m, a: feats.append(a[0].detach().double().cpu()))
-    try:
+    name = next(n for n, m in model.named_modules() if m is fc)
+    with forward_hooks(model, {name: lambda m, a: feats.append(a[0].detach().double().cpu())}, pre=True):
         _logits(model, inputs)
-    finally:
-        handle.remove()
     return torch.cat(feats)
 
 

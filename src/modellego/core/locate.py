@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .errors import UserError
+from ..errors import UserError
 from .graph import ChannelGraph, Layer, channel_inputs
 
 log = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def keep_channels(
     if len(out_segments) != 1 or out_segments[0].spatial != 1:
         raise UserError("the model output must be produced by one Linear or Conv layer")
     out_space = out_segments[0].space
-    depthwise_spaces = {graph.find(seg.space) for l in graph.layers.values() if l.depthwise
-                        for seg in graph.layouts[l.node]}
+    depthwise_spaces = {graph.find(seg.space) for layer in graph.layers.values() if layer.depthwise
+                        for seg in graph.layouts[layer.node]}
     for s in reps:
         if s in input_spaces:
             keep[s] = list(range(graph.space_size[s]))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .data import Dataset, Resize, batches, preprocessing
-from .data.transforms import Compose
-from .errors import UserError
-from .evaluate import Accuracy, accuracy, count_flops, count_params
-from .info import InputSpec, get_info
+from ..data import Dataset, Resize, batches, preprocessing
+from ..data.transforms import Compose
+from ..errors import UserError
+from ..io.info import InputSpec, get_info
+from .metrics import Accuracy, accuracy, count_flops, count_params
 
 
 def model_transform(model: nn.Module, ds: Dataset):

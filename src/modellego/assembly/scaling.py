@@ -17,16 +17,18 @@ stored in the assembly's `OutputHead` (and `DensityProbe`); no network weight ch
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..hooks import eval_mode
+from ..io.info import get_info, set_info
 from .assemble import Assembly
 from .density import fit_probe
-from .errors import UserError
-from .info import get_info, set_info
 
 log = logging.getLogger(__name__)
 SCALINGS = ("none", "paper", "calibrated", "density")
@@ -36,15 +38,11 @@ SCALINGS = ("none", "paper", "calibrated", "density")
 def assembled_logits(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logits before the head, and labels (assembled output indices). Shape: (N, T), (N,)."""
     device = next(assembly.parameters()).device
-    was_training = assembly.training
-    assembly.eval()
     zs, ys = [], []
-    try:
+    with eval_mode(assembly):
         for x, y in batches:
             zs.append(assembly.logits(x.to(device)).double().cpu())
             ys.append(y.cpu())
-    finally:
-        assembly.train(was_training)
     if not zs:
         raise UserError("no calibration images")
     return torch.cat(zs), torch.cat(ys)
@@ -159,9 +157,8 @@ def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, tor
         report["scale"] = [round(float(v), 5) for v in head.scale]
     info = get_info(assembly)
     if info is not None:
-        spec = {k: v for k, v in (info.assembly or {}).items() if k != "density"}
-        if assembly.probe is not None:
-            spec["density"] = assembly.probe.spec()
-        set_info(assembly, info.replace(provenance={**info.provenance, "scaling": report},
-                                        assembly=spec if info.assembly is not None else None))
+        spec = info.assembly
+        if spec is not None:
+            spec = dataclasses.replace(spec, density=assembly.probe.spec() if assembly.probe is not None else None)
+        set_info(assembly, info.replace(provenance={**info.provenance, "scaling": report}, assembly=spec))
     return report

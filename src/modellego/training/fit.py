@@ -13,11 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Dataset, Split, augmentation, batches, default_augmentation, load_dataset, preprocessing
-from .errors import UserError
-from .evaluate import accuracy
-from .info import InputSpec, get_info, set_info
-from .models import create_model
+from ..data import Dataset, Split, augmentation, batches, default_augmentation, load_dataset, preprocessing
+from ..errors import UserError
+from ..evaluation.metrics import accuracy
+from ..io.info import InputSpec, get_info, set_info
+from ..models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def finetune(model: nn.Module, ds: Dataset, *, epochs: int, lr: float = 0.01, ba
     The paper's Score2 is measured after this (10 epochs there). The best validation epoch is kept,
     the weights given included: fine-tuning never returns a model worse on validation.
     """
-    from .protocol import model_transform
+    from ..evaluation.protocol import model_transform
     if epochs < 1:
         raise UserError(f"fine-tuning needs at least one epoch, got {epochs}")
     history = fit(model, ds.train, ds.val, transform_train=augmentation("none"), transform_eval=model_transform(model, ds),

@@ -1,41 +1,30 @@
-"""Model files: weights in safetensors, the `ModelInfo` as JSON in the safetensors header.
+"""Model files as bytes: weights in safetensors, the `ModelInfo` as JSON in the safetensors header.
 
 One ``.safetensors`` file is the whole model (a readable ``.json`` copy of the description is
-written beside it). Loading never unpickles and never runs code: the architecture is rebuilt
-from the zoo by name, pruned by the stored indices, then filled with the stored tensors.
+written beside it). This module only converts files to and from ``(ModelInfo, tensors)``;
+`modellego.files` rebuilds the module. Reading never unpickles and never runs code.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from ._io import atomic_path, write_json
-from .errors import CorruptFileError, UserError
-from .info import ModelInfo, require_info, set_info
+from .._version import __version__
+from ..errors import CorruptFileError, UserError
+from .atomic import atomic_path, write_json
+from .info import ModelInfo, weights_hash
 
 FORMAT = "modellego"
-FORMAT_VERSION = 1
+# 2: an assembly's label map moved from the provenance into its AssemblySpec (1 still loads).
+FORMAT_VERSION = 2
 _META_KEY = "modellego"
 DEFAULT_NAME = "model.safetensors"
-
-
-def weights_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of names, dtypes, shapes and bytes of `tensors`, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -44,16 +33,13 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return p / DEFAULT_NAME if p.is_dir() or p.suffix == "" else p
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, info: ModelInfo | None = None) -> Path:
-    """Save `model` (with its `ModelInfo`) to `path` atomically; return the file written.
+def write_model(path: str | os.PathLike, info: ModelInfo, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` with `info` to `path` atomically; return the file written.
 
     `path` may be a folder (``model.safetensors`` is written inside it) or a file name.
     """
-    info = info or require_info(model, "saving")
-    if info.arch is None and info.assembly is None:
-        raise UserError("only models the zoo can rebuild can be saved: info.arch is None")
     path = resolve_path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     header: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -96,24 +82,8 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def skeleton(info: ModelInfo) -> nn.Module:
-    """The module described by `info`, with the right shapes and arbitrary weights."""
-    from .models import create_model
-    from .prune import prune_layers
-
-    if info.assembly is not None:
-        from .assemble import assembly_skeleton
-        return assembly_skeleton(info)
-    if info.arch is None:
-        raise UserError("no architecture recorded")
-    model = create_model(info.arch, **info.arch_kwargs)
-    if info.pruning:
-        prune_layers(model, info.pruning)
-    return model
-
-
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model saved by `save`, in eval mode, with its `ModelInfo` attached.
+def read_model(path: str | os.PathLike) -> tuple[ModelInfo, dict[str, torch.Tensor]]:
+    """The description and the tensors of a model file, checked against the recorded hash.
 
     Raises:
         CorruptFileError: the file is truncated, corrupt, tampered with or not a modellego model.
@@ -131,13 +101,4 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         raise CorruptFileError(f"{path}: cannot read the weights ({e}); the file may be truncated") from e
     if weights_hash(tensors) != header.get("weights_sha256"):
         raise CorruptFileError(f"{path}: the weights do not match their recorded hash (corrupt or modified file)")
-    try:
-        model = skeleton(info)
-    except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise CorruptFileError(f"{path}: the stored description cannot be rebuilt ({e})") from e
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CorruptFileError(f"{path}: the weights do not fit architecture {info.arch!r}: {e}") from e
-    set_info(model, info)
-    return model.to(map_location).eval()
+    return info, tensors

@@ -15,12 +15,11 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .calibrate import DEFAULT_CALIBRATION
-from .checkpoint import weights_hash
+from ..calibration.calibrate import DEFAULT_CALIBRATION
+from ..core.graph import ChannelGraph, trace
+from ..errors import UserError
+from ..io.info import get_info, weights_hash
 from .disassemble import example_input, extract
-from .errors import UserError
-from .graph import ChannelGraph, trace
-from .info import get_info
 
 
 def _local(values: Sequence[int], kept_by_source: Sequence[int] | None, layer: str) -> list[int]:
@@ -37,7 +36,7 @@ def _local(values: Sequence[int], kept_by_source: Sequence[int] | None, layer: s
 def _kept_spaces(graph: ChannelGraph, plan: dict, source_plan: dict | None) -> dict[int, set[int]]:
     """Kept channels per channel space of one component, read off its pruning plan."""
     kept: dict[int, set[int]] = {}
-    for name, node in [(n, l.node) for n, l in graph.layers.items()] + list(graph.channelwise_params.items()):
+    for name, node in [(n, layer.node) for n, layer in graph.layers.items()] + list(graph.channelwise_params.items()):
         segs = graph.segments(node)
         if name not in plan or len(segs) != 1 or segs[0].spatial != 1:
             continue

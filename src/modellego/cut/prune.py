@@ -10,10 +10,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .graph import ChannelGraph, Layout, is_depthwise
-
-Plan = dict[str, dict[str, list[int]]]
+from ..core.graph import ChannelGraph, Layout, is_depthwise
+from ..errors import UserError
+from ..io.plan import Plan
 
 
 def kept_features(layout: Layout, keep: Mapping[int, Sequence[int]]) -> list[int]:
@@ -49,46 +48,6 @@ def build_plan(graph: ChannelGraph, keep: Mapping[int, Sequence[int]]) -> Plan:
 def full_plan(graph: ChannelGraph) -> Plan:
     """The plan that keeps every channel: the source model itself."""
     return build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
-
-
-def compose_plans(outer: Plan | None, inner: Plan) -> Plan:
-    """Indices of `inner` (relative to an already pruned model) mapped back through `outer`."""
-    if not outer:
-        return inner
-    plan = {k: {d: list(v) for d, v in dims.items()} for k, dims in outer.items()}
-    for name, dims in inner.items():
-        base = outer.get(name, {})
-        plan[name] = {d: ([base[d][i] for i in idx] if d in base else list(idx)) for d, idx in dims.items()}
-    return plan
-
-
-def relative_plan(outer: Plan | None, composed: Plan) -> Plan:
-    """The inverse of `compose_plans`: the `inner` plan with ``compose_plans(outer, inner) == composed``.
-
-    Both plans index the base architecture (as model files store them); the result indexes the
-    model that `outer` cut, e.g. the plan that cut a component from a source that is itself a
-    component.
-
-    Raises:
-        UserError: `composed` keeps an index that `outer` had already dropped (it was not cut
-            from that model).
-    """
-    if not outer:
-        return {k: {d: list(v) for d, v in dims.items()} for k, dims in composed.items()}
-    plan: Plan = {}
-    for name, dims in composed.items():
-        plan[name] = {}
-        for d, idx in dims.items():
-            if d not in outer.get(name, {}):
-                plan[name][d] = list(idx)
-                continue
-            pos = {v: i for i, v in enumerate(outer[name][d])}
-            missing = [v for v in idx if v not in pos]
-            if missing:
-                raise UserError(f"layer {name!r} keeps {d} indices {missing[:5]} that the source had already dropped: "
-                                "the component was not cut from this source")
-            plan[name][d] = [pos[v] for v in idx]
-    return plan
 
 
 def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None:

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import UserError
-from .info import get_info
+from ..errors import UserError
+from ..hooks import eval_mode
+from ..io.info import get_info
 
 
 @dataclass
@@ -71,12 +72,10 @@ def accuracy(
         device: where to run (default: where the model's parameters are).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     hits: dict[int, int] = {}
     counts: dict[int, int] = {}
     out_classes: list[int] | None = None
-    try:
+    with eval_mode(model):
         for x, y in batches:
             logits = model(x.to(device)).float().cpu()
             if out_classes is None:
@@ -96,8 +95,6 @@ def accuracy(
             for c, ok in zip(y[keep].tolist(), (pred == y[keep]).tolist()):
                 counts[c] = counts.get(c, 0) + 1
                 hits[c] = hits.get(c, 0) + int(ok)
-    finally:
-        model.train(was_training)
     if not counts:
         raise UserError("no test sample belongs to the task's classes")
     per_class = {c: 100.0 * hits[c] / counts[c] for c in sorted(counts)}
@@ -126,13 +123,8 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """FLOPs of one forward pass on one sample (torch.utils.flop_counter; multiply-add = 2)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape, device=device))
     return int(counter.get_total_flops())
 
 
@@ -146,9 +138,7 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], *, batch: int 
     """Median wall time (ms) of one forward pass of `batch` samples, after warm-up."""
     device = next(model.parameters()).device
     x = torch.randn(batch, *input_shape, device=device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(warmup):
             model(x)
         times = []
@@ -158,8 +148,6 @@ def measure_latency(model: nn.Module, input_shape: Sequence[int], *, batch: int 
             model(x)
             _sync(device)
             times.append(time.perf_counter() - t)
-    finally:
-        model.train(was_training)
     return 1000.0 * statistics.median(times)
 
 

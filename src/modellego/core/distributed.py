@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .contribution import LayerAccumulator

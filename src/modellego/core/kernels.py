@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # Block sizes. tl.dot needs at least 16 rows and columns and 8 reduction steps; the kernel
 # offsets J (9 for a 3×3 kernel, 4 for a folded 2×2 map) are padded to 8 or a power of two,

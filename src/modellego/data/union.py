@@ -1,22 +1,22 @@
 """The union task of an assembly: test and training images of all its classes, relabelled."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from .data import Dataset, Split, load_dataset
-from .errors import UserError
-from .info import require_info
+from ..errors import UserError
+from ..io.info import LabelEntry, require_info
+from .dataset import Dataset, Split, load_dataset
 
 
-def _relabel(label_map: list[dict], datasets: Mapping[str, Dataset], split: str) -> Split:
+def _relabel(label_map: Sequence[LabelEntry], datasets: Mapping[str, Dataset], split: str) -> Split:
     images, labels = [], []
     for j, entry in enumerate(label_map):
-        ds = datasets[entry["dataset"]]
+        ds = datasets[str(entry.dataset)]
         part = ds.split(split)
-        hit = part.labels == int(entry["source_class"])
+        hit = part.labels == entry.source_class
         images.append(part.images[hit])
         labels.append(torch.full((int(hit.sum()),), j, dtype=torch.long))
     shapes = {tuple(x.shape[1:]) for x in images}
@@ -34,17 +34,17 @@ def union_dataset(assembly: nn.Module, datasets: Mapping[str, Dataset] | None = 
         datasets: datasets by name; missing ones are loaded with `loader`.
     """
     info = require_info(assembly, "the union task")
-    label_map = info.provenance.get("label_map")
-    if not label_map:
+    if info.assembly is None:
         raise UserError("the model is not an assembly (no label map)")
+    label_map = info.assembly.label_map
     datasets = dict(datasets or {})
     for entry in label_map:
-        name = entry["dataset"]
+        name = entry.dataset
         if not name:
             raise UserError("a component does not record its dataset; pass the datasets explicitly")
         if name not in datasets:
             datasets[name] = loader(name)
-    first = datasets[label_map[0]["dataset"]]
+    first = datasets[str(label_map[0].dataset)]
     return Dataset(
         name=info.dataset or "union", classes=tuple(info.class_names),
         train=_relabel(label_map, datasets, "train"), val=_relabel(label_map, datasets, "val"),

@@ -9,16 +9,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..calibration.calibrate import DEFAULT_CALIBRATION
+from ..calibration.calibrate import calibrate as calibrate_logits
+from ..core.graph import ChannelGraph, trace
+from ..core.locate import keep_channels
+from ..core.profiling import Profile, class_names_of
+from ..core.profiling import profile as run_profile
+from ..errors import UnsupportedGraphError, UserError
+from ..hooks import forward_hooks
+from ..io.info import ModelInfo, get_info, set_info, weights_hash
+from ..io.plan import compose_plans
 from .budget import locate_budget
-from .calibrate import DEFAULT_CALIBRATION, calibrate as calibrate_logits
-from .checkpoint import weights_hash
-from .errors import UnsupportedGraphError, UserError
-from .graph import ChannelGraph, trace
-from .hooks import forward_hooks
-from .info import ModelInfo, get_info, set_info
-from .locate import keep_channels
-from .profiling import Profile, class_names_of, profile as run_profile
-from .prune import build_plan, compose_plans, kept_features, prune_layers
+from .prune import build_plan, kept_features, prune_layers
 
 log = logging.getLogger(__name__)
 

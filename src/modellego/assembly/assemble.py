@@ -18,18 +18,18 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.graph import ChannelGraph, trace
+from ..cut.prune import fresh_like, resize_layers
+from ..errors import UserError
+from ..io.info import INFO_ATTR, AssemblySpec, InputSpec, LabelEntry, ModelInfo, get_info, set_info
+from ..models import create_model
 from .density import MAX_FEATURES, DensityProbe, capture
-from .errors import UserError
-from .graph import ChannelGraph, trace
-from .info import INFO_ATTR, InputSpec, ModelInfo, get_info, set_info
-from .prune import fresh_like, resize_layers
 
 log = logging.getLogger(__name__)
 RAW = "raw"  # an assembly fed raw [0, 1] images: its adapters normalise per component
@@ -244,17 +244,14 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
     return body.eval(), sizes, inputs
 
 
-def _label_map(infos: Sequence[ModelInfo]) -> list[dict[str, Any]]:
-    return [{"component": i, "dataset": info.dataset, "source_class": c, "name": n}
-            for i, info in enumerate(infos) for c, n in zip(info.classes, info.class_names)]
-
-
-def _names(label_map: Sequence[dict[str, Any]]) -> tuple[str, ...]:
-    names = [f"{e['dataset']}:{e['name']}" if e["dataset"] else str(e["name"]) for e in label_map]
+def _label_map(infos: Sequence[ModelInfo]) -> tuple[LabelEntry, ...]:
+    entries = tuple(LabelEntry(i, info.dataset, c, n)
+                    for i, info in enumerate(infos) for c, n in zip(info.classes, info.class_names))
+    names = [e.display_name for e in entries]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"duplicate classes in the assembly: {dup}; each class may come from one component only")
-    return tuple(names)
+    return entries
 
 
 def _raw_spec(infos: Sequence[ModelInfo]) -> InputSpec:
@@ -271,7 +268,7 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Modul
         mode: ``padded`` (block-diagonal, one network: the paper's alignment padding),
             ``parallel`` (side by side) or ``auto`` (padded when possible).
 
-    Returns: an `Assembly`; ``modellego.get_info(a).provenance["label_map"]`` says which output
+    Returns: an `Assembly`; ``modellego.get_info(a).assembly.label_map`` says which output
     is which class of which source, and the head is the identity (see `modellego.scaling`).
     """
     infos = _infos(components)
@@ -282,51 +279,50 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Modul
         raise UserError(f"cannot pad these components: {reason}; use parallel assembly")
     mode = ("parallel" if reason else "padded") if mode == "auto" else mode
     label_map = _label_map(infos)
-    names = _names(label_map)
-    groups = [e["component"] for e in label_map]
+    names = tuple(e.display_name for e in label_map)
+    groups = [e.component for e in label_map]
     components = [copy.deepcopy(c).eval() for c in components]
-    spec: dict[str, Any] = {"mode": mode, "components": [i.to_json() for i in infos]}
     if mode == "parallel":
         adapters = nn.ModuleList([InputAdapter(i.input) for i in infos])
         model = Assembly("parallel", nn.ModuleList(components), OutputHead(groups), adapters)
-        spec["adapters"] = True
+        spec = AssemblySpec(mode, tuple(infos), label_map, adapters=True)
         input_spec = _raw_spec(infos)
     else:
         stacked = len({(i.input.mean, i.input.std) for i in infos}) == 1
         body, sizes, inputs = _padded_body(components, infos, stacked)
         adapters = None if stacked else nn.ModuleList([InputAdapter(i.input) for i in infos])
         model = Assembly("padded", body, OutputHead(groups), adapters)
-        spec.update(arch=infos[0].arch, arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, adapters=not stacked,
-                    layer_inputs=inputs)
+        spec = AssemblySpec(mode, tuple(infos), label_map, adapters=not stacked, arch=infos[0].arch,
+                            arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, layer_inputs=inputs)
         input_spec = infos[0].input if stacked else _raw_spec(infos)
     info = ModelInfo(
         arch=None, arch_kwargs={}, class_names=names, classes=tuple(range(len(names))), input=input_spec,
         dataset="+".join(dict.fromkeys(str(i.dataset) for i in infos)), kind="assembly",
-        provenance={"label_map": label_map, "scaling": {"method": "none"}}, assembly=spec)
+        provenance={"scaling": {"method": "none"}}, assembly=spec)
     # Head and adapters are built on the CPU; the assembly lives where its components do.
     model.to(device=next(components[0].parameters()).device)
     return set_info(model.eval(), info)
 
 
-def assembly_skeleton(info: ModelInfo) -> Assembly:
-    """An `Assembly` of the shapes `info` describes (weights to be loaded)."""
-    from .checkpoint import skeleton
+def assembly_skeleton(spec: AssemblySpec, components: Sequence[nn.Module]) -> Assembly:
+    """An `Assembly` of the shapes `spec` describes (weights to be loaded).
 
-    spec = info.assembly or {}
-    comps = [ModelInfo.from_json(c) for c in spec["components"]]
-    groups = [e["component"] for e in info.provenance["label_map"]]
-    adapters = nn.ModuleList([InputAdapter(c.input) for c in comps]) if spec.get("adapters") else None
-    if spec["mode"] == "parallel":
-        body: nn.Module = nn.ModuleList([set_info(skeleton(c), c) for c in comps])
-    elif spec["mode"] == "padded":
-        from .models import create_model
-        body = resize_layers(create_model(spec["arch"], **spec["arch_kwargs"]), spec["layer_sizes"])
+    Args:
+        spec: the assembly's description.
+        components: for a parallel assembly, each component's module (any weights), in order;
+            ignored for a padded one, whose body is the resized zoo architecture.
+    """
+    adapters = nn.ModuleList([InputAdapter(c.input) for c in spec.components]) if spec.adapters else None
+    if spec.mode == "parallel":
+        body: nn.Module = nn.ModuleList([set_info(m, c) for m, c in zip(components, spec.components, strict=True)])
     else:
-        raise UserError(f"unknown assembly mode {spec['mode']!r}")
-    asm = Assembly(spec["mode"], body, OutputHead(groups), adapters)
-    if spec.get("density"):
-        asm.probe = DensityProbe([(d["component"], d["layer"], d["features"], d["classes"]) for d in spec["density"]],
-                                 len(comps))
+        if spec.arch is None:
+            raise UserError("a padded assembly must record the architecture of its body")
+        body = resize_layers(create_model(spec.arch, **spec.arch_kwargs), spec.layer_sizes)
+    asm = Assembly(spec.mode, body, OutputHead(spec.groups), adapters)
+    if spec.density:
+        asm.probe = DensityProbe([(d.component, d.layer, d.features, d.classes) for d in spec.density],
+                                 len(spec.components))
     return asm
 
 

@@ -23,18 +23,25 @@ import bisect
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-if TYPE_CHECKING:
-    from .reconstruct import Join
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Join:
+    """A layer whose output reaches a residual add through at most one BatchNorm."""
+
+    node: str  # the fx node of the layer's call
+    input: str  # the fx node of its input
+    other: str  # the fx node of the add's other operand
+    norm: str | None  # the BatchNorm module between the layer and the add
 
 # Per batch: the layer's input in the component, the source's value that the target is made
 # from (the layer's output), and for a join the add's other operand in the source and component.

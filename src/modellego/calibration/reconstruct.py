@@ -32,7 +32,6 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +39,12 @@ import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .contribution import pad_input
-from .errors import UserError
-from .frontier import CheckpointSteps, TracedGraph, Values, frontier_steps, servable_layers
-from .graph import ADD_FUNCTIONS, is_depthwise
-from .hooks import forward_hooks, preserve_training
-from .memory import default_budget
+from ..core.contribution import pad_input
+from ..core.graph import ADD_FUNCTIONS, is_depthwise
+from ..errors import UserError
+from ..hooks import eval_mode, forward_hooks
+from ..memory import default_budget
+from .frontier import CheckpointSteps, Join, TracedGraph, Values, frontier_steps, servable_layers
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +69,6 @@ def _run_until(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) ->
     if not got:
         raise UserError(f"layer {name!r} did not run in the forward pass; it cannot be reconstructed")
     return got[0]
-
-
-@dataclass(frozen=True)
-class Join:
-    """A layer whose output reaches a residual add through at most one BatchNorm."""
-
-    node: str  # the fx node of the layer's call
-    input: str  # the fx node of its input
-    other: str  # the fx node of the add's other operand
-    norm: str | None  # the BatchNorm module between the layer and the add
 
 
 def residual_joins(gm: fx.GraphModule) -> dict[str, Join]:
@@ -326,9 +315,7 @@ def reconstruct(
     traced = (TracedGraph(comp_gm), TracedGraph(src_gm)) if comp_gm is not None and src_gm is not None else None
     served = servable_layers(*traced, order, joins) if traced is not None else []
     r2: dict[str, float] = {}
-    with preserve_training(component), preserve_training(source), contextlib.ExitStack() as stack:
-        component.eval()
-        source.eval()
+    with eval_mode(component), eval_mode(source), contextlib.ExitStack() as stack:
         steps = frontier_steps(*traced, served, joins, inputs, memory_budget) if traced and served else None
         resumed: CheckpointSteps | None = None
         for name in tqdm(order, desc="recon", unit="layer", disable=None if progress else True):

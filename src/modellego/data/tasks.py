@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import UserError, unknown_name
+from ..errors import UserError, unknown_name
 
 
 def _is_index(s: str) -> bool:

@@ -16,14 +16,16 @@ one number per layer and component. No network weight changes.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .hooks import forward_hooks, preserve_training
+from ..errors import UserError
+from ..hooks import eval_mode, forward_hooks
+from ..io.info import DensitySite, get_info
 
 MAX_FEATURES = 1024  # layers whose per-component input is wider get no Gaussian (a dense covariance)
 SHRINK = 0.1  # covariance shrinkage towards its mean variance (robust with ~200 images per class)
@@ -70,11 +72,11 @@ class DensityProbe(nn.Module):
         self.register_buffer("spread", torch.ones(len(sites)))
         self.register_buffer("weight", torch.zeros(len(sites)))
 
-    def spec(self) -> list[dict[str, object]]:
+    def spec(self) -> tuple[DensitySite, ...]:
         """Shapes to rebuild the probe from a file."""
-        return [{"component": int(c), "layer": layer, "features": int(getattr(self, f"positions_{k}").numel()),
-                 "classes": int(getattr(self, f"means_{k}").shape[0])}
-                for k, (c, layer) in enumerate(zip(self.owner.tolist(), self.layers))]
+        return tuple(DensitySite(int(c), layer, int(getattr(self, f"positions_{k}").numel()),
+                                 int(getattr(self, f"means_{k}").shape[0]))
+                     for k, (c, layer) in enumerate(zip(self.owner.tolist(), self.layers)))
 
     def site_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw d_k for every site, from the pooled inputs of the body's layers. Shape: (B, K)."""
@@ -123,18 +125,17 @@ def fit_gaussian(h: torch.Tensor, labels: torch.Tensor, shrink: float = SHRINK) 
 
 def sites_of(assembly: nn.Module) -> list[Site]:
     """Every layer input of every component that gets a Gaussian (at most `MAX_FEATURES` features)."""
-    from .info import get_info
-
-    spec = (get_info(assembly).assembly or {}) if get_info(assembly) else {}
+    info = get_info(assembly)
+    spec = info.assembly if info else None
     sites: list[Site] = []
-    if spec.get("mode") == "parallel":
+    if spec is not None and spec.mode == "parallel":
         for g, comp in enumerate(assembly.body):
             for name, m in comp.named_modules():
                 f = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features if isinstance(m, nn.Linear) else None
                 if f is not None and f <= MAX_FEATURES:
                     sites.append(Site(g, f"{g}.{name}", tuple(range(f))))
-    elif spec.get("mode") == "padded":
-        for name, per_component in spec.get("layer_inputs", {}).items():
+    elif spec is not None and spec.mode == "padded":
+        for name, per_component in spec.layer_inputs.items():
             sites += [Site(g, name, tuple(p)) for g, p in enumerate(per_component) if 0 < len(p) <= MAX_FEATURES]
     if not sites:
         raise UserError("this assembly records no layer inputs for density scores; assemble it again with this version")
@@ -154,10 +155,9 @@ def fit_probe(assembly: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     device = next(assembly.parameters()).device
     feats: dict[str, list[torch.Tensor]] = {s.layer: [] for s in sites}
     zs, ys = [], []
-    with preserve_training(assembly):
-        assembly.eval()
+    with eval_mode(assembly):
         for x, y in batches:
-            z, seen = capture(assembly.body, feats, lambda: assembly.logits(x.to(device)))
+            z, seen = capture(assembly.body, feats, functools.partial(assembly.logits, x.to(device)))
             zs.append(z.double().cpu())
             ys.append(y.cpu())
             for name in feats:

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .graph import ChannelGraph, is_depthwise
-from .hooks import forward_hooks
-from .locate import Thresholds, keep_channels, locate_class
-from .profiling import Profile
-from .prune import Plan, build_plan, full_plan
+from ..core.graph import ChannelGraph, is_depthwise
+from ..core.locate import Thresholds, keep_channels, locate_class
+from ..core.profiling import Profile
+from ..errors import UserError
+from ..hooks import forward_hooks
+from ..io.plan import Plan
+from .prune import build_plan, full_plan
 
 log = logging.getLogger(__name__)
 

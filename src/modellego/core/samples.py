@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from . import distributed, memory
-from .errors import UserError
-from .hooks import preserve_training
+from .. import memory
+from ..errors import UserError
+from ..hooks import eval_mode
+from . import distributed
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,7 @@ def select_samples(
     outputs: int | None = None
     position = 0  # of the batch's first sample in this process's stream
     first_rank = distributed.world(group)[0] == 0
-    with preserve_training(model):
-        model.eval()
+    with eval_mode(model):
         for x, y in _with_bar(batches, "selecting samples", progress and first_rank):
             logits = model(x.to(device))
             y = y.cpu()

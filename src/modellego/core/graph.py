@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import UnsupportedGraphError
-from .hooks import preserve_training
+from ..errors import UnsupportedGraphError
+from ..hooks import preserve_training
 
 # Modules that act on each channel independently (relevance and channels pass straight through).
 CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
