@@ -84,7 +84,7 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
     The accumulator is reused across repeats, as over the batches of a profile (what it memoises,
     such as a folded weight, is then in place).
     """
-    from modellego.core.contribution import LayerAccumulator, Workspace
+    from modellego.core.contribution import Workspace, make_accumulator
     from modellego.hooks import forward_hooks
     from modellego.models import create_model
 
@@ -104,7 +104,7 @@ def run_per_layer(model_name: str, batch: int, size: int, repeats: int, device: 
     ws, rows = Workspace(), []
     for name, m in modules.items():
         a = inputs[name]
-        acc = LayerAccumulator(m, 10, workspace=ws, kernel=kernel)
+        acc = make_accumulator(m, 10, workspace=ws, kernel=kernel)
         rows.append({"model": model_name, "method": "per_layer", "kernel": kernel, "layer": name, "input": list(a.shape[1:]),
                      "batch": batch, "size": size, "device": str(dev), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "repeats": repeats,
@@ -176,7 +176,7 @@ def run_one(model_name: str, method: str, batch: int, size: int, repeats: int, d
     else:
         base = _rss_bytes()
     if method == "literal":
-        profiling.LayerAccumulator = LiteralAccumulator  # contributions() builds its accumulators from this name
+        profiling.make_accumulator = LiteralAccumulator  # contributions() builds its accumulators from this name
 
     def step() -> None:
         if method == "forward":

@@ -183,7 +183,7 @@ def test_evaluate_component(run, capsys) -> None:
 
 @pytest.mark.parametrize("key,scaling", [("asm_paper", "paper"), ("asm_cal", "calibrated"), ("asm_den", "density")])
 def test_assemble_and_evaluate_without_data(run, capsys, key: str, scaling: str) -> None:
-    assert f"padded assembly of 2 components, 5 classes" in run["out"][key] and f"scaling {scaling}" in run["out"][key]
+    assert "padded assembly of 2 components, 5 classes" in run["out"][key] and f"scaling {scaling}" in run["out"][key]
     asm = modellego.load(run[key])
     info = get_info(asm)
     assert info.kind == "assembly" and info.assembly.mode == "padded" and info.dataset == "synthetic"

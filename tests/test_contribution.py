@@ -13,6 +13,7 @@ from modellego.core.contribution import (
     conv_contribution,
     linear_contribution,
     literal_contribution,
+    make_accumulator,
     relative,
     window_sums,
 )
@@ -220,7 +221,7 @@ def test_accumulator_streaming_equals_one_batch(kind: str, mode: str) -> None:
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 11)
     slots = torch.tensor([0, 2, 1, 0, 0, 2, 1, 1, 0, 2, 2])
-    one, many = LayerAccumulator(m, 3, mode), LayerAccumulator(m, 3, mode)
+    one, many = make_accumulator(m, 3, mode), make_accumulator(m, 3, mode)
     one.update(x, slots)
     _feed(many, x, slots, [1, 4, 2, 4])
     for slot in range(3):
@@ -233,7 +234,7 @@ def test_accumulator_matches_literal_definitions(kind: str) -> None:
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 9)
     slots = torch.tensor([1, 0, 1, 1, 0, 2, 0, 1, 0])
-    sample, mean = LayerAccumulator(m, 3, "sample"), LayerAccumulator(m, 3, "mean")
+    sample, mean = make_accumulator(m, 3, "sample"), make_accumulator(m, 3, "mean")
     sample.update(x, slots)
     mean.update(x, slots)
     s = literal_contribution(m, x)  # (B, Q, Pg)
@@ -252,7 +253,7 @@ def test_linear_sample_mode_factorisation_is_literal_relu_then_sum() -> None:
     m = nn.Linear(7, 5).double()
     x = torch.randn(13, 7, dtype=torch.float64)
     slots = torch.zeros(13, dtype=torch.long)
-    acc = LayerAccumulator(m, 1, "sample")
+    acc = make_accumulator(m, 1, "sample")
     acc.update(x, slots)
     # Kept state is O(P): only Σ a⁺ and Σ a⁻.
     assert set(acc.state) == {"pos", "neg"} and acc.state["pos"].shape == (1, 7)
@@ -269,7 +270,7 @@ def test_linear_sample_mode_factorisation_is_literal_relu_then_sum() -> None:
 
 def test_pointwise_conv_keeps_o_p_state_per_class() -> None:
     m = ACC_LAYERS["pointwise_strided_grouped"]()
-    acc = LayerAccumulator(m, 3, "sample")
+    acc = make_accumulator(m, 3, "sample")
     acc.update(_inputs("conv", 5), torch.tensor([0, 1, 2, 2, 0]))
     assert set(acc.state) == {"pos", "neg"} and acc.state["pos"].shape == (3, 4)  # (C, P), never (P, C, Qg)
 
@@ -278,10 +279,10 @@ def test_conv_chunking_does_not_change_the_result(monkeypatch: pytest.MonkeyPatc
     m = make_conv({"padding": 1})
     x = _inputs("conv", 10)
     slots = torch.tensor([0, 1] * 5)
-    whole = LayerAccumulator(m, 2, "sample")
+    whole = make_accumulator(m, 2, "sample")
     whole.update(x, slots)
     monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", m.out_channels * m.in_channels * 3)  # 3 samples a chunk
-    chunked = LayerAccumulator(m, 2, "sample")
+    chunked = make_accumulator(m, 2, "sample")
     chunked.update(x, slots)
     for slot in range(2):
         torch.testing.assert_close(chunked.s_hat(slot), whole.s_hat(slot), rtol=0, atol=1e-10)
@@ -299,7 +300,7 @@ def test_depthwise_accumulator_matches_literal(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", samples_per_block * m.in_channels * (42 if fold else 9))
     u, _ = contrib.contraction_operands(m, x)
     assert u.shape[2] == (42 if fold else 9)  # j runs over the 7×6 pixels, or over the 3×3 offsets
-    acc = LayerAccumulator(m, 3, "sample")
+    acc = make_accumulator(m, 3, "sample")
     acc.update(x, slots)
     s = literal_contribution(m, x).clamp(min=0)  # (B, Q, 1)
     for slot in range(3):
@@ -317,7 +318,7 @@ def test_cpu_tiles_and_both_class_sums_match_literal(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(contrib, "TILE_ELEMENTS", tile * m.out_channels // m.groups * 3)  # 3 samples a chunk
     monkeypatch.setattr(contrib, "CHUNK_ELEMENTS", m.out_channels * m.in_channels // m.groups * 3)
     monkeypatch.setattr(contrib, "SLICE_RUNS", slice_runs)
-    acc = LayerAccumulator(m, 3, "sample")
+    acc = make_accumulator(m, 3, "sample")
     acc.update(x, slots)
     s = literal_contribution(m, x).clamp(min=0)  # (B, Q, Pg)
     for slot in range(3):
@@ -329,8 +330,8 @@ def test_layers_sharing_a_workspace_equal_layers_with_their_own() -> None:
     x = _inputs("conv", 10)
     slots = torch.tensor([0, 1, 1, 2, 0, 2, 1, 0, 0, 2])
     ws = contrib.Workspace()
-    shared = [LayerAccumulator(m, 3, "sample", ws) for m in convs]
-    alone = [LayerAccumulator(m, 3, "sample") for m in convs]
+    shared = [make_accumulator(m, 3, "sample", ws) for m in convs]
+    alone = [make_accumulator(m, 3, "sample") for m in convs]
     for start, stop in ((0, 3), (3, 10)):  # interleaved, as in a forward pass
         for acc in shared + alone:
             acc.update(x[start:stop], slots[start:stop])
@@ -341,18 +342,18 @@ def test_layers_sharing_a_workspace_equal_layers_with_their_own() -> None:
 
 def test_accumulator_without_samples_is_zero() -> None:
     m = make_conv({"groups": 2, "out_channels": 8})
-    acc = LayerAccumulator(m, 2, "sample")
+    acc = make_accumulator(m, 2, "sample")
     assert torch.equal(acc.s_hat(1), torch.zeros(8, 2, dtype=torch.float64))
-    lin = LayerAccumulator(nn.Linear(3, 2), 1, "mean")
+    lin = make_accumulator(nn.Linear(3, 2), 1, "mean")
     assert torch.equal(lin.s_hat(0), torch.zeros(2, 3, dtype=torch.float64))
 
 
 def test_accumulator_dtype_follows_input() -> None:
     m = make_conv({}).float()
-    acc = LayerAccumulator(m, 1, "sample")
+    acc = make_accumulator(m, 1, "sample")
     acc.update(torch.randn(2, 4, 6, 6), torch.zeros(2, dtype=torch.long))
     assert acc.s_hat(0).dtype == torch.float32
-    acc64 = LayerAccumulator(m.double(), 1, "sample")
+    acc64 = make_accumulator(m.double(), 1, "sample")
     acc64.update(torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long))
     assert acc64.s_hat(0).dtype == torch.float64
 

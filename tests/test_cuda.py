@@ -68,7 +68,7 @@ def test_sample_selection_and_calibration_on_cuda() -> None:
     comps = []
     for d in (torch.device("cpu"), CUDA):
         m = on(model, d)
-        prof = modellego.profile(m, [(x, y)], classes=task, fraction=0.5, min_per_class=1)
+        prof = modellego.profile(m, [(x, y)], classes=task, select=modellego.SelectionConfig(0.5, 1))
         assert prof.provenance["selection"]["selected"] == {str(c): -(-int((y == c).sum()) // 2) for c in task}
         comps.append(modellego.disassemble(m, task, profile=prof, calibration=[(x, y)]))
     x_test = torch.randn(6, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -134,12 +134,12 @@ def test_accumulator_on_cuda_matches_literal(kind: str) -> None:
     """Every contraction path (window sums, folded pixels, one pixel, O(P)) on the device."""
     from test_contribution import ACC_LAYERS, _inputs
 
-    from modellego.core.contribution import LayerAccumulator, literal_contribution
+    from modellego.core.contribution import literal_contribution, make_accumulator
 
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 10)
     slots = torch.tensor([0, 0, 2, 1, 1, 1, 0, 2, 2, 1])
-    acc = LayerAccumulator(on(m, CUDA), 3, "sample")
+    acc = make_accumulator(on(m, CUDA), 3, "sample")
     acc.update(x.to(CUDA), slots.to(CUDA))
     s = literal_contribution(m, x).clamp(min=0)  # (B, Q, Pg)
     for slot in range(3):

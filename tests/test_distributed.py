@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import modellego
 from modellego.core.profile import Profile
-from modellego.core.samples import select_samples
+from modellego.core.samples import SelectionConfig, select_samples
 from modellego.errors import UserError
 
 PROCESSES = 2
@@ -66,8 +66,9 @@ def _shard(x: torch.Tensor, y: torch.Tensor, rank: int) -> list[tuple[torch.Tens
     return [(x[idx][i: i + 10], y[idx][i: i + 10]) for i in range(0, len(idx), 10)]
 
 
-KWARGS = [dict(fraction=0.2, min_per_class=2, max_per_class=6),
-          dict(fraction=0.2, min_per_class=2, max_per_class=6, class_chunk=1),
+SELECT = dict(fraction=0.2, min_per_class=2, max_per_class=6)
+KWARGS = [dict(select=SelectionConfig(**SELECT)),
+          dict(select=SelectionConfig(**SELECT), class_chunk=1),
           dict(select=False)]
 
 
@@ -95,13 +96,13 @@ def _worker(rank: int, folder: str) -> None:
         for name, m, hold in [("selection", model, None), ("saturated", _saturated(model), None),
                               ("read-again", model, 0)]:
             sel = select_samples(m, [(x.to(_dtype(m)), y) for x, y in shard], group=dist.group.WORLD,
-                                 hold_budget=hold, **KWARGS[0])
+                                 hold_budget=hold, **SELECT)
             save_file({"inputs": sel.inputs.contiguous(), "labels": sel.labels}, out / f"{name}-{rank}")
         errors = []
         # Rank 1 without batches; then rank 1 with another fraction.
         for batches, fraction in [([] if rank == 1 else shard, 0.2), (shard, 0.3 if rank == 1 else 0.2)]:
             try:
-                modellego.profile(model, batches, group=dist.group.WORLD, fraction=fraction)
+                modellego.profile(model, batches, group=dist.group.WORLD, select=SelectionConfig(fraction))
             except UserError as e:
                 errors.append(str(e))
         (out / f"errors-{rank}.json").write_text(json.dumps(errors))
@@ -169,7 +170,7 @@ def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run:
         model = _saturated(model)
         x = x.float()
         assert int((model(x).softmax(1).amax(1) == 1.0).sum()) > len(x) // 2
-    one = select_samples(model, [(x, y)], **KWARGS[0])
+    one = select_samples(model, [(x, y)], **SELECT)
     parts = [load_file(group_run / f"{name}-{rank}") for rank in range(PROCESSES)]
     assert all(len(p["labels"]) for p in parts)  # both processes hold a share
     got = torch.cat([p["inputs"] for p in parts])

@@ -17,7 +17,7 @@ from test_contribution import ACC_LAYERS, _feed, _inputs
 
 import modellego
 from modellego.core import kernels
-from modellego.core.contribution import LayerAccumulator, literal_contribution
+from modellego.core.contribution import literal_contribution, make_accumulator
 from modellego.errors import UserError
 
 triton = pytest.importorskip("triton")
@@ -32,7 +32,7 @@ def test_triton_accumulator_matches_literal(kind: str) -> None:
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 11)
     slots = torch.tensor([0, 2, 1, 0, 0, 2, 1, 1, 0, 2, 2])  # interleaved: the kernel sorts by class itself
-    acc = LayerAccumulator(copy.deepcopy(m).to(DEVICE), 4, "sample", kernel="triton")  # slot 3 has no samples
+    acc = make_accumulator(copy.deepcopy(m).to(DEVICE), 4, "sample", kernel="triton")  # slot 3 has no samples
     _feed(acc, x.to(DEVICE), slots.to(DEVICE), [4, 7])
     s = literal_contribution(m, x).clamp(min=0)  # (B, Q, Pg)
     for slot in range(4):

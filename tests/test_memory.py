@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from modellego.calibration.reconstruct import reconstruct
 from modellego.core.graph import trace
+from modellego.core.samples import SelectionConfig
 from modellego.cut.prune import full_plan
 from modellego.errors import UserError
 from modellego.memory import FREE_SHARE, default_budget, free_bytes
@@ -131,14 +132,14 @@ def test_selection_reads_the_batches_again_once_its_candidates_pass_half_the_fre
     with torch.no_grad():
         labels = [source(x).argmax(1) for x in images]  # every sample correct: every one a candidate
     held = _Counted(zip(images, labels))
-    whole = modellego.profile(source, held, fraction=0.5, min_per_class=1)
+    whole = modellego.profile(source, held, select=SelectionConfig(0.5, 1))
     monkeypatch.setattr("modellego.memory.free_bytes", lambda device: 0)
     again = _Counted(zip(images, labels))
-    reread = modellego.profile(source, again, fraction=0.5, min_per_class=1)
+    reread = modellego.profile(source, again, select=SelectionConfig(0.5, 1))
     assert (held.readings, again.readings) == (1, 2)
     assert reread.provenance["selection"] == whole.provenance["selection"]
     for k in whole.layers:
         assert torch.equal(reread.in_masks[k], whole.in_masks[k]) and torch.equal(reread.out_masks[k], whole.out_masks[k])
     explicit = _Counted(zip(images, labels))  # a budget given overrides the free memory
-    modellego.profile(source, explicit, fraction=0.5, min_per_class=1, hold_budget=10**12)
+    modellego.profile(source, explicit, select=SelectionConfig(0.5, 1, hold_budget=10**12))
     assert explicit.readings == 1

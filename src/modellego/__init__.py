@@ -28,7 +28,7 @@ from .assembly.assemble import assemble
 from .assembly.scaling import scale_assembly
 from .core.locate import Thresholds
 from .core.profiling import Profile, profile
-from .core.samples import select_samples
+from .core.samples import SelectionConfig, select_samples
 from .cut.disassemble import disassemble
 from .cut.merge import merge
 from .files import load, save
@@ -37,5 +37,5 @@ from .models import create_model, list_models
 
 __all__ = [
     "__version__", "load", "save", "disassemble", "assemble", "merge", "scale_assembly", "profile", "Profile",
-    "Thresholds", "select_samples", "create_model", "list_models", "ModelInfo", "InputSpec", "get_info",
+    "Thresholds", "SelectionConfig", "select_samples", "create_model", "list_models", "ModelInfo", "InputSpec", "get_info",
 ]

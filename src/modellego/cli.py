@@ -238,15 +238,16 @@ def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_co
                        group=None):
     from .core.distributed import world
     from .core.profiling import profile
+    from .core.samples import SelectionConfig
     from .data import batches
     from .evaluation.protocol import model_transform
     ds = _dataset(args)
     rank, size = world(group)
     train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
     it = batches(train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
-    return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, fraction=args.fraction,
-                   min_per_class=args.min_per_class, max_per_class=args.max_per_class, progress=True,
-                   keep_contributions=keep_contributions, kernel=args.kernel, group=group)
+    selection = SelectionConfig(args.fraction, args.min_per_class, args.max_per_class)
+    return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, select=selection,
+                   progress=True, keep_contributions=keep_contributions, kernel=args.kernel, group=group)
 
 
 @contextlib.contextmanager

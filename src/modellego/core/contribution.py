@@ -250,29 +250,42 @@ def _onehot(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Te
 KERNELS = ("torch", "triton")
 
 
+MODES = ("sample", "mean")
+
+
 class LayerAccumulator:
-    """Per-class sums that turn into ŝ for one layer. A plain additive state (all-reducible).
+    """Per-class sums of one layer that turn into ŝ (Eq. 4). A plain additive state (all-reducible).
+
+    One subclass per layer kind and mode; `make_accumulator` picks it. ``update`` adds a batch,
+    ``s_hat`` reads one class off the sums; batch-size invariant up to summation order.
 
     Args:
-        module: a Conv2d or Linear.
+        module: the layer (a Conv2d or Linear).
         num_slots: number of tracked classes.
-        mode: "sample" (ReLU per sample, then sum: the reference) or "mean" (sum features, then
-            ReLU: the paper's text).
         workspace: scratch memory shared with the other layers of the same pass.
-        kernel: one of `KERNELS`.
     """
 
-    def __init__(self, module: nn.Module, num_slots: int, mode: str = "sample", workspace: Workspace | None = None,
-                 kernel: str = "torch") -> None:
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    def __init__(self, module: nn.Module, num_slots: int, workspace: Workspace | None = None) -> None:
         self.module = module
-        self.mode = mode
-        self.kernel = kernel
         self.num_slots = num_slots
         self.workspace = workspace or Workspace()
         self.state: dict[str, torch.Tensor] = {}
-        self._folded: dict[tuple, torch.Tensor] = {}  # folded weight of small maps, not part of the state
+
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        """Accumulate the samples of `x` (Shape: (B, P, ...)) into their class slots (Shape: (B,))."""
+        raise NotImplementedError
+
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def s_hat(self, slot: int) -> torch.Tensor:
+        """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
+        m = self.module
+        if not self.state:
+            q = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            p = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
+            return torch.zeros(q, p, dtype=torch.float64, device=m.weight.device)
+        return self._s_hat(m.weight.detach().to(next(iter(self.state.values())).dtype), slot)
 
     def _add(self, key: str, slots: torch.Tensor, values: torch.Tensor) -> None:
         if key not in self.state:
@@ -283,55 +296,121 @@ class LayerAccumulator:
         # A matmul with a one-hot matrix: much faster than index_add_ over samples on CPU.
         self.state[key] += (onehot @ values.to(onehot.dtype).flatten(1)).view_as(self.state[key])
 
+    def _add_split(self, slots: torch.Tensor, u: torch.Tensor) -> None:
+        """Class sums of u⁺ and u⁻: with one weight per (q, p), ReLU(w·u) = w⁺·u⁺ + w⁻·u⁻ exactly."""
+        self._add("pos", slots, u.clamp(min=0))
+        self._add("neg", slots, (-u).clamp(min=0))
+
+
+class LinearSampleAccumulator(LayerAccumulator):
+    """Linear layer, ReLU per sample: class sums of x⁺ and x⁻. State: pos, neg (C, P)."""
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
-        """Accumulate the samples of `x` (Shape: (B, P, ...)) into their class slots (Shape: (B,))."""
+        self._add_split(slots, x.detach())  # (B, P)
+
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        return w.clamp(min=0) * self.state["pos"][slot] + (-w).clamp(min=0) * self.state["neg"][slot]
+
+
+class LinearMeanAccumulator(LayerAccumulator):
+    """Linear layer, features summed first (the paper's text). State: sum (C, P)."""
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        self._add("sum", slots, x.detach())
+
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        return (w * self.state["sum"][slot]).clamp(min=0)
+
+
+class PointwiseSampleAccumulator(LayerAccumulator):
+    """1×1 convolution, ReLU per sample: as a linear layer over the window sums. State: pos, neg (C, P)."""
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        self._add_split(slots, window_sums(self.module, x.detach())[:, :, 0])  # (B, P)
+
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
         m = self.module
+        g = m.groups
+        wg = w.reshape(g, m.out_channels // g, -1)  # (g, Qg, Pg)
+        pos, neg = (self.state[k][slot].reshape(g, 1, -1) for k in ("pos", "neg"))  # (g, 1, Pg)
+        return (wg.clamp(min=0) * pos + (-wg).clamp(min=0) * neg).reshape(m.out_channels, -1)  # (Q, Pg)
+
+
+class ConvMeanAccumulator(LayerAccumulator):
+    """Convolution, features summed first: class sums of the window sums U. State: sum (C, P, K)."""
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        self._add("sum", slots, window_sums(self.module, x.detach()))  # (B, P, K)
+
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        m = self.module
+        u = self.state["sum"][slot]  # (P, K)
+        g = m.groups
+        p, k = u.shape
+        wg = w.reshape(g, m.out_channels // g, p // g, k)
+        s = torch.einsum("gpk,gqpk->gqp", u.reshape(g, p // g, k), wg)
+        return s.reshape(m.out_channels, p // g).clamp(min=0)
+
+
+class ConvSampleAccumulator(LayerAccumulator):
+    """k×k convolution, ReLU per sample: the per-sample contraction s = U·w, ReLU, class sums.
+
+    State: relu_sum (P, C, Qg). How a batch is contracted depends on the shapes it brings: a
+    one-pixel map, a depthwise layer, the fused kernel, or chunked batched matmuls.
+
+    Args:
+        kernel: one of `KERNELS`.
+    """
+
+    def __init__(self, module: nn.Module, num_slots: int, workspace: Workspace | None = None,
+                 kernel: str = "torch") -> None:
+        super().__init__(module, num_slots, workspace)
+        self.kernel = kernel
+        self._folded: dict[tuple, torch.Tensor] = {}  # folded weight of small maps, not part of the state
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
         x = x.detach()
-        if isinstance(m, nn.Linear):
-            if self.mode == "sample":
-                self._add("pos", slots, x.clamp(min=0))  # (B, P)
-                self._add("neg", slots, (-x).clamp(min=0))
-            else:
-                self._add("sum", slots, x)
-            return
-        if self.mode == "mean":
-            self._add("sum", slots, window_sums(m, x))  # (B, P, K)
-            return
-        if m.kernel_size == (1, 1):
-            # One weight per (q, p): s = w·U, so ReLU(s) = w⁺·U⁺ + w⁻·U⁻ exactly, as for a linear layer.
-            u = window_sums(m, x)[:, :, 0]  # (B, P)
-            self._add("pos", slots, u.clamp(min=0))
-            self._add("neg", slots, (-u).clamp(min=0))
-            return
-        u_all, w = contraction_operands(m, x, self._folded)  # (B, P, J), (P, J, Qg)
+        u_all, w = contraction_operands(self.module, x, self._folded)  # (B, P, J), (P, J, Qg)
         if "relu_sum" not in self.state:
             self.state["relu_sum"] = x.new_zeros(w.shape[0], self.num_slots, w.shape[2])  # (P, C, Qg)
         state = self.state["relu_sum"]
         if u_all.shape[2] == 1:
-            # A one-pixel map: one term per (q, p), so as for a linear layer ReLU(u·w) = u⁺·w⁺ + u⁻·w⁻
-            # and the class sums come first. O(C·P·Qg) work, no per-sample tensor.
-            onehot = _onehot(slots, self.num_slots, u_all.dtype)  # (C, B)
-            pos, neg = onehot @ u_all[:, :, 0].clamp(min=0), onehot @ (-u_all[:, :, 0]).clamp(min=0)  # (C, P)
-            wp, wn = w.clamp(min=0), (-w).clamp(min=0)  # (P, 1, Qg)
-            state += pos.T[:, :, None] * wp + neg.T[:, :, None] * wn  # (P, C, Qg)
-            return
-        if w.shape[2] == 1:
-            # One filter per input channel (depthwise): s[b, p] is a (B, P) block, an elementwise
-            # product summed over j, where P batched matmuls of one column each would be slow.
-            step = max(1, CHUNK_ELEMENTS // (u_all.shape[1] * u_all.shape[2]))  # samples per block
-            for i in range(0, x.shape[0], step):
-                s = (u_all[i: i + step] * w[:, :, 0]).sum(-1).clamp_(min=0)  # (b, P, J) -> (b, P)
-                onehot = _onehot(slots[i: i + step], self.num_slots, s.dtype)  # (C, b)
-                state[:, :, 0] += (onehot @ s).T  # (P, C)
-            return
-        if self.kernel == "triton" and state.dtype in kernels.DTYPES:
-            # Fused: no per-sample block in memory. Other dtypes take the torch path below.
+            self._one_pixel(u_all[:, :, 0], w, slots, state)
+        elif w.shape[2] == 1:
+            self._depthwise(u_all, w[:, :, 0], slots, state[:, :, 0])
+        elif self.kernel == "triton" and state.dtype in kernels.DTYPES:
+            # Fused: no per-sample block in memory. Other dtypes take the chunked path.
             kernels.relu_class_sums(u_all, w, slots, state, self.workspace.class_order(slots, self.num_slots))
-            return
+        else:
+            self._chunked(u_all, w, slots, state)
+
+    def _one_pixel(self, u: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, state: torch.Tensor) -> None:
+        # One term per (q, p), so as for a linear layer ReLU(u·w) = u⁺·w⁺ + u⁻·w⁻ and the class
+        # sums come first. O(C·P·Qg) work, no per-sample tensor.
+        onehot = _onehot(slots, self.num_slots, u.dtype)  # (C, B)
+        pos, neg = onehot @ u.clamp(min=0), onehot @ (-u).clamp(min=0)  # (C, P)
+        wp, wn = w.clamp(min=0), (-w).clamp(min=0)  # (P, 1, Qg)
+        state += pos.T[:, :, None] * wp + neg.T[:, :, None] * wn  # (P, C, Qg)
+
+    def _depthwise(self, u_all: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, state: torch.Tensor) -> None:
+        # One filter per input channel: s[b, p] is a (B, P) block, an elementwise product summed
+        # over j, where P batched matmuls of one column each would be slow.
+        step = max(1, CHUNK_ELEMENTS // (u_all.shape[1] * u_all.shape[2]))  # samples per block
+        for i in range(0, u_all.shape[0], step):
+            s = (u_all[i: i + step] * w).sum(-1).clamp_(min=0)  # (b, P, J) -> (b, P)
+            onehot = _onehot(slots[i: i + step], self.num_slots, s.dtype)  # (C, b)
+            state += (onehot @ s).T  # (P, C)
+
+    def _chunked(self, u_all: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, state: torch.Tensor) -> None:
+        m = self.module
         step = max(1, CHUNK_ELEMENTS // (m.out_channels * (m.in_channels // m.groups)))  # samples per block
-        cpu = x.device.type == "cpu"
-        for i in range(0, x.shape[0], step):
+        cpu = u_all.device.type == "cpu"
+        for i in range(0, u_all.shape[0], step):
             u = u_all[i: i + step].transpose(0, 1)  # (P, b, J)
             p, b, qg = u.shape[0], u.shape[1], w.shape[2]
             runs = _class_runs(slots[i: i + step]) if cpu else None
@@ -346,37 +425,41 @@ class LayerAccumulator:
                 if onehot is not None:
                     state[j: j + t] += torch.matmul(onehot, s)  # (C, b) @ (t, b, Qg) -> (t, C, Qg)
                     continue
-                for c, first, n in runs:
+                for c, first, n in runs or ():
                     state[j: j + t, c] += s[:, first: first + n].sum(1)  # (t, Qg)
 
-    def s_hat(self, slot: int) -> torch.Tensor:
-        """ŝ for one class slot (Eq. 4, summed over its samples). Shape: (Q, P // groups)."""
-        m = self.module
-        w = m.weight.detach().to(next(iter(self.state.values())).dtype if self.state else torch.float64)
-        if not self.state:
-            q = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-            p = m.in_channels // m.groups if isinstance(m, nn.Conv2d) else m.in_features
-            return torch.zeros(q, p, dtype=torch.float64, device=w.device)
-        if isinstance(m, nn.Linear):
-            if self.mode == "sample":
-                return w.clamp(min=0) * self.state["pos"][slot] + (-w).clamp(min=0) * self.state["neg"][slot]
-            return (w * self.state["sum"][slot]).clamp(min=0)
-        if "pos" in self.state:  # a 1×1 convolution in "sample" mode
-            g = m.groups
-            wg = w.reshape(g, m.out_channels // g, -1)  # (g, Qg, Pg)
-            pos, neg = (self.state[k][slot].reshape(g, 1, -1) for k in ("pos", "neg"))  # (g, 1, Pg)
-            return (wg.clamp(min=0) * pos + (-wg).clamp(min=0) * neg).reshape(m.out_channels, -1)  # (Q, Pg)
-        if self.mode == "mean":
-            u = self.state["sum"][slot]  # (P, K)
-            g = m.groups
-            p, k = u.shape
-            wg = w.reshape(g, m.out_channels // g, p // g, k)
-            s = torch.einsum("gpk,gqpk->gqp", u.reshape(g, p // g, k), wg)
-            return s.reshape(m.out_channels, p // g).clamp(min=0)
-        g = m.groups
+    def _s_hat(self, w: torch.Tensor, slot: int) -> torch.Tensor:
+        g = self.module.groups
         per_p = self.state["relu_sum"][:, slot, :]  # (P, Qg)
         p, qg = per_p.shape
         return per_p.reshape(g, p // g, qg).transpose(1, 2).reshape(g * qg, p // g)  # (Q, Pg)
+
+
+def make_accumulator(module: nn.Module, num_slots: int, mode: str = "sample", workspace: Workspace | None = None,
+                     kernel: str = "torch") -> LayerAccumulator:
+    """The accumulator for `module`'s kind and `mode`.
+
+    Args:
+        module: a Conv2d or Linear.
+        num_slots: number of tracked classes.
+        mode: "sample" (ReLU per sample, then sum: the reference) or "mean" (sum features, then
+            ReLU: the paper's text).
+        workspace: scratch memory shared with the other layers of the same pass.
+        kernel: one of `KERNELS` (k×k convolutions in "sample" mode; the others need no kernel).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(module, nn.Linear):
+        return (LinearSampleAccumulator if mode == "sample" else LinearMeanAccumulator)(module, num_slots, workspace)
+    if not isinstance(module, nn.Conv2d):
+        raise TypeError(f"contributions are defined for Conv2d and Linear layers, got {type(module).__name__}")
+    if mode == "mean":
+        return ConvMeanAccumulator(module, num_slots, workspace)
+    if module.kernel_size == (1, 1):
+        return PointwiseSampleAccumulator(module, num_slots, workspace)
+    return ConvSampleAccumulator(module, num_slots, workspace, kernel)
 
 
 def _class_runs(slots: torch.Tensor) -> list[tuple[int, int, int]] | None:

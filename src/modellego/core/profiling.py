@@ -19,11 +19,11 @@ from ..hooks import forward_hooks
 from ..io.info import class_names_of, get_info, weights_hash
 from ..memory import default_budget
 from . import distributed, kernels
-from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, relative
+from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, make_accumulator, relative
 from .graph import ChannelGraph, trace
 from .locate import Thresholds, locate_class
 from .profile import Profile
-from .samples import every_sample, select_samples
+from .samples import SampleSelection, SelectionConfig, every_sample, select_samples
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def contributions(
     check_kernel(kernel, device)
     modules = dict(model.named_modules())
     workspace = Workspace()
-    accs = {name: LayerAccumulator(modules[name], len(classes), mode, workspace, kernel) for name in graph.layers}
+    accs = {name: make_accumulator(modules[name], len(classes), mode, workspace, kernel) for name in graph.layers}
     current: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -87,11 +87,7 @@ def profile(
     classes: Sequence[int] | None = None,
     thresholds: Thresholds | None = None,
     mode: str = "sample",
-    select: bool = True,
-    fraction: float = 0.01,
-    min_per_class: int = 5,
-    max_per_class: int = 256,
-    hold_budget: int | None = None,
+    select: bool | SelectionConfig = True,
     batch_size: int = 128,
     class_chunk: int | None = None,
     memory_budget: int | None = None,
@@ -106,12 +102,12 @@ def profile(
     Args:
         model: a classifier whose forward pass torch.fx can trace.
         batches: iterable of (inputs, labels), normally the TRAINING split; read once (twice
-            when the selection's candidates take more than `hold_budget`).
+            when the selection's candidates take more than its `hold_budget`).
         classes: output indices to profile (default: all).
         thresholds: α and β (default: the paper's).
         mode: "sample" (ReLU per sample, then sum) or "mean" (average features first).
-        select: pick the top `fraction` of correct samples per class; ``False`` uses every sample given.
-        fraction, min_per_class, max_per_class, hold_budget: see `select_samples`.
+        select: how samples are selected: ``True`` the paper's top 1% of correct samples per
+            class (`SelectionConfig()`), a `SelectionConfig`, or ``False`` for every sample given.
         batch_size: batch size of the contribution pass.
         class_chunk: classes accumulated at once (default: as many as fit `memory_budget`).
         memory_budget: bytes of contribution sums to hold at once when choosing `class_chunk`
@@ -123,13 +119,14 @@ def profile(
             float per weight and class: 4 bytes × parameters × classes), so it can be located
             again without profiling (`modellego.disassemble(..., flops=...)` needs them).
         kernel: ``"torch"`` (any device) or ``"triton"`` (a fused kernel for the per-sample
-            contributions of convolutions, on a CUDA device with Triton; `modellego.kernels`).
+            contributions of convolutions, on a CUDA device with Triton; `modellego.core.kernels`).
         group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD`` under
             torchrun) whose every process calls this with the same model and arguments and its
             own shard of `batches`; every process then returns the profile of all shards
-            together (`modellego.distributed`).
+            together (`modellego.core.distributed`).
     """
     thresholds = thresholds or Thresholds()
+    selection = SelectionConfig() if select is True else select or None
     device = torch.device(device) if device is not None else next(model.parameters()).device
     check_kernel(kernel, device)  # before the selection pass, so a bad choice costs nothing
     if memory_budget is not None and memory_budget < 0:
@@ -140,65 +137,28 @@ def profile(
     model_sha256 = weights_hash(model.state_dict())
     if group is not None:  # what steers the collectives below must match, or they would hang
         distributed.agree({"the model's weights (sha256)": model_sha256,
-                           "classes": None if classes is None else [int(c) for c in classes], "select": select,
-                           "fraction": fraction, "min_per_class": min_per_class, "max_per_class": max_per_class,
-                           "mode": mode, "thresholds": thresholds.to_json()}, group)
+                           "classes": None if classes is None else [int(c) for c in classes],
+                           "select": selection is not None, **(selection.to_json() if selection else {}), "mode": mode,
+                           "thresholds": thresholds.to_json()}, group)
     t0 = time.perf_counter()
-    if select:
-        sel = select_samples(model, batches, classes=classes, fraction=fraction, min_per_class=min_per_class,
-                             max_per_class=max_per_class, device=device, group=group, progress=progress,
-                             hold_budget=hold_budget)
+    if selection is not None:
+        sel = select_samples(model, batches, classes=classes, fraction=selection.fraction,
+                             min_per_class=selection.min_per_class, max_per_class=selection.max_per_class,
+                             device=device, group=group, progress=progress, hold_budget=selection.hold_budget)
     else:
         sel = every_sample(batches, group=group)
     t_select = time.perf_counter() - t0
     assert sel.example is not None  # both refuse empty data
     example = sel.example.to(device)
     graph = trace(model, example)
-    n_out = graph.num_classes
-    classes = list(range(n_out)) if classes is None else [int(c) for c in classes]
-    if not classes:
-        raise UserError("no classes to profile")
-    bad = [c for c in classes if not 0 <= c < n_out]
-    if bad:
-        raise UserError(f"classes {bad} are out of range for a model with {n_out} outputs")
+    classes = _checked_classes(classes, graph.num_classes)
     for c in classes:
         sel.selected.setdefault(c, 0)
-
-    # One class's sums: a float per filter and input channel, in the dtype the layers see (the input's).
-    per_class_bytes = example.element_size() * sum(
-        ly.out_features * ly.in_features // (ly.module.groups if ly.kind == "conv" else 1) for ly in graph.layers.values())
-    if class_chunk is None:
-        if memory_budget is None:  # read after the selection pass, which has let go of its batches
-            memory_budget = default_budget(device)
-        class_chunk = max(1, min(len(classes), memory_budget // max(per_class_bytes, 1)))
-        log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
-                  class_chunk, per_class_bytes, memory_budget)
-    if group is not None:  # the smallest chunk of all processes: their all-reduces must pair up
-        class_chunk = min(distributed.gather(class_chunk, group))  # type: ignore[type-var]
-    names = class_names_of(model, n_out)
-    in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
-    out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
-    kept_r: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
+    class_chunk = _class_chunk(graph, example, len(classes), class_chunk, memory_budget, device, group)
     t1 = time.perf_counter()
-    bar = tqdm(total=len(classes), desc="profiling classes", unit="class",
-               disable=None if progress and rank == 0 else True)
-    for i in range(0, len(classes), class_chunk):
-        part = classes[i: i + class_chunk]
-        accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device,
-                             kernel=kernel)
-        if group is not None:
-            distributed.sum_accumulators(accs, group)
-        for slot, c in enumerate(part):
-            r = {name: relative(acc.s_hat(slot)) for name, acc in accs.items()}
-            ins, outs = locate_class(graph, r, c, thresholds)
-            for k in graph.layers:
-                in_masks[k].append(ins[k])
-                out_masks[k].append(outs[k])
-                if keep_contributions:
-                    kept_r[k].append(r[k].cpu())  # native dtype: relocating reproduces the masks exactly
-            bar.update(1)
-        del accs
-    bar.close()
+    masks = _locate_all(model, graph, sel, classes, thresholds, class_chunk, batch_size=batch_size, mode=mode,
+                        device=device, kernel=kernel, group=group, keep_contributions=keep_contributions,
+                        progress=progress and rank == 0)
     info = get_info(model)
     provenance = {
         "model_sha256": model_sha256,
@@ -207,14 +167,77 @@ def profile(
         "processes": processes,
         "mode": mode,
         "kernel": kernel,
-        "selection": {"fraction": fraction, "min_per_class": min_per_class, "max_per_class": max_per_class,
-                      "enabled": select, **{k: {str(c): n for c, n in v.items()} for k, v in sel.summary().items() if isinstance(v, dict)}},
+        "selection": {**(selection or SelectionConfig()).to_json(), "enabled": selection is not None,
+                      **{k: {str(c): n for c, n in v.items()} for k, v in sel.summary().items() if isinstance(v, dict)}},
         "short": list(sel.short),
         "missing": [c for c in classes if sel.selected.get(c, 0) == 0],
         "seconds": {"select": round(t_select, 3), "contributions_and_locating": round(time.perf_counter() - t1, 3)},
         "torch_version": torch.__version__,
     }
-    return Profile(tuple(classes), tuple(names[c] for c in classes),
-                   {k: torch.stack(v) for k, v in in_masks.items()},
-                   {k: torch.stack(v) for k, v in out_masks.items()}, thresholds, provenance,
-                   {k: torch.stack(v) for k, v in kept_r.items()} if keep_contributions else None)
+    names = class_names_of(model, graph.num_classes)
+    in_masks, out_masks, kept_r = masks
+    return Profile(tuple(classes), tuple(names[c] for c in classes), in_masks, out_masks, thresholds, provenance,
+                   kept_r if keep_contributions else None)
+
+
+def _checked_classes(classes: Sequence[int] | None, n_out: int) -> list[int]:
+    out = list(range(n_out)) if classes is None else [int(c) for c in classes]
+    if not out:
+        raise UserError("no classes to profile")
+    bad = [c for c in out if not 0 <= c < n_out]
+    if bad:
+        raise UserError(f"classes {bad} are out of range for a model with {n_out} outputs")
+    return out
+
+
+def _class_chunk(graph: ChannelGraph, example: torch.Tensor, n_classes: int, class_chunk: int | None,
+                 memory_budget: int | None, device: torch.device, group: torch.distributed.ProcessGroup | None) -> int:
+    """Classes accumulated at once: as many as `memory_budget` holds, agreed by every process."""
+    # One class's sums: a float per filter and input channel, in the dtype the layers see (the input's).
+    per_class_bytes = example.element_size() * sum(
+        ly.out_features * ly.in_features // (ly.module.groups if ly.kind == "conv" else 1) for ly in graph.layers.values())
+    if class_chunk is None:
+        if memory_budget is None:  # read after the selection pass, which has let go of its batches
+            memory_budget = default_budget(device)
+        class_chunk = max(1, min(n_classes, memory_budget // max(per_class_bytes, 1)))
+        log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
+                  class_chunk, per_class_bytes, memory_budget)
+    if group is not None:  # the smallest chunk of all processes: their all-reduces must pair up
+        class_chunk = min(int(c) for c in distributed.gather(class_chunk, group))
+    return class_chunk
+
+
+Masks = dict[str, torch.Tensor]
+
+
+def _locate_all(model: nn.Module, graph: ChannelGraph, sel: SampleSelection, classes: list[int],
+                thresholds: Thresholds, class_chunk: int, *, batch_size: int, mode: str, device: torch.device,
+                kernel: str, group: torch.distributed.ProcessGroup | None, keep_contributions: bool,
+                progress: bool) -> tuple[Masks, Masks, Masks]:
+    """Contributions of `class_chunk` classes at a time, each class located at once.
+
+    Returns: per layer, stacked over `classes`: in-masks, out-masks, and (when kept) the
+    relative contributions.
+    """
+    in_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
+    out_masks: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
+    kept_r: dict[str, list[torch.Tensor]] = {k: [] for k in graph.layers}
+    with tqdm(total=len(classes), desc="profiling classes", unit="class", disable=None if progress else True) as bar:
+        for i in range(0, len(classes), class_chunk):
+            part = classes[i: i + class_chunk]
+            accs = contributions(model, graph, sel.batches(batch_size, part), part, mode=mode, device=device,
+                                 kernel=kernel)
+            if group is not None:
+                distributed.sum_accumulators(accs, group)
+            for slot, c in enumerate(part):
+                r = {name: relative(acc.s_hat(slot)) for name, acc in accs.items()}
+                ins, outs = locate_class(graph, r, c, thresholds)
+                for k in graph.layers:
+                    in_masks[k].append(ins[k])
+                    out_masks[k].append(outs[k])
+                    if keep_contributions:
+                        kept_r[k].append(r[k].cpu())  # native dtype: relocating reproduces the masks exactly
+                bar.update(1)
+            del accs
+    return ({k: torch.stack(v) for k, v in in_masks.items()}, {k: torch.stack(v) for k, v in out_masks.items()},
+            {k: torch.stack(v) for k, v in kept_r.items()} if keep_contributions else {})

@@ -18,6 +18,35 @@ from . import distributed
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How many samples per class `select_samples` keeps (the paper: the top 1% of correct ones).
+
+    Attributes:
+        fraction: fraction of correct samples kept per class, in (0, 1].
+        min_per_class: lower bound on the kept count per class.
+        max_per_class: upper bound, also the most candidates kept per class during the pass.
+        hold_budget: bytes of candidate inputs held during the pass (default: half the host's
+            available memory, `memory.default_budget`); past it the batches are read again.
+    """
+
+    fraction: float = 0.01
+    min_per_class: int = 5
+    max_per_class: int = 256
+    hold_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise UserError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.min_per_class < 1 or self.max_per_class < self.min_per_class:
+            raise UserError(f"need 1 <= min_per_class <= max_per_class, got {self.min_per_class}, {self.max_per_class}")
+        if self.hold_budget is not None and self.hold_budget < 0:
+            raise UserError(f"hold_budget must be >= 0 bytes, got {self.hold_budget}")
+
+    def to_json(self) -> dict[str, float | int | None]:
+        return {"fraction": self.fraction, "min_per_class": self.min_per_class, "max_per_class": self.max_per_class}
+
+
 @dataclass
 class SampleSelection:
     """Selected samples and how many each class had.
@@ -145,48 +174,94 @@ def select_samples(
         model: the classifier (evaluated in eval mode, restored afterwards).
         batches: iterable of (inputs, labels), e.g. the training split.
         classes: classes to select for (default: all the model's outputs).
-        fraction: fraction of correct samples kept per class, in (0, 1].
-        min_per_class: lower bound on the kept count per class.
-        max_per_class: upper bound, also the most candidates kept per class during the pass.
+        fraction, min_per_class, max_per_class, hold_budget: see `SelectionConfig`.
         device: where to run the model (default: where its parameters are).
         group: a torch.distributed process group whose every process calls this with its own
             shard of the batches: the selection is then that of all shards together, each process
-            keeping its share (`modellego.distributed`).
+            keeping its share (`modellego.core.distributed`).
         progress: show a progress bar over the batches (in a process group, the first process's).
-        hold_budget: bytes of candidate inputs held during the pass (default: half the host's
-            available memory, `memory.default_budget`).
     """
-    if not 0 < fraction <= 1:
-        raise UserError(f"fraction must be in (0, 1], got {fraction}")
-    if min_per_class < 1 or max_per_class < min_per_class:
-        raise UserError(f"need 1 <= min_per_class <= max_per_class, got {min_per_class}, {max_per_class}")
-    if hold_budget is not None and hold_budget < 0:
-        raise UserError(f"hold_budget must be >= 0 bytes, got {hold_budget}")
-    budget = memory.default_budget("cpu") if hold_budget is None else hold_budget
+    cfg = SelectionConfig(fraction, min_per_class, max_per_class, hold_budget)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    best = _Candidates(max_per_class)
-    seen_all = correct_all = torch.zeros(0, dtype=torch.long)  # per output, once the first batch has run
+    first_rank = distributed.world(group)[0] == 0
+    seen_pass = _candidate_pass(model, batches, classes, cfg, device, progress and first_rank)
+    best, example, outputs = seen_pass.best, seen_pass.example, seen_pass.outputs
+    classes = seen_pass.classes
+    seen = {c: int(seen_pass.seen[c]) if 0 <= c < len(seen_pass.seen) else 0 for c in classes or ()}
+    correct = {c: int(seen_pass.correct[c]) if 0 <= c < len(seen_pass.correct) else 0 for c in classes or ()}
+    if group is not None:
+        distributed.agree_shards(None if example is None else (outputs, tuple(example.shape[1:])), group,
+                                 "the model's outputs and input shape")  # refuses an empty shard
+    if classes is None or example is None:
+        raise UserError("no samples were given")
+    if group is not None:
+        seen, correct = distributed.sum_counts([seen, correct], classes, group)
+    want = {c: min(max(math.ceil(cfg.fraction * correct.get(c, 0)), cfg.min_per_class), cfg.max_per_class,
+                   correct.get(c, 0))
+            for c in classes}
+    if group is None:
+        mine = {c: torch.arange(want[c]) for c in classes}  # the scores are in descending order
+    else:
+        empty = torch.empty(0)
+        mine = dict(zip(classes, distributed.global_top([best.scores.get(c, empty) for c in classes],
+                                                        [want[c] for c in classes], cfg.max_per_class, group)))
+    mine = {c: m for c, m in mine.items() if len(m)}
+    if best.inputs is not None:
+        chosen = {c: best.inputs[c][m] for c, m in mine.items()}
+    else:
+        chosen = _read_again(batches, {c: best.positions[c][m] for c, m in mine.items()}, progress and first_rank)
+    short = [c for c in classes if correct.get(c, 0) < cfg.min_per_class]
+    if short and first_rank:  # the counts are everyone's: one process says it
+        log.warning("classes with fewer than %d correctly classified samples: %s", cfg.min_per_class,
+                    ", ".join(f"{c} ({correct.get(c, 0)} correct of {seen.get(c, 0)})" for c in short))
+    if not any(want.values()):
+        raise UserError("the model classified no sample of the requested classes correctly")
+    inputs = torch.cat([example[:0]] + [chosen[c] for c in classes if c in chosen])
+    labels = torch.cat([torch.empty(0, dtype=torch.long)]
+                       + [torch.full((len(chosen[c]),), c, dtype=torch.long) for c in classes if c in chosen])
+    return SampleSelection(inputs, labels, seen, correct, want, short, example)
+
+
+@dataclass
+class _Pass:
+    """What one reading of the batches found: candidates, per-output counts, an example input."""
+
+    best: _Candidates
+    classes: list[int] | None
+    seen: torch.Tensor  # (outputs,)
+    correct: torch.Tensor  # (outputs,)
     example: torch.Tensor | None = None
     outputs: int | None = None
+
+
+def _candidate_pass(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    classes: Sequence[int] | None, cfg: SelectionConfig, device: torch.device, show: bool) -> _Pass:
+    """Run the model once over `batches`, keeping each class's best correct candidates."""
+    budget = memory.default_budget("cpu") if cfg.hold_budget is None else cfg.hold_budget
+    found = _Pass(_Candidates(cfg.max_per_class), None if classes is None else list(classes),
+                  torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    best = found.best
+    wanted = torch.zeros(0, dtype=torch.bool)
     position = 0  # of the batch's first sample in this process's stream
-    first_rank = distributed.world(group)[0] == 0
     with eval_mode(model):
-        for x, y in _with_bar(batches, "selecting samples", progress and first_rank):
+        for x, y in _with_bar(batches, "selecting samples", show):
             logits = model(x.to(device))
             y = y.cpu()
-            if example is None:
-                example, outputs = x[:1].cpu(), logits.shape[1]
-                seen_all = correct_all = torch.zeros(outputs, dtype=torch.long)
+            if found.example is None:
+                found.example, outputs = x[:1].cpu(), logits.shape[1]
+                found.outputs = outputs
+                found.seen = found.correct = torch.zeros(outputs, dtype=torch.long)
                 wanted = torch.zeros(outputs, dtype=torch.bool)
-                if classes is None:
-                    classes = list(range(outputs))
-                wanted[[c for c in classes if 0 <= c < outputs]] = True
+                if found.classes is None:
+                    found.classes = list(range(outputs))
+                wanted[[c for c in found.classes if 0 <= c < outputs]] = True
+            outputs = int(found.outputs or 0)
             z = logits.detach().to("cpu", torch.float64)  # (B, outputs)
             inside = (y >= 0) & (y < outputs)  # labels the model has an output for
             hit = inside & (z.argmax(1) == y)
             score = log_odds(z, y.clamp(0, outputs - 1))
-            seen_all = seen_all + torch.bincount(y[inside], minlength=outputs)
-            correct_all = correct_all + torch.bincount(y[hit], minlength=outputs)
+            found.seen = found.seen + torch.bincount(y[inside], minlength=outputs)
+            found.correct = found.correct + torch.bincount(y[hit], minlength=outputs)
             # Only the classes with a correct sample here can change their candidates: with a
             # 1000-class head that is a few hundred per batch, not every class.
             for c in y[hit & wanted[y.clamp(0, outputs - 1)]].unique().tolist():
@@ -204,38 +279,7 @@ def select_samples(
                          f"{budget:,}")
                 best.drop_inputs()
     best.merge()
-    seen = {c: int(seen_all[c]) if 0 <= c < len(seen_all) else 0 for c in classes or ()}
-    correct = {c: int(correct_all[c]) if 0 <= c < len(correct_all) else 0 for c in classes or ()}
-    if group is not None:
-        distributed.agree_shards(None if example is None else (outputs, tuple(example.shape[1:])), group,
-                                 "the model's outputs and input shape")
-        classes = list(range(outputs)) if classes is None else classes  # type: ignore[arg-type]
-        seen, correct = distributed.sum_counts([seen, correct], classes, group)
-    if classes is None or example is None:
-        raise UserError("no samples were given")
-    want = {c: min(max(math.ceil(fraction * correct.get(c, 0)), min_per_class), max_per_class, correct.get(c, 0))
-            for c in classes}
-    if group is None:
-        mine = {c: torch.arange(want[c]) for c in classes}  # the scores are in descending order
-    else:
-        empty = torch.empty(0)
-        mine = dict(zip(classes, distributed.global_top([best.scores.get(c, empty) for c in classes],
-                                                        [want[c] for c in classes], max_per_class, group)))
-    mine = {c: m for c, m in mine.items() if len(m)}
-    if best.inputs is not None:
-        chosen = {c: best.inputs[c][m] for c, m in mine.items()}
-    else:
-        chosen = _read_again(batches, {c: best.positions[c][m] for c, m in mine.items()}, progress and first_rank)
-    short = [c for c in classes if correct.get(c, 0) < min_per_class]
-    if short and first_rank:  # the counts are everyone's: one process says it
-        log.warning("classes with fewer than %d correctly classified samples: %s", min_per_class,
-                    ", ".join(f"{c} ({correct.get(c, 0)} correct of {seen.get(c, 0)})" for c in short))
-    if not any(want.values()):
-        raise UserError("the model classified no sample of the requested classes correctly")
-    inputs = torch.cat([example[:0]] + [chosen[c] for c in classes if c in chosen])
-    labels = torch.cat([torch.empty(0, dtype=torch.long)]
-                       + [torch.full((len(chosen[c]),), c, dtype=torch.long) for c in classes if c in chosen])
-    return SampleSelection(inputs, labels, seen, correct, want, short, example)
+    return found
 
 
 def _with_bar(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str,
