@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -37,24 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"modellego {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
+    for name, (help, add_args) in SUBCOMMANDS.items():
         # Raw: the default formatter re-wraps the example at hyphens ("runs/vgg-" / "fashion"), breaking copy-paste.
-        return sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(name, help=help, description=help, epilog=f"example: {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_args(s)
+    return p
 
-    def data_args(s: argparse.ArgumentParser, required: bool = True) -> None:
-        s.add_argument("--data", required=required, help="dataset name (mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic)")
-        s.add_argument("--data-dir", help="folder with the dataset files")
-        s.add_argument("--download", action="store_true", help="download the dataset if missing (needs a network)")
-        s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
-    s = add("models", "list the model zoo")
+def _data_args(s: argparse.ArgumentParser, required: bool = True) -> None:
+    s.add_argument("--data", required=required, help="dataset name (mnist, fashion-mnist, cifar10, cifar100, imagefolder, synthetic)")
+    s.add_argument("--data-dir", help="folder with the dataset files")
+    s.add_argument("--download", action="store_true", help="download the dataset if missing (needs a network)")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
-    s = add("train", "train a zoo model on a dataset (SGD, cosine schedule, best epoch on validation)")
+
+def _models_command(s: argparse.ArgumentParser) -> None:
+    """`models` takes no arguments."""
+
+
+def _train_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True)
     s.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    data_args(s)
+    _data_args(s)
     for flag, typ, default, h in [("--epochs", int, 5, "epochs"), ("--batch-size", int, 128, "batch size"),
                                   ("--lr", float, 0.01, "learning rate"), ("--momentum", float, 0.9, "SGD momentum"),
                                   ("--weight-decay", float, 5e-4, "weight decay"), ("--seed", int, 0, "random seed"),
@@ -67,26 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     s.add_argument("-o", "--output", required=True, help="output folder or .safetensors file")
 
-    s = add("evaluate", "accuracy (overall, per class, Base and Masked-Base), parameters, FLOPs and latency")
+
+def _evaluate_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", help="model, component or assembly file (or its folder)")
-    data_args(s, required=False)
+    _data_args(s, required=False)
     s.add_argument("--classes", help="task, e.g. 0-2, 3,5,7 or class names (default: the model's classes)")
     s.add_argument("--split", default="test", choices=["test", "val", "train"])
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
-    s = add("profile", "select samples and locate every class's relevant channels (the route map)")
+
+def _profile_command(s: argparse.ArgumentParser) -> None:
     s.description += ("\n\nLaunched by torchrun, each of the N processes reads every N-th training image and\n"
                       "the first writes the profile of all of them:\n"
                       "  torchrun --standalone --nproc-per-node N -m modellego.cli profile MODEL --data NAME -o PROFILE")
     s.add_argument("model")
-    data_args(s)
-    _profile_args(s)
+    _data_args(s)
+    _selection_args(s)
     s.add_argument("--keep-contributions", action="store_true",
                    help="store every class's relative contributions (4 bytes per weight and class) so that "
                         "`disassemble --flops` can locate again without profiling")
     s.add_argument("-o", "--output", required=True, help="profile file (.safetensors)")
 
-    s = add("disassemble", "cut a task's component out of a model (no training)")
+
+def _disassemble_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("model")
     s.add_argument("--classes", required=True, help="task, e.g. 0-2, 3,5,7 or class names, in output order")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
@@ -102,11 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-rank", choices=("task", "class"), default="task",
                    help="with --flops: rank each layer's inputs for the task's classes together (task, one share "
                         "per layer) or keep a share per class and their union (class)")
-    data_args(s, required=False)
-    _profile_args(s)
+    _data_args(s, required=False)
+    _selection_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
 
-    s = add("assemble", "assemble components into one model for the union of their classes (no training)")
+
+def _assemble_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("components", nargs="+", help="component (or model) files")
     s.add_argument("--mode", choices=["auto", "padded", "parallel"], default="auto",
                    help="padded: block-diagonal layers (the paper); parallel: side by side; auto: padded when possible")
@@ -123,23 +132,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device")
     s.add_argument("-o", "--output", required=True)
 
-    s = add("merge", "merge components of one source model through the union of their channels (no training)")
+
+def _merge_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("source", help="the model the components were cut from")
     s.add_argument("components", nargs="+", help="component files of that model")
     s.add_argument("--calibrate", default=None,
                    help="as for disassemble (default: recon+balance when --data is given, else none)")
     s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
-    data_args(s, required=False)
+    _data_args(s, required=False)
     s.add_argument("-o", "--output", required=True, help="merged component folder or .safetensors file")
 
-    s = add("demo", "train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables")
+
+def _demo_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
     s.add_argument("--epochs", type=int, default=6)
     s.add_argument("--device")
-    return p
 
 
-def _profile_args(s: argparse.ArgumentParser) -> None:
+# Each subcommand: its help line and the function that adds its arguments.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "models": ("list the model zoo", _models_command),
+    "train": ("train a zoo model on a dataset (SGD, cosine schedule, best epoch on validation)", _train_command),
+    "evaluate": ("accuracy (overall, per class, Base and Masked-Base), parameters, FLOPs and latency", _evaluate_command),
+    "profile": ("select samples and locate every class's relevant channels (the route map)", _profile_command),
+    "disassemble": ("cut a task's component out of a model (no training)", _disassemble_command),
+    "assemble": ("assemble components into one model for the union of their classes (no training)", _assemble_command),
+    "merge": ("merge components of one source model through the union of their channels (no training)", _merge_command),
+    "demo": ("train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables", _demo_command),
+}
+
+
+def _selection_args(s: argparse.ArgumentParser) -> None:
+    """Sample selection, contribution mode, kernel and thresholds (profile and disassemble)."""
     s.add_argument("--fraction", type=float, default=0.01, help="share of correct training samples per class (default 0.01)")
     s.add_argument("--min-per-class", type=int, default=5)
     s.add_argument("--max-per-class", type=int, default=256)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,9 @@ from ..errors import UserError
 from ..hooks import eval_mode
 from ..io.info import get_info, set_info
 from .assemble import Assembly
-from .density import fit_probe
+from .density import DensityProbe, fit_probe
 
 log = logging.getLogger(__name__)
-SCALINGS = ("none", "paper", "calibrated", "density")
 
 
 @torch.no_grad()
@@ -104,8 +103,73 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
     return scale.detach(), bias.detach(), energy.detach(), weight.detach()
 
 
-def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], method: str = "density"
-                   ) -> dict[str, object]:
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Report = dict[str, object]
+
+
+def _observed(assembly: Assembly, z: torch.Tensor, y: torch.Tensor, report: Report) -> None:
+    """Record how many images the fit saw, and warn about outputs it saw none of."""
+    report["images"] = int(len(y))
+    missing = sorted(set(range(z.shape[1])) - set(y.tolist()))
+    if missing:
+        info = get_info(assembly)
+        log.warning("no calibration image for outputs %s", [info.class_names[j] for j in missing] if info else missing)
+        report["no_images"] = missing
+
+
+def _scale_none(assembly: Assembly, batches: Batches, report: Report) -> None:
+    """The identity head: each component's raw logits."""
+
+
+@torch.no_grad()
+def _scale_paper(assembly: Assembly, batches: Batches, report: Report) -> None:
+    z, y = assembled_logits(assembly, batches)
+    _observed(assembly, z, y, report)
+    scale, skipped = paper_scale(z, y)
+    assembly.head.scale.copy_(scale.to(assembly.head.scale.dtype))
+    report["unscaled"] = skipped
+    if skipped:
+        log.warning("paper scaling left outputs %s unscaled (no image or a non-positive mean logit)", skipped)
+
+
+@torch.no_grad()
+def _fit_into_head(assembly: Assembly, z: torch.Tensor, y: torch.Tensor, report: Report,
+                   probe: DensityProbe | None = None, sites: torch.Tensor | None = None) -> None:
+    head = assembly.head
+    _observed(assembly, z, y, report)
+    scale, bias, energy, weight = fit_head(z, y, head.groups.cpu(), sites=sites,
+                                           owner=probe.owner.cpu() if probe is not None else None)
+    head.scale.copy_(scale)
+    head.bias.copy_(bias)
+    head.energy.copy_(energy)
+    head.temperature.fill_(float(z.std().clamp(min=1e-6)))
+    if probe is not None:
+        probe.weight.copy_(weight)
+        assembly.probe = probe
+        report["density_weight"] = [round(float(v), 4) for v in weight]
+
+
+def _scale_calibrated(assembly: Assembly, batches: Batches, report: Report) -> None:
+    z, y = assembled_logits(assembly, batches)
+    _fit_into_head(assembly, z, y, report)
+
+
+def _scale_density(assembly: Assembly, batches: Batches, report: Report) -> None:
+    probe, z, y, sites = fit_probe(assembly, batches)
+    _fit_into_head(assembly, z, y, report, probe, sites)
+
+
+# Each method fills the (reset) head from training images and notes what it did in the report.
+SCALERS: dict[str, Callable[[Assembly, Batches, Report], None]] = {
+    "none": _scale_none,
+    "paper": _scale_paper,
+    "calibrated": _scale_calibrated,
+    "density": _scale_density,
+}
+SCALINGS = tuple(SCALERS)
+
+
+def scale_assembly(assembly: Assembly, batches: Batches, method: str = "density") -> Report:
     """Set the assembly's head from training images (labels: assembled output indices), in place.
 
     Args:
@@ -113,47 +177,18 @@ def scale_assembly(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, tor
             ``density`` (the calibrated head plus per-component Gaussian scores; the default).
     Returns what was done (method, images, skipped outputs, fitted values).
     """
-    if method not in SCALINGS:
+    if method not in SCALERS:
         raise UserError(f"scaling must be one of {SCALINGS}, got {method!r}")
     head = assembly.head
-    report: dict[str, object] = {"method": method}
+    report: Report = {"method": method}
     with torch.no_grad():
         head.scale.fill_(1)
         head.bias.zero_()
         head.energy.zero_()
         head.temperature.fill_(1)
     assembly.probe = None
-    probe = sites = None
-    if method == "density":
-        probe, z, y, sites = fit_probe(assembly, batches)
-    elif method != "none":
-        z, y = assembled_logits(assembly, batches)
+    SCALERS[method](assembly, batches, report)
     if method != "none":
-        report["images"] = int(len(y))
-        missing = sorted(set(range(z.shape[1])) - set(y.tolist()))
-        if missing:
-            names = get_info(assembly).class_names if get_info(assembly) else None
-            log.warning("no calibration image for outputs %s", [names[j] for j in missing] if names else missing)
-            report["no_images"] = missing
-        with torch.no_grad():
-            if method == "paper":
-                scale, skipped = paper_scale(z, y)
-                head.scale.copy_(scale.to(head.scale.dtype))
-                report["unscaled"] = skipped
-                if skipped:
-                    log.warning("paper scaling left outputs %s unscaled (no image or a non-positive mean logit)", skipped)
-            else:
-                scale, bias, energy, weight = fit_head(z, y, head.groups.cpu(), sites=sites,
-                                                       owner=probe.owner.cpu() if probe is not None else None)
-                std = z.std().clamp(min=1e-6)
-                head.scale.copy_(scale)
-                head.bias.copy_(bias)
-                head.energy.copy_(energy)
-                head.temperature.fill_(float(std))
-                if probe is not None:
-                    probe.weight.copy_(weight)
-                    assembly.probe = probe
-                    report["density_weight"] = [round(float(v), 4) for v in weight]
         report["scale"] = [round(float(v), 5) for v in head.scale]
     info = get_info(assembly)
     if info is not None:

@@ -5,7 +5,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,34 +21,43 @@ from ..models import create_model
 
 log = logging.getLogger(__name__)
 
+# An image transform: (images, generator=None) -> images, as `modellego.data` builds them.
+Transform = Callable[..., torch.Tensor]
+
 
 @dataclass
-class TrainConfig:
-    """Every knob of a training run (defaults: the paper's recipe)."""
+class FitConfig:
+    """How `fit` optimises: SGD with momentum, a cosine or constant schedule (the paper's recipe)."""
 
-    model: str = "lenet5"
-    width: float = 1.0
-    data: str = "mnist"
-    data_dir: str | None = None
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "cosine"
-    augment: str = "auto"
     seed: int = 0
-    val_fraction: float = 0.1
-    train_limit: int | None = None
     bf16: bool = False
     channels_last: bool = False
-    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise UserError("epochs must be >= 0, batch_size >= 1 and lr > 0")
         if self.schedule not in ("cosine", "constant"):
             raise UserError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+@dataclass
+class TrainConfig(FitConfig):
+    """Every knob of a training run of a zoo model: what to train on, and how (`FitConfig`)."""
+
+    model: str = "lenet5"
+    width: float = 1.0
+    data: str = "mnist"
+    data_dir: str | None = None
+    augment: str = "auto"
+    val_fraction: float = 0.1
+    train_limit: int | None = None
+    device: str | None = None
 
 
 def default_device(device: str | None = None) -> torch.device:
@@ -72,18 +81,10 @@ def fit(
     model: nn.Module,
     train: Split,
     val: Split | None,
+    config: FitConfig,
     *,
-    transform_train,
-    transform_eval,
-    epochs: int,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    schedule: str = "cosine",
-    seed: int = 0,
-    bf16: bool = False,
-    channels_last: bool = False,
+    transform_train: Transform,
+    transform_eval: Transform,
     classes: Sequence[int] | None = None,
     label_map: dict[int, int] | None = None,
     device: torch.device | None = None,
@@ -93,21 +94,25 @@ def fit(
     """Train `model` in place with SGD; keep the weights of the best validation epoch.
 
     Args:
+        config: epochs, optimiser and schedule.
+        transform_train: augmentation of the raw training images, before `transform_eval`.
+        transform_eval: the model's input transform (normalisation).
         classes: train only on samples of these source classes.
         label_map: source class -> output index (for components and assemblies).
         keep_initial: the weights before training compete too (epoch 0), so the result is never
             worse on validation than the model given.
     Returns: one record per epoch (loss, validation accuracy, seconds).
     """
+    c = config
     device = device or default_device()
     model.to(device)
-    if channels_last:
+    if c.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    it = batches(train, batch_size, transform=lambda x, generator=None: transform_eval(transform_train(x, generator)),
-                 shuffle=True, seed=seed, classes=classes, drop_last=len(train) > batch_size)
-    steps = max(1, epochs * len(it))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    it = batches(train, c.batch_size, transform=lambda x, generator=None: transform_eval(transform_train(x, generator)),
+                 shuffle=True, seed=c.seed, classes=classes, drop_last=len(train) > c.batch_size)
+    steps = max(1, c.epochs * len(it))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if c.schedule == "cosine" else None
     lookup = None
     if label_map:
         lookup = torch.full((max(label_map) + 1,), -100, dtype=torch.long)
@@ -123,18 +128,18 @@ def fit(
     if keep_initial and validate:  # training that only makes things worse gives the model back unchanged
         best_acc, best_state = val_accuracy(), copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "val_accuracy": best_acc})
-    for epoch in range(epochs):
+    for epoch in range(c.epochs):
         model.train()
         it.set_epoch(epoch)
         t0, total, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(it, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if progress else True)
+        bar = tqdm(it, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, disable=None if progress else True)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             if lookup is not None:
                 y = lookup.to(device)[y]
-            if channels_last:
+            if c.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(bf16, device):
+            with _autocast(c.bf16, device):
                 loss = F.cross_entropy(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,10 +171,8 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, progress: bool
     augment = default_augmentation(ds.name) if config.augment == "auto" else config.augment
     spec = InputSpec(ds.in_channels, ds.image_size, tuple(ds.mean), tuple(ds.std))
     t_eval = input_pipeline(spec)
-    history = fit(model, ds.train, ds.val, transform_train=augmentation(augment), transform_eval=t_eval,
-                  epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, momentum=config.momentum,
-                  weight_decay=config.weight_decay, schedule=config.schedule, seed=config.seed, bf16=config.bf16,
-                  channels_last=config.channels_last, device=device, progress=progress)
+    history = fit(model, ds.train, ds.val, config, transform_train=augmentation(augment), transform_eval=t_eval,
+                  device=device, progress=progress)
     model = model.to(memory_format=torch.contiguous_format).eval()
     test = accuracy(model, batches(ds.test, 512, transform=t_eval))
     val_best = max((h.get("val_accuracy", 0.0) for h in history), default=None)
@@ -193,10 +196,12 @@ def finetune(model: nn.Module, ds: Dataset, *, epochs: int, lr: float = 0.01, ba
     from ..evaluation.protocol import model_transform
     if epochs < 1:
         raise UserError(f"fine-tuning needs at least one epoch, got {epochs}")
-    history = fit(model, ds.train, ds.val, transform_train=augmentation("none"), transform_eval=model_transform(model, ds),
-                  epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device or next(model.parameters()).device,
+    config = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    history = fit(model, ds.train, ds.val, config, transform_train=augmentation("none"),
+                  transform_eval=model_transform(model, ds), device=device or next(model.parameters()).device,
                   progress=progress, keep_initial=True)
     info = get_info(model)
     if info is not None:
-        set_info(model, info.replace(provenance={**info.provenance, "finetune": {"epochs": epochs, "lr": lr, "history": history}}))
+        record = {"epochs": epochs, "lr": lr, "history": history}
+        set_info(model, info.replace(provenance={**info.provenance, "finetune": record}))
     return history
