@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CACHE ?= .cache/demo
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,11 @@ $(VENV)/.triton: $(VENV)/.installed
 		echo "note: Triton not installed (no wheel for this platform); its kernel tests are skipped"
 	touch $@
 
-# The tests use the offline datasets when present (one test reads the real files).
+# Lint (ruff), types (mypy), then the tests; the tests use the offline datasets when present
+# (one test reads the real files).
 test: data $(VENV)/.triton
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 clean:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .. import memory
+from ..memory import default_budget
 from ..errors import UserError
 from ..hooks import eval_mode
 from . import distributed
@@ -237,7 +237,7 @@ class _Pass:
 def _candidate_pass(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     classes: Sequence[int] | None, cfg: SelectionConfig, device: torch.device, show: bool) -> _Pass:
     """Run the model once over `batches`, keeping each class's best correct candidates."""
-    budget = memory.default_budget("cpu") if cfg.hold_budget is None else cfg.hold_budget
+    budget = default_budget("cpu") if cfg.hold_budget is None else cfg.hold_budget
     found = _Pass(_Candidates(cfg.max_per_class), None if classes is None else list(classes),
                   torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     best = found.best
