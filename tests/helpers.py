@@ -1,10 +1,23 @@
 """Helpers shared by the tests."""
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
+import safetensors
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 import modellego
+from modellego.assembly.assemble import Assembly, assemble
+from modellego.calibration.calibrate import last_layer
+from modellego.core.contribution import LayerAccumulator
+from modellego.core.graph import trace
+from modellego.cut.prune import full_plan
+from modellego.data.union import union_dataset
+from modellego.evaluation.protocol import scaling_batches
 from modellego.io.info import InputSpec, get_info, set_info
 
 
@@ -30,3 +43,176 @@ def described_model(name: str, width: float, seed: int, *, num_classes: int, cha
     model = randomise_bn(modellego.create_model(name, num_classes=num_classes, in_channels=channels, width=width), seed)
     info = get_info(model).replace(input=InputSpec(channels, size, (mean,) * channels, (std,) * channels))
     return set_info(model.eval(), info.replace(dataset=dataset) if dataset is not None else info)
+
+
+# --- Three-channel 28x28 models of five classes: files and profiles (file_*), disassembly (zoo_*) ------
+
+
+SHAPE = (3, 28, 28)
+NUM_CLASSES = 5
+TINY_WIDTH = {"lenet5": 0.25, "alexnet": 0.125, "mobilenet_v2": 0.125, "mobilenet_v3_small": 0.125}
+
+
+def file_model(name: str, seed: int = 0, num_classes: int = 5) -> nn.Module:
+    torch.manual_seed(seed)
+    model = modellego.create_model(name, num_classes=num_classes, in_channels=3, width=TINY_WIDTH.get(name, 0.0625))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # non-default buffers and affine parameters, so they must round-trip too
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def assert_same_model(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def file_data(n: int = 15) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, *SHAPE, generator=g), torch.arange(n) % 5)]
+
+
+def no_files_but(folder: Path, *names: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+def rewrite_header(path: Path, edit) -> None:
+    """Re-save `path` with the same tensors and an edited modellego header (weights hash still valid)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        header = json.loads(f.metadata()["modellego"])
+    edit(header)
+    save_file(tensors, str(path), metadata={"modellego": json.dumps(header)})
+
+
+def zoo_model(name: str, width: float, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=3, width=width)
+    return randomise_bn(model, seed).eval()
+
+
+def zoo_data(n: int = 20, seed: int = 1, num_classes: int = NUM_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % num_classes
+
+
+def profiled_with_contributions(name: str, width: float, seed: int = 0):
+    """A grey 28x28 zoo model of five classes, 40 images and their profile with contributions (test_budget, conftest)."""
+    model = described_model(name, width, seed=seed, num_classes=5, dataset="d")
+    g = torch.Generator().manual_seed(seed + 1)
+    x, y = torch.randn(40, 1, 28, 28, generator=g), torch.arange(40) % 5
+    return model, x, modellego.profile(model, [(x, y)], select=False, keep_contributions=True)
+
+
+# --- Small networks built by hand ------------------------------------------------------------------
+
+
+def tiny_sequential() -> nn.Sequential:
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).double()
+    with torch.no_grad():
+        for m in (model[0], model[2], model[6]):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+    return model.eval()
+
+
+def _depthwise_net() -> nn.Module:
+    """Conv, BatchNorm, depthwise conv, 1×1 conv, pooling, Linear: the MobileNet pattern, small."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), nn.ReLU(),
+        nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5),
+    ).eval()
+
+
+def _perturbed_pair() -> tuple[nn.Module, nn.Module, dict, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5)).eval()
+    broken = copy.deepcopy(source)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape))
+    images = list(torch.randn(16, 1, 12, 12).split(8))
+    return source, broken, full_plan(trace(source, images[0][:1])), images
+
+
+# --- Layers and inputs for the contribution accumulators (test_contribution, test_kernels, test_cuda) --
+
+
+def make_conv(kwargs: dict, *, in_channels: int = 4, seed: int = 0) -> nn.Conv2d:
+    kwargs = dict(kwargs)
+    out = kwargs.pop("out_channels", 6)
+    k = kwargs.pop("kernel_size", 3)
+    torch.manual_seed(seed)
+    m = nn.Conv2d(in_channels, out, k, **kwargs).double()
+    with torch.no_grad():
+        m.bias.uniform_(-1, 1)  # bias must not leak into s
+    return m
+
+
+def _feed(acc: LayerAccumulator, x: torch.Tensor, slots: torch.Tensor, splits: list[int]) -> None:
+    start = 0
+    for n in splits:
+        acc.update(x[start: start + n], slots[start: start + n])
+        start += n
+    assert start == len(x)
+
+
+ACC_LAYERS = {
+    "conv": lambda: make_conv({"padding": 1, "stride": 2}),
+    "conv_reflect": lambda: make_conv({"padding": 1, "padding_mode": "reflect"}),
+    "grouped": lambda: make_conv({"groups": 2, "out_channels": 8}),
+    "depthwise": lambda: make_conv({"groups": 4, "out_channels": 4, "padding": 1}),
+    "linear": lambda: nn.Linear(4, 6).double(),
+    "conv_tiny_map": lambda: make_conv({"padding": 1}),  # 2×3 inputs: the pixel form (J = 6 < K = 9)
+    "conv_one_pixel": lambda: make_conv({"padding": 1}),  # 1×1 inputs: ReLU(u·w) splits by sign
+    "pointwise": lambda: make_conv({"kernel_size": 1, "out_channels": 6}),
+    "pointwise_strided_grouped": lambda: make_conv({"kernel_size": 1, "stride": 2, "groups": 2, "out_channels": 6}),
+}
+
+
+def _inputs(kind: str, n: int) -> torch.Tensor:
+    torch.manual_seed(2)
+    if kind == "linear":
+        return torch.randn(n, 4, dtype=torch.float64)
+    size = {"conv_tiny_map": (2, 3), "conv_one_pixel": (1, 1)}.get(kind, (7, 6))
+    return torch.randn(n, 4, *size, dtype=torch.float64)
+
+
+# --- Assemblies of the trained components of conftest's `trained` (scaling, density, fine-tuning) -----
+
+
+def _assembly(comps, inflate: float = 1.0) -> Assembly:
+    comps = [copy.deepcopy(c) for c in comps]
+    if inflate != 1.0:
+        fc = last_layer(comps[1], 3)
+        with torch.no_grad():
+            fc.weight.mul_(inflate)
+            fc.bias.mul_(inflate)
+    return assemble(comps)
+
+
+def _fit_images(asm: Assembly, ds, per_class: int = 60):
+    union = union_dataset(asm, {"synthetic": ds})
+    return union, scaling_batches(asm, union, per_class=per_class)

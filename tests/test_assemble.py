@@ -7,14 +7,15 @@ import functools
 import pytest
 import torch
 import torch.nn as nn
-from helpers import described_model
 
 import modellego
-from modellego.assembly.assemble import Assembly, InputAdapter, assemble, can_pad, side_by_side
+from modellego.assembly.assemble import Assembly, InputAdapter, OutputHead, assemble, can_pad, side_by_side
 from modellego.assembly.scaling import scale_assembly
 from modellego.errors import UserError
 from modellego.evaluation.metrics import count_flops
 from modellego.io.info import InputSpec, get_info
+
+from helpers import described_model
 
 NUM_CLASSES = 6
 ZOO = [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625), ("googlenet", 0.0625), ("mobilenet_v2", 0.125),
@@ -34,7 +35,6 @@ SEEDS = {"a": 1, "b": 2, "c": 2}
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
-
 def make_source(name: str, width: float, seed: int, mean: float = 0.1, std: float = 0.3, *, dataset: str | None = None,
                 size: tuple[int, int] = (28, 28), channels: int = 1) -> nn.Module:
     return described_model(name, width, seed, num_classes=NUM_CLASSES, channels=channels, size=size, mean=mean,
@@ -52,23 +52,23 @@ def cut(model: nn.Module, classes: list[int], prof=None) -> nn.Module:
     return modellego.disassemble(model, classes, profile=prof or profile_of(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source(name: str, width: float, key: str) -> nn.Module:
     mean, std = NORMS[key]
     return make_source(name, width, SEEDS[key], mean, std, dataset=f"d{SEEDS[key]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_profile(name: str, width: float, key: str):
     return profile_of(source(name, width, key))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def component(name: str, width: float, key: str, classes: tuple[int, ...]) -> nn.Module:
     return cut(source(name, width, key), list(classes), source_profile(name, width, key))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def component64(name: str, width: float, key: str, classes: tuple[int, ...]) -> nn.Module:
     """A float64 copy (tests must not modify it: assemble copies its inputs)."""
     return copy.deepcopy(component(name, width, key, classes)).double()
@@ -308,3 +308,18 @@ def test_padded_computes_zero_blocks_so_costs_more_flops_than_parallel() -> None
     # Every inner layer's block-diagonal weight costs (a + b)·(a' + b') against a·a' + b·b' side by
     # side; measured here: 1.04 M against 0.58 M FLOPs (1.8x).
     assert f_par < f_pad < 2 * f_par
+
+
+def test_output_head_formula() -> None:
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(5, 4, generator=g)
+    head = OutputHead([0, 0, 1, 1])
+    assert torch.equal(head(z), z)  # identity until fitted
+    head.scale.copy_(torch.tensor([1.0, 2.0, 0.5, 3.0]))
+    head.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    head.energy.copy_(torch.tensor([0.7, -0.4]))
+    head.temperature.fill_(2.0)
+    lse0 = (z[:, :2] / 2).logsumexp(1, keepdim=True)
+    lse1 = (z[:, 2:] / 2).logsumexp(1, keepdim=True)
+    want = z * head.scale + head.bias + torch.cat([0.7 * lse0.expand(-1, 2), -0.4 * lse1.expand(-1, 2)], 1)
+    torch.testing.assert_close(head(z), want)

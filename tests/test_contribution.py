@@ -8,7 +8,6 @@ import torch.nn as nn
 from modellego.core import contribution as contrib
 from modellego.core.contribution import (
     EPS,
-    LayerAccumulator,
     class_slots,
     conv_contribution,
     linear_contribution,
@@ -17,6 +16,8 @@ from modellego.core.contribution import (
     relative,
     window_sums,
 )
+
+from helpers import ACC_LAYERS, _feed, _inputs, make_conv
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
@@ -42,17 +43,6 @@ CONV_CASES = [
     ("depthwise_multiplier", {"groups": 4, "out_channels": 8, "stride": 2}),
     ("one_by_one", {"kernel_size": 1}),
 ]
-
-
-def make_conv(kwargs: dict, *, in_channels: int = 4, seed: int = 0) -> nn.Conv2d:
-    kwargs = dict(kwargs)
-    out = kwargs.pop("out_channels", 6)
-    k = kwargs.pop("kernel_size", 3)
-    torch.manual_seed(seed)
-    m = nn.Conv2d(in_channels, out, k, **kwargs).double()
-    with torch.no_grad():
-        m.bias.uniform_(-1, 1)  # bias must not leak into s
-    return m
 
 
 def brute_force(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -183,35 +173,6 @@ def test_literal_contribution_float32_matches_float64() -> None:
 
 
 # --- LayerAccumulator -----------------------------------------------------------------------
-
-
-def _feed(acc: LayerAccumulator, x: torch.Tensor, slots: torch.Tensor, splits: list[int]) -> None:
-    start = 0
-    for n in splits:
-        acc.update(x[start: start + n], slots[start: start + n])
-        start += n
-    assert start == len(x)
-
-
-ACC_LAYERS = {
-    "conv": lambda: make_conv({"padding": 1, "stride": 2}),
-    "conv_reflect": lambda: make_conv({"padding": 1, "padding_mode": "reflect"}),
-    "grouped": lambda: make_conv({"groups": 2, "out_channels": 8}),
-    "depthwise": lambda: make_conv({"groups": 4, "out_channels": 4, "padding": 1}),
-    "linear": lambda: nn.Linear(4, 6).double(),
-    "conv_tiny_map": lambda: make_conv({"padding": 1}),  # 2×3 inputs: the pixel form (J = 6 < K = 9)
-    "conv_one_pixel": lambda: make_conv({"padding": 1}),  # 1×1 inputs: ReLU(u·w) splits by sign
-    "pointwise": lambda: make_conv({"kernel_size": 1, "out_channels": 6}),
-    "pointwise_strided_grouped": lambda: make_conv({"kernel_size": 1, "stride": 2, "groups": 2, "out_channels": 6}),
-}
-
-
-def _inputs(kind: str, n: int) -> torch.Tensor:
-    torch.manual_seed(2)
-    if kind == "linear":
-        return torch.randn(n, 4, dtype=torch.float64)
-    size = {"conv_tiny_map": (2, 3), "conv_one_pixel": (1, 1)}.get(kind, (7, 6))
-    return torch.randn(n, 4, *size, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("mode", ["sample", "mean"])

@@ -9,12 +9,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import described_model
 
 import modellego
 from modellego.assembly.assemble import InputAdapter, assemble, side_by_side
 from modellego.assembly.scaling import scale_assembly
 from modellego.io.info import get_info
+
+from helpers import described_model
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
               pytest.mark.filterwarnings("ignore:no class uses channel space")]
@@ -132,9 +133,9 @@ def test_budget_and_recon_on_cuda_equal_cpu(name: str, width: float) -> None:
 @pytest.mark.parametrize("kind", ["conv", "grouped", "depthwise", "conv_tiny_map", "conv_one_pixel", "pointwise", "linear"])
 def test_accumulator_on_cuda_matches_literal(kind: str) -> None:
     """Every contraction path (window sums, folded pixels, one pixel, O(P)) on the device."""
-    from test_contribution import ACC_LAYERS, _inputs
-
     from modellego.core.contribution import literal_contribution, make_accumulator
+
+    from helpers import ACC_LAYERS, _inputs
 
     m = ACC_LAYERS[kind]()
     x = _inputs(kind, 10)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import randomise_bn
 
 import modellego
 from modellego.core.graph import trace
@@ -17,10 +16,11 @@ from modellego.cut.disassemble import masked_forward
 from modellego.cut.prune import prune_layers
 from modellego.errors import UnsupportedGraphError, UserError
 from modellego.io.info import get_info, weights_hash
-from modellego.io.plan import compose_plans, relative_plan
 
-NUM_CLASSES = 5
-SHAPE = (3, 28, 28)
+from helpers import NUM_CLASSES, SHAPE, randomise_bn
+from helpers import zoo_data as data
+from helpers import zoo_model as build
+
 ZOO = [
     ("lenet5", 0.25),
     ("alexnet", 0.125),
@@ -33,18 +33,6 @@ ZOO = [
     ("mobilenet_v3_small", 0.125),
 ]
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
-
-
-
-def build(name: str, width: float, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = modellego.create_model(name, num_classes=NUM_CLASSES, in_channels=3, width=width)
-    return randomise_bn(model, seed).eval()
-
-
-def data(n: int = 20, seed: int = 1, num_classes: int = NUM_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, *SHAPE, generator=g), torch.arange(n) % num_classes
 
 
 def n_params(model: nn.Module) -> int:
@@ -65,8 +53,8 @@ def full_profile(model: nn.Module, classes: list[int]) -> Profile:
     n = len(classes)
     return Profile(
         tuple(classes), tuple(str(c) for c in classes),
-        {k: torch.ones(n, l.in_features, dtype=torch.bool) for k, l in graph.layers.items()},
-        {k: torch.ones(n, l.out_features, dtype=torch.bool) for k, l in graph.layers.items()},
+        {k: torch.ones(n, layer.in_features, dtype=torch.bool) for k, layer in graph.layers.items()},
+        {k: torch.ones(n, layer.out_features, dtype=torch.bool) for k, layer in graph.layers.items()},
         Thresholds(),
         {"model_sha256": weights_hash(model.state_dict()), "input_shape": list(SHAPE)},
     )
@@ -259,19 +247,6 @@ def test_disassemble_twice_composes_plans(tmp_path) -> None:
         assert torch.equal(loaded(x32), second(x32))
 
 
-def test_compose_plans_by_hand() -> None:
-    outer = {"conv": {"out": [1, 3, 4, 6], "in": [0, 1, 2]}, "bn": {"out": [1, 3, 4, 6]}, "fc": {"out": [3, 1], "in": [2, 5]}}
-    inner = {"conv": {"out": [0, 2], "in": [0, 1, 2]}, "bn": {"out": [0, 2]}, "fc": {"out": [1], "in": [1]}}
-    assert compose_plans(outer, inner) == {
-        "conv": {"out": [1, 4], "in": [0, 1, 2]}, "bn": {"out": [1, 4]}, "fc": {"out": [1], "in": [5]},
-    }
-    assert compose_plans(None, inner) == inner
-    assert relative_plan(outer, compose_plans(outer, inner)) == inner
-    assert relative_plan(None, inner) == inner
-    with pytest.raises(UserError, match="'conv' keeps out indices \\[2\\]"):
-        relative_plan(outer, {"conv": {"out": [1, 2], "in": [0, 1, 2]}})
-
-
 def test_disassemble_from_batches_and_float64_model() -> None:
     model = build("lenet5", 0.25).double()
     x, y = data()
@@ -294,17 +269,6 @@ def test_bad_classes_raise_user_error(classes: list[int], match: str) -> None:
         modellego.disassemble(model, classes, batches=[(x, y)], select=False)
 
 
-def test_profile_rejects_bad_classes_and_unprofiled_classes() -> None:
-    model = build("lenet5", 0.25)
-    x, y = data()
-    for classes, match in (([], "no classes"), ([0, 5], "out of range")):
-        with pytest.raises(UserError, match=match):
-            modellego.profile(model, [(x, y)], classes=classes, select=False)
-    prof = modellego.profile(model, [(x, y)], classes=[0, 2], select=False)
-    with pytest.raises(UserError, match="not profiled"):
-        modellego.disassemble(model, [2, 3], profile=prof)
-
-
 def test_profile_of_another_model_raises_user_error() -> None:
     model, other = build("lenet5", 0.25, seed=0), build("lenet5", 0.25, seed=1)
     x, y = data()
@@ -315,31 +279,6 @@ def test_profile_of_another_model_raises_user_error() -> None:
         model.classifier.fc3.bias[0] += 1
     with pytest.raises(UserError, match="another model"):
         modellego.disassemble(model, [0, 1], profile=prof)
-
-
-def test_class_without_correct_samples_is_reported_and_refused(caplog: pytest.LogCaptureFixture) -> None:
-    model = build("lenet5", 0.25)
-    with torch.no_grad():
-        model.classifier.fc3.bias[2] = -1e4  # class 2 is never predicted
-    x = torch.randn(60, *SHAPE, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        y = model(x).argmax(1)  # labels the model agrees with...
-    y[:6] = 2  # ...except six samples of class 2, all misclassified
-    counts = torch.bincount(y[6:], minlength=NUM_CLASSES)
-    ok = int(counts.argmax())
-    assert counts[2] == 0 and counts[ok] >= 5
-
-    with caplog.at_level("WARNING", logger="modellego"):
-        prof = modellego.profile(model, [(x[:30], y[:30]), (x[30:], y[30:])], select=True)
-    assert "2 (0 correct of 6)" in caplog.text  # said once, by name
-    assert caplog.text.count("fewer than") == 1
-    assert prof.provenance["missing"] == [c for c in range(NUM_CLASSES) if c == 2 or counts[c] == 0]
-    assert 2 in prof.provenance["short"] and ok not in prof.provenance["short"]
-    assert prof.provenance["selection"]["seen"]["2"] == 6 and prof.provenance["selection"]["correct"]["2"] == 0
-    with pytest.raises(UserError, match="'2'"):
-        modellego.disassemble(model, [ok, 2], profile=prof)
-    component = modellego.disassemble(model, [ok], profile=prof)
-    assert get_info(component).classes == (ok,)
 
 
 class HardCodedView(nn.Module):

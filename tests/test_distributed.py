@@ -174,7 +174,7 @@ def test_the_shards_selected_samples_are_the_ones_one_process_selects(group_run:
     parts = [load_file(group_run / f"{name}-{rank}") for rank in range(PROCESSES)]
     assert all(len(p["labels"]) for p in parts)  # both processes hold a share
     got = torch.cat([p["inputs"] for p in parts])
-    key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731: the samples as a set of rows
+    key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731 (the samples as a set of rows)
     assert len(got) == len(one.inputs) and key(got) == key(one.inputs)
 
 

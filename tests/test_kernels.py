@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import described_model
-from test_contribution import ACC_LAYERS, _feed, _inputs
 
 import modellego
 from modellego.core import kernels
 from modellego.core.contribution import literal_contribution, make_accumulator
 from modellego.errors import UserError
+
+from helpers import ACC_LAYERS, _feed, _inputs, described_model
 
 triton = pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,140 +10,12 @@ import torch.nn.functional as F
 
 import modellego
 from modellego.core.graph import trace
-from modellego.core.locate import Thresholds, keep_channels, locate_class
-from modellego.errors import UnsupportedGraphError, UserError
+from modellego.core.locate import Thresholds, keep_channels, locate_class, relevant_inputs
+from modellego.errors import UserError
 
-# --- Hand computation of Eqs. 3-10 (numpy / plain torch ops, no library code) -----------------
+from helpers import tiny_sequential
 
-
-def hand_conv_s(conv: nn.Conv2d, a: torch.Tensor) -> np.ndarray:
-    """s[b, q, p] = Σ_hw (c_{q,p} ⊗ a_p): one single-channel convolution per (q, p)."""
-    out = np.zeros((a.shape[0], conv.out_channels, conv.in_channels))
-    for q in range(conv.out_channels):
-        for p in range(conv.in_channels):
-            k = conv.weight[q, p][None, None]
-            hidden = F.conv2d(a[:, p: p + 1], k, None, conv.stride, conv.padding, conv.dilation)
-            out[:, q, p] = hidden.sum((1, 2, 3)).numpy()
-    return out
-
-
-def hand_linear_s(fc: nn.Linear, a: torch.Tensor) -> np.ndarray:
-    w, x = fc.weight.detach().numpy(), a.numpy()
-    out = np.zeros((x.shape[0],) + w.shape)
-    for b in range(x.shape[0]):
-        for q in range(w.shape[0]):
-            for p in range(w.shape[1]):
-                out[b, q, p] = w[q, p] * x[b, p]
-    return out
-
-
-def hand_s_hat(s: np.ndarray, mode: str) -> np.ndarray:
-    if mode == "sample":
-        return np.maximum(s, 0).sum(0)  # ReLU per sample, then sum
-    return np.maximum(s.sum(0), 0)  # s is linear in a: s(Σ a) = Σ s(a); then ReLU
-
-
-def hand_relative(s_hat: np.ndarray) -> np.ndarray:
-    lo = s_hat.min(1, keepdims=True)
-    hi = s_hat.max(1, keepdims=True)
-    return (s_hat - lo) / (hi - lo + 1e-5)
-
-
-def hand_minmax(v: np.ndarray) -> np.ndarray:
-    lo, hi = v.min(), v.max()
-    if hi == lo:  # the library's convention: a constant positive vector is all ones
-        return (v > 0).astype(float)
-    return (v - lo) / (hi - lo)
-
-
-def hand_locate(r: np.ndarray, out_mask: np.ndarray, alpha: float, beta: float) -> np.ndarray:
-    r_hat = np.zeros_like(r)
-    for q in range(r.shape[0]):
-        for p in range(r.shape[1]):
-            r_hat[q, p] = 1.0 if (r[q, p] >= alpha and out_mask[q]) else 0.0  # Eq. 9 (gated)
-    s = r_hat.sum(0)  # Eq. 6
-    return hand_minmax(s) >= beta  # Eqs. 8, 10
-
-
-def tiny_sequential() -> nn.Sequential:
-    g = torch.Generator().manual_seed(7)
-    model = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(3, 4, 3),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, 3),
-    ).double()
-    with torch.no_grad():
-        for m in (model[0], model[2], model[6]):
-            m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
-            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
-    return model.eval()
-
-
-def hand_route(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, cls: int, mode: str):
-    conv1, conv2, fc = model[0], model[2], model[6]
-    with torch.no_grad():
-        a0 = x[y == cls]
-        a1 = torch.relu(conv1(a0))
-        a2 = torch.relu(conv2(a1))
-        a3 = F.adaptive_avg_pool2d(a2, 2).reshape(len(a0), -1)
-        r1 = hand_relative(hand_s_hat(hand_conv_s(conv1, a0), mode))
-        r2 = hand_relative(hand_s_hat(hand_conv_s(conv2, a1), mode))
-        r3 = hand_relative(hand_s_hat(hand_linear_s(fc, a3), mode))
-    out3 = np.arange(3) == cls
-    in3 = hand_locate(r3, out3, 0.4, 0.3)  # (16,) features, channel-major: c * 4 + position
-    out2 = in3.reshape(4, 4).any(1)  # a channel is relevant if any of its positions is
-    in2 = hand_locate(r2, out2, 0.3, 0.2)
-    out1 = in2
-    in1 = hand_locate(r1, out1, 0.3, 0.2)
-    return {"0": (in1, out1), "2": (in2, out2), "6": (in3, out3)}, {"0": r1, "2": r2, "6": r3}
-
-
-@pytest.mark.parametrize("mode", ["sample", "mean"])
-def test_profile_masks_match_hand_computation(mode: str) -> None:
-    model = tiny_sequential()
-    torch.manual_seed(0)
-    x = torch.randn(12, 2, 8, 8, dtype=torch.float64)
-    y = torch.arange(12) % 3
-    prof = modellego.profile(model, [(x[:5], y[:5]), (x[5:], y[5:])], select=False, mode=mode)
-    assert prof.classes == (0, 1, 2)
-    assert prof.layers == ["0", "2", "6"]
-    graph = trace(model, x[:1])
-    nontrivial = 0
-    for cls in range(3):
-        want, r = hand_route(model, x, y, cls, mode)
-        ins, outs = locate_class(graph, {k: torch.from_numpy(v) for k, v in r.items()}, cls, Thresholds())
-        for name, (w_in, w_out) in want.items():
-            assert prof.in_masks[name][cls].tolist() == w_in.tolist(), (cls, name)
-            assert prof.out_masks[name][cls].tolist() == w_out.tolist(), (cls, name)
-            assert ins[name].tolist() == w_in.tolist() and outs[name].tolist() == w_out.tolist()
-            nontrivial += int(0 < w_in.sum() < len(w_in))
-    # The example must exercise the thresholds: some masks keep part of a layer only.
-    assert nontrivial >= 3
-
-
-def test_profile_chunking_batching_and_class_subsets_agree() -> None:
-    """Classes are located independently: chunks, batch sizes and subsets give the same rows."""
-    model = tiny_sequential()
-    torch.manual_seed(0)
-    x = torch.randn(12, 2, 8, 8, dtype=torch.float64)
-    y = torch.arange(12) % 3
-    ref = modellego.profile(model, [(x, y)], select=False)
-    variants = [
-        modellego.profile(model, [(x, y)], select=False, class_chunk=1, batch_size=5),
-        modellego.profile(model, [(x[:7], y[:7]), (x[7:], y[7:])], select=False, class_chunk=2, batch_size=2),
-    ]
-    for prof in variants:
-        for k in ref.layers:
-            assert torch.equal(prof.in_masks[k], ref.in_masks[k]) and torch.equal(prof.out_masks[k], ref.out_masks[k])
-    sub = modellego.profile(model, [(x, y)], classes=[2, 0], select=False)
-    assert sub.classes == (2, 0)
-    for k in ref.layers:
-        assert torch.equal(sub.in_masks[k], ref.in_masks[k][[2, 0]])
-    assert torch.equal(sub.task_in_masks([0, 2])["2"], ref.in_masks["2"][[0, 2]].any(0))
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
 def test_locate_flatten_maps_features_back_to_channels() -> None:
@@ -213,6 +84,41 @@ def test_single_input_layer_keeps_its_only_input() -> None:
     ins, outs = locate_class(graph, r, 1, Thresholds())
     assert outs["conv0"].tolist() == [False, True, False, False]
     assert ins["conv0"].tolist() == [True]  # s = [1]: constant and positive
+
+
+# --- A share of each layer's inputs (locating under a FLOPs budget) ----------------------------
+
+
+def test_keep_fraction_rule_by_hand() -> None:
+    layer = trace(nn.Sequential(nn.Linear(4, 3)), torch.zeros(1, 4)).layers["0"]
+    r = torch.tensor([[1.0, 0.5, 0.0, 0.35],
+                      [0.1, 1.0, 0.0, 0.45],
+                      [0.9, 0.9, 0.9, 0.9]], dtype=torch.float64)
+    out_mask = torch.tensor([True, True, False])
+    th = Thresholds(linear_alpha=0.4)
+    # Eq. 6 counts over relevant outputs 0, 1: [1, 2, 0, 1]; ties (inputs 0 and 3) by summed r: 1.1 > 0.8.
+    assert relevant_inputs(layer, r, out_mask, th, 0.25).tolist() == [False, True, False, False]
+    assert relevant_inputs(layer, r, out_mask, th, 0.5).tolist() == [True, True, False, False]
+    assert relevant_inputs(layer, r, out_mask, th, 0.75).tolist() == [True, True, False, True]
+    # Input 2 contributes nothing to a relevant output: never kept, whatever the share.
+    assert relevant_inputs(layer, r, out_mask, th, 1.0).tolist() == [True, True, False, True]
+
+
+def test_classes_located_together_add_their_counts_by_hand() -> None:
+    layer = trace(nn.Sequential(nn.Linear(4, 2)), torch.zeros(1, 4)).layers["0"]
+    r = torch.tensor([[[1.0, 0.5, 0.0, 0.0],
+                       [0.0, 0.0, 0.0, 1.0]],
+                      [[0.0, 0.6, 0.0, 0.3],
+                       [0.0, 1.0, 0.0, 0.0]]], dtype=torch.float64)  # (C=2, Q=2, P=4)
+    out_mask = torch.tensor([True, True])
+    th = Thresholds(linear_alpha=0.4)
+    # Counts: class 0 [1, 1, 0, 1], class 1 [0, 2, 0, 0]; together [1, 3, 0, 1].
+    assert relevant_inputs(layer, r, out_mask, th, 0.25).tolist() == [False, True, False, False]
+    # Ties 0 and 3 by summed r over both classes: 1.0 < 1.3.
+    assert relevant_inputs(layer, r, out_mask, th, 0.5).tolist() == [False, True, False, True]
+    # One class stacked alone is the class on its own.
+    for f in (None, 0.25, 0.5, 1.0):
+        assert torch.equal(relevant_inputs(layer, r[:1], out_mask, th, f), relevant_inputs(layer, r[0], out_mask, th, f))
 
 
 # --- Graph rules on small custom modules ---------------------------------------------------------
@@ -441,7 +347,7 @@ def test_expand_as_passes_no_relevance_to_the_tensor_it_reads_for_its_shape() ->
     assert space("conv_b") == space("conv_a") == space("gate")
 
 
-# --- Thresholds and unsupported graphs -----------------------------------------------------------
+# --- Thresholds ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field", ["conv_alpha", "conv_beta", "linear_alpha", "linear_beta"])
@@ -455,189 +361,3 @@ def test_thresholds_accept_the_boundary_and_defaults() -> None:
     th = Thresholds(1.0, 1.0, 1.0, 1.0)
     assert th.to_json() == {"conv_alpha": 1.0, "conv_beta": 1.0, "linear_alpha": 1.0, "linear_beta": 1.0}
     assert Thresholds().to_json() == {"conv_alpha": 0.3, "conv_beta": 0.2, "linear_alpha": 0.4, "linear_beta": 0.3}
-
-
-class ScalarGate(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        x = x * torch.sigmoid(x.mean())
-        return self.fc(x.mean((2, 3)))
-
-
-class SpatialGate(nn.Module):
-    """A (B, 1, H, W) map scales every channel: channel c of the product reads channel 0 of the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.att = nn.Conv2d(3, 1, 1)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        x = x * torch.sigmoid(self.att(x))  # (B, 3, H, W) * (B, 1, H, W)
-        return self.fc(x.mean((2, 3)))
-
-
-class SpatialGateExpanded(SpatialGate):
-    """The same gate broadcast over the channels by `expand_as` before the product."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        x = x * torch.sigmoid(self.att(x)).expand_as(x)  # (B, 1, H, W) -> (B, 3, H, W)
-        return self.fc(x.mean((2, 3)))
-
-
-class ChannelUnsqueeze(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean((2, 3)).unsqueeze(1).flatten(1))  # (B, 3) -> (B, 1, 3)
-
-
-class LogSoftmaxHead(nn.Module):
-    """PyTorch's MNIST example ends with log_softmax, for NLLLoss."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.fc(self.conv(x).mean((2, 3))), dim=1)
-
-
-class Difference(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv_a = nn.Conv2d(2, 3, 3)
-        self.conv_b = nn.Conv2d(2, 3, 3)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc((self.conv_a(x) - self.conv_b(x)).mean((2, 3)))
-
-
-class ChannelMean(nn.Module):
-    """A mean over the channels of a (B, 3, 3, 3) map keeps the shape's first two sizes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 3, 3)
-        self.fc = nn.Linear(9, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.mean(self.conv(x), 1).flatten(1))
-
-
-class MatMul(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 1)
-        self.fc = nn.Linear(32, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        return self.fc(torch.matmul(x, x).flatten(1))
-
-
-class Recurrent(nn.Module):
-    """Input (B, T, F) read as (B, C, L); an LSTM returns a tuple."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(4, 3, batch_first=True)
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
-        return self.fc(out[:, -1])
-
-
-class SharedConv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 3, padding=1)
-        self.fc = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(self.conv(x)).mean((2, 3)))
-
-
-class Grouped(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, groups=2)
-        self.fc = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean((2, 3)))
-
-
-class CatSpatial(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 1)
-        self.fc = nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        return self.fc(torch.cat([x, x], 2).mean((2, 3)))
-
-
-UNSUPPORTED = [
-    (ScalarGate, (1, 2, 5, 5), "'mean'"),
-    (SpatialGate, (1, 2, 5, 5), "'mul'"),
-    (SpatialGateExpanded, (1, 2, 5, 5), "'expand_as'"),
-    (ChannelUnsqueeze, (1, 2, 5, 5), "'unsqueeze'"),
-    (Difference, (1, 2, 5, 5), "'sub'"),
-    (LogSoftmaxHead, (1, 2, 5, 5), "return the logits instead"),
-    (ChannelMean, (1, 2, 5, 5), "'mean'"),
-    (MatMul, (1, 2, 4, 4), "'matmul'"),
-    (Recurrent, (1, 3, 4), "'lstm'"),
-    (SharedConv, (1, 2, 4, 4), "'conv_1'"),
-    (Grouped, (1, 2, 5, 5), "groups=2"),
-    (CatSpatial, (1, 2, 3, 3), "'cat'"),
-]
-
-
-@pytest.mark.parametrize("cls,shape,node", UNSUPPORTED, ids=[u[0].__name__ for u in UNSUPPORTED])
-def test_unsupported_ops_raise_naming_the_node(cls: type, shape: tuple, node: str) -> None:
-    torch.manual_seed(0)
-    with pytest.raises(UnsupportedGraphError) as info:
-        trace(cls(), torch.randn(*shape))
-    assert node in str(info.value)
-    assert "cannot follow channels through node" in str(info.value)
-
-
-def test_unsupported_op_raises_from_profile_too() -> None:
-    model = SpatialGate()
-    x, y = torch.randn(4, 2, 5, 5), torch.tensor([0, 1, 0, 1])
-    with pytest.raises(UnsupportedGraphError, match="'mul'"):
-        modellego.profile(model, [(x, y)], select=False)
-    # and the failure left no hooks behind
-    for m in model.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks
-
-
-def test_untraceable_model_raises_unsupported_graph_error() -> None:
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.sum() > 0:  # data-dependent control flow
-                x = -x
-            return self.fc(x)
-
-    with pytest.raises(UnsupportedGraphError, match="Branchy"):
-        trace(Branchy(), torch.randn(1, 3))

@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import described_model
 
 import modellego
 from modellego.assembly.assemble import assemble
@@ -15,6 +14,8 @@ from modellego.core.locate import keep_channels
 from modellego.cut.disassemble import masked_forward
 from modellego.errors import UserError
 from modellego.io.info import get_info
+
+from helpers import described_model
 
 NUM_CLASSES = 5
 SHAPE = (1, 28, 28)

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import described_model
 
 import modellego
-import modellego.calibration.frontier as frontier
 import modellego.calibration.reconstruct as recon_module
 from modellego.calibration.calibrate import calibrate
 from modellego.calibration.reconstruct import _conv_rows, _Normal, execution_order, reconstruct, residual_joins
@@ -19,6 +16,9 @@ from modellego.core.graph import trace
 from modellego.cut.prune import full_plan
 from modellego.errors import UserError
 from modellego.io.info import get_info
+from modellego.memory import FREE_SHARE
+
+from helpers import _depthwise_net, _perturbed_pair, described_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -32,16 +32,6 @@ def _images(n: int, seed: int) -> list[torch.Tensor]:
 def _keep_all_plan(model: nn.Module) -> dict:
     graph = trace(model, torch.zeros(1, 1, 28, 28, dtype=torch.float64))
     return full_plan(graph)
-
-
-def _depthwise_net() -> nn.Module:
-    """Conv, BatchNorm, depthwise conv, 1×1 conv, pooling, Linear: the MobileNet pattern, small."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6, bias=False), nn.ReLU(),
-        nn.Conv2d(6, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5),
-    ).eval()
 
 
 def _padding_net() -> nn.Module:
@@ -242,192 +232,37 @@ def _pooled(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.relu(model.bn1(model.conv1(x)))))))))
 
 
-class _ShortcutFirst(nn.Module):
-    """A residual add without BatchNorm whose shortcut projection runs first: its output is both a
-    layer's target and the other operand of the branch's add (read twice from the frontier)."""
+@pytest.mark.parametrize("free", [1 << 40, 1000])
+def test_recon_holds_values_within_half_the_free_memory_of_the_batches_device(
+        free: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """With plenty free, one pass of each model; with 1,000 bytes free, the layers resume the models
+    from checkpoints; the weights are the same either way."""
+    asked: list[torch.device] = []
 
-    def __init__(self, in_place: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.short, self.conv = nn.Conv2d(1, 4, 1), nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 7 * 7, 3)
-        self.in_place = in_place
+    def fake_free(device: torch.device | str) -> int:
+        asked.append(torch.device(device))
+        return free
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.short(x)
-        if self.in_place:  # the add then reads the shortcut as changed after it was computed
-            s.relu_()
-        return self.fc(torch.flatten(F.max_pool2d(torch.relu(self.conv(x) + s), 4), 1))
-
-
-# Budgets in bytes that the frontier outgrows after a few layers, not at the first (measured).
-HALF_WAY = {"resnet18": 400_000, "googlenet": 2_500_000, "mobilenet_v2": 500_000, "mobilenet_v3_small": 500_000,
-            "depthwise": 540_000, "shortcut_first": 800_000, "shortcut_in_place": 800_000, "inplace": 400_000}
-
-
-@pytest.mark.parametrize("name", list(HALF_WAY))
-def test_frontier_and_checkpoints_equal_passes_per_layer(name: str, caplog: pytest.LogCaptureFixture) -> None:
-    """Holding the batches' values between layers, and resuming each batch from checkpoints, give the
-    very weights that re-running the models for every layer does; also when the values outgrow the
-    budget half way and the rest resume from checkpoints."""
-    if name == "depthwise":
-        source = _depthwise_net()
-    elif name == "inplace":  # in-place ReLUs overwrite each convolution's output after it ran
-        torch.manual_seed(0)
-        source = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 6, 3), nn.ReLU(inplace=True),
-                               nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 5)).eval()
-    elif name.startswith("shortcut"):
-        source = _ShortcutFirst(in_place=name == "shortcut_in_place").eval()
-        joins = residual_joins(torch.fx.symbolic_trace(source))
-        assert set(joins) == ({"conv"} if name == "shortcut_in_place" else {"short", "conv"})
-        assert joins["conv"].other == "short"  # read by the add after `relu_` changed it
-    else:
-        source = described_model(name, 0.125 if name.startswith("mobilenet") else 0.0625, seed=0, num_classes=5)
-    g = torch.Generator().manual_seed(9)
-    images = list(torch.randn(24, 1, 28, 28, generator=g).split(8))
-    x = torch.randn(4, 1, 28, 28, generator=g)
-    # The channel tracer refuses `relu_` on a value used again; its twin without it has the same channels.
-    plan = full_plan(trace(_ShortcutFirst() if name == "shortcut_in_place" else source, x[:1]))
-    broken = copy.deepcopy(source)
-    with torch.no_grad():
-        for m in broken.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=g))
-    results, starts, roots = {}, [], []
-    load, init = frontier.Checkpoints.load, frontier.Checkpoints.__init__
-
-    def recording_load(self, index: int, batch: int) -> torch.Tensor:
-        starts.append(index)
-        return load(self, index, batch)
-
-    def recording_init(self, root, inputs, wanted) -> None:
-        roots.append(root)
-        init(self, root, inputs, wanted)
-
-    for setting in ("passes", "checkpoints", "frontier", "half way"):
-        model = copy.deepcopy(broken)
-        with caplog.at_level("INFO", logger="modellego"), pytest.MonkeyPatch.context() as mp:
-            caplog.clear()
-            mp.setattr(frontier.Checkpoints, "load", recording_load)
-            mp.setattr(frontier.Checkpoints, "__init__", recording_init)
-            if setting == "passes":  # no layer for the frontier or the checkpoints
-                mp.setattr(recon_module, "servable_layers", lambda *args: [])
-            budget = {"passes": 0, "checkpoints": 0, "frontier": 1 << 40, "half way": HALF_WAY[name]}[setting]
-            r2 = reconstruct(model, source, plan, images, memory_budget=budget)
-        results[setting] = (r2, model.state_dict(), [r.message for r in caplog.records if "outgrow" in r.message])
-        assert all(not root.exists() for root in roots), setting  # the checkpoints are gone
-        if setting in ("passes", "frontier"):
-            assert not starts, setting
-        else:  # one batch at a time, resuming from saved cuts once past the first layers
-            assert len(starts) % len(images) == 0, setting
-            # Both of _ShortcutFirst's layers read the input: no value before them stands alone.
-            assert (max(starts) > frontier.INPUT) == (not name.startswith("shortcut")), setting
-        starts.clear()
-    (r2_0, state_0, _), *rest = results.values()
-    for setting, (r2, state, _) in zip(list(results)[1:], rest):
-        assert r2 == r2_0, setting
-        for k in state_0:
-            assert torch.equal(state_0[k], state[k]), (setting, k)
-    log_all, log_half = results["frontier"][2], results["half way"][2]
-    assert not log_all and len(log_half) == 1
-    order = execution_order(source, x)
-    assert order.index(log_half[0].split(" at ")[1].split(";")[0]) > 0, log_half  # past the first layer
+    monkeypatch.setattr("modellego.memory.free_bytes", fake_free)
+    source, broken, plan, images = _perturbed_pair()
+    model = copy.deepcopy(broken)
+    with caplog.at_level("INFO", logger="modellego"):
+        reconstruct(model, source, plan, images)
+    assert asked == [images[0].device]
+    outgrown = [r.message for r in caplog.records if "outgrow" in r.message]
+    assert bool(outgrown) == (free == 1000)
+    if outgrown:  # at the first layer: 500 bytes hold less than one image's values
+        assert f"outgrow {int(free * FREE_SHARE)} bytes at 0;" in outgrown[0], outgrown
+    explicit = copy.deepcopy(broken)
+    reconstruct(explicit, source, plan, images, memory_budget=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, explicit.state_dict()[k]), k
 
 
-@pytest.mark.parametrize("name", ["vgg11_bn", "resnet18", "googlenet"])
-def test_checkpoints_write_only_the_cuts_that_runs_resume_from(name: str) -> None:
-    """Every checkpoint written is read back, and the runs resume exactly where they would if
-    every cut they pass were written: same starts, same weights, fewer files."""
-    source = described_model(name, 0.0625, seed=0, num_classes=5).eval()
-    g = torch.Generator().manual_seed(5)
-    images = list(torch.randn(8, 1, 28, 28, generator=g).split(4))
-    plan = full_plan(trace(source, images[0][:1]))
-    broken = copy.deepcopy(source)
-    with torch.no_grad():
-        for m in broken.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.add_(0.3 * m.weight.std() * torch.randn(m.weight.shape, generator=g))
-    load, init, save = frontier.Checkpoints.load, frontier.Checkpoints.__init__, frontier.save_file
-    runs = {}
-    for setting in ("wanted", "every cut"):
-        loads, writes = [], []
-
-        def recording_init(self, root, inputs, wanted) -> None:
-            init(self, root, inputs, range(1, 10_000) if setting == "every cut" else wanted)  # 0: the input
-
-        def recording_load(self, index: int, batch: int) -> torch.Tensor:
-            if index != frontier.INPUT:
-                loads.append((self.root.name, index, batch))
-            return load(self, index, batch)
-
-        def recording_save(tensors, path, metadata) -> None:
-            index, batch = map(int, Path(path).stem.split("-"))
-            writes.append((Path(path).parent.name, index, batch))
-            save(tensors, path, metadata=metadata)
-
-        model = copy.deepcopy(broken)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(frontier.Checkpoints, "__init__", recording_init)
-            mp.setattr(frontier.Checkpoints, "load", recording_load)
-            mp.setattr(frontier, "save_file", recording_save)
-            reconstruct(model, source, plan, images, memory_budget=0)
-        runs[setting] = loads, writes, model.state_dict()
-    (loads, writes, state), (loads_all, writes_all, state_all) = runs["wanted"], runs["every cut"]
-    assert loads and loads == loads_all
-    assert sorted(writes) == sorted(set(loads)) and len(writes) < len(writes_all), (len(writes), len(writes_all))
-    for k in state:
-        assert torch.equal(state[k], state_all[k]), k
-
-
-def test_checkpoints_keep_a_channels_last_layout_and_go_when_recon_fails() -> None:
-    """A channels-last batch resumes as channels-last (same numbers as holding it); a failure half
-    way leaves no checkpoint behind."""
-    source = described_model("vgg11_bn", 0.0625, seed=0, num_classes=5, channels=3).eval()
-    source.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(3)
-    images = [x.contiguous(memory_format=torch.channels_last) for x in torch.randn(16, 3, 28, 28, generator=g).split(8)]
-    plan = full_plan(trace(source, images[0][:1]))
-    broken = copy.deepcopy(source)
-    with torch.no_grad():
-        for p in broken.parameters():
-            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
-    layouts, roots = [], []
-    load, init = frontier.Checkpoints.load, frontier.Checkpoints.__init__
-
-    def recording_load(self, index: int, batch: int) -> torch.Tensor:
-        value = load(self, index, batch)
-        if index != frontier.INPUT and value.dim() == 4:
-            layouts.append(value.is_contiguous(memory_format=torch.channels_last) and not value.is_contiguous())
-        return value
-
-    def recording_init(self, root, inputs, wanted) -> None:
-        roots.append(root)
-        init(self, root, inputs, wanted)
-
-    states = []
-    for budget in (0, 1 << 40):
-        model = copy.deepcopy(broken)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(frontier.Checkpoints, "load", recording_load)
-            mp.setattr(frontier.Checkpoints, "__init__", recording_init)
-            reconstruct(model, source, plan, images, memory_budget=budget)
-        states.append(model.state_dict())
-    assert layouts and all(layouts)  # channels-last maps were checkpointed and resumed as such
-    for k in states[0]:
-        assert torch.equal(states[0][k], states[1][k]), k
-
-    calls = []
-
-    def failing_refit(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("stop")
-        return real_refit(*args, **kwargs)
-
-    real_refit = recon_module._refit
-    roots.clear()
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(RuntimeError, match="stop"):
-        mp.setattr(frontier.Checkpoints, "__init__", recording_init)
-        mp.setattr(recon_module, "_refit", failing_refit)
-        reconstruct(copy.deepcopy(broken), source, plan, images, memory_budget=0)
-    assert roots and not any(root.exists() for root in roots) and not roots[0].parent.exists()
+def test_a_negative_budget_is_refused_before_anything_changes() -> None:
+    source, broken, plan, images = _perturbed_pair()
+    model = copy.deepcopy(broken)
+    with pytest.raises(UserError, match="memory_budget must be a number of bytes >= 0, got -1"):
+        reconstruct(model, source, plan, images, memory_budget=-1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, broken.state_dict()[k]), k

@@ -8,8 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from modellego.core.samples import log_odds, select_samples
+import modellego
+from modellego.core.samples import SelectionConfig, log_odds, select_samples
 from modellego.errors import UserError
+from modellego.io.info import get_info
+
+from helpers import NUM_CLASSES, SHAPE, _perturbed_pair
+from helpers import zoo_model as build
+
+pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
 
 class Logits(nn.Module):
@@ -126,3 +133,59 @@ def test_candidates_past_the_budget_are_read_again_only_from_batches_that_allow_
     with pytest.raises(UserError, match="hold_budget must be"):
         select_samples(model, [(x, y)], hold_budget=-1)
     assert torch.equal(select_samples(model, iter([(x, y)]), fraction=0.3).inputs, held.inputs)  # within budget
+
+
+def test_class_without_correct_samples_is_reported_and_refused(caplog: pytest.LogCaptureFixture) -> None:
+    model = build("lenet5", 0.25)
+    with torch.no_grad():
+        model.classifier.fc3.bias[2] = -1e4  # class 2 is never predicted
+    x = torch.randn(60, *SHAPE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels the model agrees with...
+    y[:6] = 2  # ...except six samples of class 2, all misclassified
+    counts = torch.bincount(y[6:], minlength=NUM_CLASSES)
+    ok = int(counts.argmax())
+    assert counts[2] == 0 and counts[ok] >= 5
+
+    with caplog.at_level("WARNING", logger="modellego"):
+        prof = modellego.profile(model, [(x[:30], y[:30]), (x[30:], y[30:])], select=True)
+    assert "2 (0 correct of 6)" in caplog.text  # said once, by name
+    assert caplog.text.count("fewer than") == 1
+    assert prof.provenance["missing"] == [c for c in range(NUM_CLASSES) if c == 2 or counts[c] == 0]
+    assert 2 in prof.provenance["short"] and ok not in prof.provenance["short"]
+    assert prof.provenance["selection"]["seen"]["2"] == 6 and prof.provenance["selection"]["correct"]["2"] == 0
+    with pytest.raises(UserError, match="'2'"):
+        modellego.disassemble(model, [ok, 2], profile=prof)
+    component = modellego.disassemble(model, [ok], profile=prof)
+    assert get_info(component).classes == (ok,)
+
+
+class _Counted(list):
+    """A list of batches that counts its readings."""
+
+    readings = 0
+
+    def __iter__(self):
+        self.readings += 1
+        return super().__iter__()
+
+
+def test_selection_reads_the_batches_again_once_its_candidates_pass_half_the_free_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import modellego
+
+    source, _, _, images = _perturbed_pair()
+    with torch.no_grad():
+        labels = [source(x).argmax(1) for x in images]  # every sample correct: every one a candidate
+    held = _Counted(zip(images, labels))
+    whole = modellego.profile(source, held, select=SelectionConfig(0.5, 1))
+    monkeypatch.setattr("modellego.memory.free_bytes", lambda device: 0)
+    again = _Counted(zip(images, labels))
+    reread = modellego.profile(source, again, select=SelectionConfig(0.5, 1))
+    assert (held.readings, again.readings) == (1, 2)
+    assert reread.provenance["selection"] == whole.provenance["selection"]
+    for k in whole.layers:
+        assert torch.equal(reread.in_masks[k], whole.in_masks[k]) and torch.equal(reread.out_masks[k], whole.out_masks[k])
+    explicit = _Counted(zip(images, labels))  # a budget given overrides the free memory
+    modellego.profile(source, explicit, select=SelectionConfig(0.5, 1, hold_budget=10**12))
+    assert explicit.readings == 1

@@ -9,11 +9,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._version import __version__
 from .errors import ModellegoError, UserError
+from .io.info import require_info
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger("modellego")
 
@@ -82,7 +87,7 @@ def _evaluate_command(s: argparse.ArgumentParser) -> None:
 
 
 def _profile_command(s: argparse.ArgumentParser) -> None:
-    s.description += ("\n\nLaunched by torchrun, each of the N processes reads every N-th training image and\n"
+    s.description = (s.description or "") + ("\n\nLaunched by torchrun, each of the N processes reads every N-th training image and\n"
                       "the first writes the profile of all of them:\n"
                       "  torchrun --standalone --nproc-per-node N -m modellego.cli profile MODEL --data NAME -o PROFILE")
     s.add_argument("model")
@@ -206,7 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       train_limit=args.train_limit, bf16=args.bf16, channels_last=args.channels_last, device=args.device)
     model = train(cfg, progress=True)
     path = save(model, args.output)
-    prov = model.modellego_info.provenance
+    prov = require_info(model, "this command").provenance
     print(f"saved {path}: validation {prov['val_accuracy']:.2f}%, test {prov['test_accuracy']:.2f}%")
     return 0
 
@@ -218,7 +223,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .files import load
     device = _device(args)
     model = load(args.model, map_location=device)
-    info = model.modellego_info
+    info = require_info(model, "this command")
     if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel
         from .data import load_dataset
         from .data.union import union_dataset
@@ -250,6 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  accuracy: {acc.overall:.2f}% overall, {acc.mean_per_class:.2f}% mean per class, worst class {acc.worst_class:.2f}%")
     if "masked_accuracy" in result:
         m = result["masked_accuracy"]
+        assert isinstance(m, dict)  # Accuracy.to_json()
         print(f"  masked to the task (argmax over its classes only): {m['mean_per_class']:.2f}% mean per class")
     names = dict(zip(range(len(ds.classes)), ds.classes))
     for k, v in acc.per_class.items():
@@ -275,7 +281,7 @@ def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_co
 
 
 @contextlib.contextmanager
-def _launched_group(device: torch.device) -> Iterator[tuple[object | None, torch.device]]:
+def _launched_group(device: torch.device) -> Iterator[tuple[ProcessGroup | None, torch.device]]:
     """The process group of a launch by torchrun (WORLD_SIZE > 1), or None: gloo between CPU
     processes, NCCL between GPU processes, one GPU each (LOCAL_RANK)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -324,7 +330,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     # Under torchrun the processes share the profiling; the first alone calibrates and writes.
     with _launched_group(_device(args)) as (group, device):
         model = load(args.model, map_location=device)
-        info = model.modellego_info
+        info = require_info(model, "this command")
         classes = parse_classes(args.classes, info.class_names)
         faithful_note = args.calibrate is None and not args.data
         if args.calibrate not in (None, "none") and not args.data:
@@ -343,7 +349,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
                             budget_rank=args.budget_rank, progress=True)
     path = save(component, args.output)
-    budget = component.modellego_info.provenance.get("flops_budget")
+    budget = require_info(component, "this command").provenance.get("flops_budget")
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
           f"{count_params(component):,} of {count_params(model):,} parameters"
           + (f", {budget['flops_ratio']:.1%} of the FLOPs (every layer keeps {budget['keep_fraction']:.1%} "
@@ -372,11 +378,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     device = _device(args)
     source = load(args.source, map_location=device)
     components = [load(p, map_location=device) for p in args.components]
-    labels = list(dict.fromkeys(c for comp in components for c in comp.modellego_info.classes))
+    labels = list(dict.fromkeys(c for comp in components for c in require_info(comp, "this command").classes))
     method, calibration = _calibration(source, args, labels)
     merged = merge(source, components, calibration=calibration, calibrate=method, progress=True)
     path = save(merged, args.output)
-    print(f"saved {path}: classes {list(merged.modellego_info.class_names)}, {count_params(merged):,} parameters "
+    print(f"saved {path}: classes {list(require_info(merged, 'this command').class_names)}, {count_params(merged):,} parameters "
           f"(components: {', '.join(f'{count_params(c):,}' for c in components)}), calibration {method}")
     return 0
 
@@ -392,7 +398,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     device = _device(args)
     components = [load(p, map_location=device) for p in args.components]
     asm = assemble(components, mode=args.mode)
-    info = asm.modellego_info
+    info = require_info(asm, "this command")
     if args.scaling != "none" or args.finetune_epochs:
         ds = union_dataset(asm, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
         if args.finetune_epochs:  # first, so that the head is fitted to the network it will sit on
@@ -400,7 +406,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         if args.scaling != "none":
             scale_assembly(asm, scaling_batches(asm, ds, per_class=args.images_per_class), args.scaling)
     path = save(asm, args.output)
-    print(f"saved {path}: {info.assembly.mode} assembly of {len(components)} components, "
+    mode = info.assembly.mode if info.assembly else "?"
+    print(f"saved {path}: {mode} assembly of {len(components)} components, "
           f"{len(info.classes)} classes ({', '.join(info.class_names)}), scaling {args.scaling}")
     return 0
 

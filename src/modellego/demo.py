@@ -38,7 +38,9 @@ def _source(cache: Path, data: str, arch: str, width: float, epochs: int, device
     print(f"training {arch} on {data} ({epochs} epochs)...", flush=True)
     model = train(TrainConfig(model=arch, width=width, data=data, epochs=epochs, lr=LR, device=str(device)),
                   progress=sys.stderr.isatty())
-    model.modellego_info.provenance["train_seconds"] = round(time.perf_counter() - t, 1)
+    info = get_info(model)
+    assert info is not None  # train attaches a full description
+    info.provenance["train_seconds"] = round(time.perf_counter() - t, 1)
     save(model, path)
     return model
 
@@ -55,7 +57,7 @@ def _assembly_demo(models: dict, profiles: dict) -> None:
     asm = assemble(parts)
     union = union_dataset(asm, {d: p[1] for d, p in profiles.items()})
     scaling_images = scaling_batches(asm, union)
-    print(f"\nAssembly: MNIST 0-4 + Fashion-MNIST 5-9, {get_info(asm).assembly.mode}, no training "
+    print(f"\nAssembly: MNIST 0-4 + Fashion-MNIST 5-9, {asm.mode}, no training "
           f"(mean per-class test accuracy %, worst class in brackets)")
     print(f"  Base (the two sources, each on its own task): {base_sum / n:.2f}")
     for method in SCALINGS:

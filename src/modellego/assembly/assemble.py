@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -33,6 +34,7 @@ from .density import MAX_FEATURES, DensityProbe, capture
 
 log = logging.getLogger(__name__)
 RAW = "raw"  # an assembly fed raw [0, 1] images: its adapters normalise per component
+_Layer = nn.Conv2d | nn.Linear  # the parametric layers of a channel graph
 
 
 class InputAdapter(nn.Module):
@@ -40,6 +42,9 @@ class InputAdapter(nn.Module):
 
     Shape: (B, C_raw, H, W) -> (B, C, h, w).
     """
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__()
@@ -67,6 +72,12 @@ class OutputHead(nn.Module):
     Group g(j) is the component output j comes from; the log-sum-exp term is that component's own
     confidence (a "not mine" signal). Identity until `modellego.scaling` fits it.
     """
+
+    groups: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+    energy: torch.Tensor
+    temperature: torch.Tensor
 
     def __init__(self, groups: Sequence[int]) -> None:
         super().__init__()
@@ -104,7 +115,8 @@ class Assembly(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The components' logits side by side, before the head. Shape: (B, T)."""
         if self.mode == "parallel":
-            return torch.cat([m(a(x)) for a, m in zip(self.adapters, self.body)], 1)
+            assert self.adapters is not None  # a parallel assembly has one adapter per component
+            return torch.cat([m(a(x)) for a, m in zip(self.adapters, cast(nn.ModuleList, self.body))], 1)
         if self.adapters is not None:
             x = torch.cat([a(x) for a in self.adapters], 1)
         return self.body(x)
@@ -116,10 +128,15 @@ class Assembly(nn.Module):
         return self.head(z) + self.probe(inputs)[:, self.head.groups]
 
 
-def _example(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _input(info: ModelInfo) -> InputSpec:
     if info.input is None:
         raise UserError("a component without an input description cannot be assembled; save it from a trained model")
-    return torch.zeros(2, info.input.channels, *info.input.size, device=device, dtype=dtype)
+    return info.input
+
+
+def _example(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    spec = _input(info)
+    return torch.zeros(2, spec.channels, *spec.size, device=device, dtype=dtype)
 
 
 def _infos(components: Sequence[nn.Module]) -> list[ModelInfo]:
@@ -217,16 +234,17 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
             inputs[name] = [i.tolist() for i in in_idx]
         out_n = int(max(int(t.max()) for t in out_idx if len(t)) + 1)
         in_n = int(max(int(t.max()) for t in in_idx if len(t)) + 1)
-        new = fresh_like(layer.module, out_n, in_n)
+        padded = cast(_Layer, fresh_like(layer.module, out_n, in_n))
         for c, o, i_ in zip(components, out_idx, in_idx):
-            m = c.get_submodule(name)
+            own = cast(_Layer, c.get_submodule(name))  # the same layer of the same architecture
             if layer.depthwise:
-                new.weight[o] = m.weight
+                padded.weight[o] = own.weight
             else:
-                new.weight[o[:, None], i_[None, :]] = m.weight
-            if m.bias is not None:
-                new.bias[o] = m.bias
-        body.set_submodule(name, new)
+                padded.weight[o[:, None], i_[None, :]] = own.weight
+            if own.bias is not None:
+                assert padded.bias is not None  # built like component 0's layer: one architecture, one bias
+                padded.bias[o] = own.bias
+        body.set_submodule(name, padded)
         sizes[name] = {"out": out_n, "in": in_n}
     for name in g0.channelwise_params:
         idx = [p[g.channelwise_params[name]] for p, g in zip(pos, graphs)]
@@ -238,7 +256,10 @@ def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], st
                 if t.ndim == 1 and key != "num_batches_tracked":
                     getattr(new, key)[o] = t
         if isinstance(new, nn.modules.batchnorm._BatchNorm) and new.track_running_stats:
-            new.num_batches_tracked.copy_(components[0].get_submodule(name).num_batches_tracked)
+            first = cast(nn.modules.batchnorm._BatchNorm, components[0].get_submodule(name))  # what `new` copies
+            # Both track running statistics, so both have the buffer.
+            assert new.num_batches_tracked is not None and first.num_batches_tracked is not None
+            new.num_batches_tracked.copy_(first.num_batches_tracked)
         body.set_submodule(name, new)
         sizes[name] = {"out": n}
     return body.eval(), sizes, inputs
@@ -255,12 +276,12 @@ def _label_map(infos: Sequence[ModelInfo]) -> tuple[LabelEntry, ...]:
 
 
 def _raw_spec(infos: Sequence[ModelInfo]) -> InputSpec:
-    channels = max(i.input.channels for i in infos)
-    size = max(tuple(i.input.size) for i in infos)
-    return InputSpec(channels, size, (0.0,) * channels, (1.0,) * channels)
+    channels = max(_input(i).channels for i in infos)
+    height, width = max(tuple(_input(i).size) for i in infos)
+    return InputSpec(channels, (height, width), (0.0,) * channels, (1.0,) * channels)
 
 
-def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Module:
+def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> Assembly:
     """Assemble components into one model whose outputs are all their classes, in order.
 
     Args:
@@ -282,19 +303,21 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> nn.Modul
     names = tuple(e.display_name for e in label_map)
     groups = [e.component for e in label_map]
     components = [copy.deepcopy(c).eval() for c in components]
+    adapters: nn.ModuleList | None
+    input_spec: InputSpec
     if mode == "parallel":
-        adapters = nn.ModuleList([InputAdapter(i.input) for i in infos])
+        adapters = nn.ModuleList([InputAdapter(_input(i)) for i in infos])
         model = Assembly("parallel", nn.ModuleList(components), OutputHead(groups), adapters)
         spec = AssemblySpec(mode, tuple(infos), label_map, adapters=True)
         input_spec = _raw_spec(infos)
     else:
-        stacked = len({(i.input.mean, i.input.std) for i in infos}) == 1
+        stacked = len({(_input(i).mean, _input(i).std) for i in infos}) == 1
         body, sizes, inputs = _padded_body(components, infos, stacked)
-        adapters = None if stacked else nn.ModuleList([InputAdapter(i.input) for i in infos])
+        adapters = None if stacked else nn.ModuleList([InputAdapter(_input(i)) for i in infos])
         model = Assembly("padded", body, OutputHead(groups), adapters)
         spec = AssemblySpec(mode, tuple(infos), label_map, adapters=not stacked, arch=infos[0].arch,
                             arch_kwargs=infos[0].arch_kwargs, layer_sizes=sizes, layer_inputs=inputs)
-        input_spec = infos[0].input if stacked else _raw_spec(infos)
+        input_spec = _input(infos[0]) if stacked else _raw_spec(infos)
     info = ModelInfo(
         arch=None, arch_kwargs={}, class_names=names, classes=tuple(range(len(names))), input=input_spec,
         dataset="+".join(dict.fromkeys(str(i.dataset) for i in infos)), kind="assembly",
@@ -312,7 +335,7 @@ def assembly_skeleton(spec: AssemblySpec, components: Sequence[nn.Module]) -> As
         components: for a parallel assembly, each component's module (any weights), in order;
             ignored for a padded one, whose body is the resized zoo architecture.
     """
-    adapters = nn.ModuleList([InputAdapter(c.input) for c in spec.components]) if spec.adapters else None
+    adapters = nn.ModuleList([InputAdapter(_input(c)) for c in spec.components]) if spec.adapters else None
     if spec.mode == "parallel":
         body: nn.Module = nn.ModuleList([set_info(m, c) for m, c in zip(components, spec.components, strict=True)])
     else:
@@ -330,6 +353,6 @@ def side_by_side(components: Sequence[nn.Module], x_raw: torch.Tensor) -> torch.
     """Reference: each component on its own preprocessed input, logits concatenated."""
     outs = []
     with torch.no_grad():
-        for c in components:
-            outs.append(c(InputAdapter(get_info(c).input).to(x_raw.device)(x_raw)))
+        for c, info in zip(components, _infos(components)):
+            outs.append(c(InputAdapter(_input(info)).to(x_raw.device)(x_raw)))
     return torch.cat(outs, 1)

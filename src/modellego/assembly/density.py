@@ -17,8 +17,9 @@ one number per layer and component. No network weight changes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 import torch.nn as nn
@@ -27,8 +28,12 @@ from ..errors import UserError
 from ..hooks import eval_mode, forward_hooks
 from ..io.info import DensitySite, get_info
 
+if TYPE_CHECKING:
+    from .assemble import Assembly
+
 MAX_FEATURES = 1024  # layers whose per-component input is wider get no Gaussian (a dense covariance)
 SHRINK = 0.1  # covariance shrinkage towards its mean variance (robust with ~200 images per class)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class DensityProbe(nn.Module):
     Buffers per site k: ``positions_k`` (F,), ``means_k`` (n_g, F), ``whiten_k`` (F, F); and over
     all sites ``owner`` (K,), ``loc`` / ``spread`` (K,) to standardise, ``weight`` (K,).
     """
+
+    owner: torch.Tensor
+    loc: torch.Tensor
+    spread: torch.Tensor
+    weight: torch.Tensor
 
     def __init__(self, sites: Sequence[tuple[int, str, int, int]], num_components: int) -> None:
         """`sites`: (component, layer, features, classes) of each site."""
@@ -97,7 +107,7 @@ class DensityProbe(nn.Module):
         return out.index_add_(1, self.owner, d * self.weight.to(d.dtype))
 
 
-def capture(body: nn.Module, layers: Iterable[str], run) -> tuple[object, dict[str, torch.Tensor]]:
+def capture(body: nn.Module, layers: Iterable[str], run: Callable[[], _T]) -> tuple[_T, dict[str, torch.Tensor]]:
     """Run `run()` with the pooled inputs of `layers` of `body` recorded; returns (result, inputs)."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -123,13 +133,13 @@ def fit_gaussian(h: torch.Tensor, labels: torch.Tensor, shrink: float = SHRINK) 
     return means, torch.linalg.cholesky((precision + precision.T) / 2)
 
 
-def sites_of(assembly: nn.Module) -> list[Site]:
+def sites_of(assembly: Assembly) -> list[Site]:
     """Every layer input of every component that gets a Gaussian (at most `MAX_FEATURES` features)."""
     info = get_info(assembly)
     spec = info.assembly if info else None
     sites: list[Site] = []
     if spec is not None and spec.mode == "parallel":
-        for g, comp in enumerate(assembly.body):
+        for g, comp in enumerate(cast(nn.ModuleList, assembly.body)):  # a parallel body lists the components
             for name, m in comp.named_modules():
                 f = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features if isinstance(m, nn.Linear) else None
                 if f is not None and f <= MAX_FEATURES:
@@ -143,7 +153,7 @@ def sites_of(assembly: nn.Module) -> list[Site]:
 
 
 @torch.no_grad()
-def fit_probe(assembly: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+def fit_probe(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
               ) -> tuple[DensityProbe, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit every site's Gaussian on the images of its own component's classes.
 

@@ -82,6 +82,8 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
     lse = torch.stack([zn[:, groups == k].logsumexp(1) for k in range(g)], 1)  # (N, G)
     if sites is None:
         sites, owner = z.new_zeros(len(z), 0), torch.zeros(0, dtype=torch.long)
+    elif owner is None:
+        raise UserError("density sites need the component that owns each (`owner`)")
     to_group = F.one_hot(owner, g).to(z.dtype)  # (K, G)
     scale = torch.ones(t, dtype=z.dtype, requires_grad=True)
     bias = torch.zeros(t, dtype=z.dtype, requires_grad=True)

@@ -58,7 +58,9 @@ def _run_until(model: nn.Module, name: str, x: torch.Tensor, *, output: bool) ->
     got: list[torch.Tensor] = []
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor | None = None):
-        got.append((out if output else inputs[0]).detach())
+        value = out if output else inputs[0]
+        assert value is not None  # with `output`, a forward hook: it always receives the output
+        got.append(value.detach())
         raise _Stop
 
     with forward_hooks(model, {name: hook}, pre=not output), torch.no_grad():
@@ -152,6 +154,8 @@ def _norm_scale(norm: nn.Module | None, n: int, like: torch.Tensor) -> torch.Ten
     """Per-channel slope of an eval-mode BatchNorm (ones without one). Shape: (n,)."""
     if norm is None:
         return torch.ones(n, dtype=like.dtype, device=like.device)
+    # `residual_joins` names only BatchNorms with running statistics.
+    assert isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_var is not None
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = scale * norm.weight
@@ -203,6 +207,7 @@ class _Normal:
 
     def solve(self, ridge: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """W (G, F, T), b (G, T) minimising Σ||x W + b - y||² + λ||W||² per group, and the fit's R²."""
+        assert self.sums is not None, "solve before any update"
         gram, cross, sx, sy, syy = self.sums
         mx, my = sx / self.n, sy / self.n  # (G, F), (G, T)
         if intercept:
@@ -328,13 +333,16 @@ def reconstruct(
                     steps = None
             elif name in served:
                 if resumed is None:  # the checkpoints go to a private folder, removed however recon ends
+                    assert traced is not None  # layers are served only from the traced graphs
                     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="modellego-recon-")))
                     resumed = CheckpointSteps(*traced, served[served.index(name):], joins, inputs, root)
                 values = resumed.values(name, join)
             else:  # one batch at a time, from passes that stop at the layer
                 values = (_pass_values(name, join, component, source, (comp_gm, src_gm), x) for x in inputs)
             norm = modules[join.norm] if join is not None and join.norm else None
-            r2[name] = _refit(name, modules[name], plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
+            layer = modules[name]
+            assert isinstance(layer, (nn.Conv2d, nn.Linear))  # `execution_order` lists only these
+            r2[name] = _refit(name, layer, plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
                               gen=gen)
     return r2
 
@@ -354,12 +362,14 @@ def _pass_values(name: str, join: Join | None, component: nn.Module, source: nn.
     if join is None:
         return _run_until(component, name, x, output=False), _run_until(source, name, x, output=True), None, None
     # One pass of each model gives both the layer's values and the add's other operand.
-    src = _node_values(graphs[1], {join.node, join.other}, x)
-    comp = _node_values(graphs[0], {join.input, join.other}, x, before=join.node)  # as the layer finds them
+    comp_gm, src_gm = graphs
+    assert comp_gm is not None and src_gm is not None  # joins are found only when both models trace
+    src = _node_values(src_gm, {join.node, join.other}, x)
+    comp = _node_values(comp_gm, {join.input, join.other}, x, before=join.node)  # as the layer finds them
     return comp[join.input], src[join.node], src[join.other], comp[join.other]
 
 
-def _refit(name: str, m: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]]], values: Iterable[Values],
+def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, Sequence[int]]], values: Iterable[Values],
            norm: nn.Module | None, *, ridge: float, rows_per_batch: int, gen: torch.Generator) -> float:
     """Refit one layer of `component` in place (`norm`: the join's BatchNorm, if any); returns its R²."""
     out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
@@ -368,6 +378,7 @@ def _refit(name: str, m: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int
         idx = out_idx.to(inp.device)
         target = source_out.index_select(1, idx)
         if other_src is not None:
+            assert other_comp is not None  # a join's other operand comes from both models
             other_src = other_src.index_select(1, idx)
             if other_comp.shape == target.shape == other_src.shape:
                 target = _absorb(target, other_src - other_comp, _norm_scale(norm, target.shape[1], target))
@@ -383,7 +394,7 @@ def _refit(name: str, m: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int
     return round(fit, 4)
 
 
-def _write(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
+def _write(m: nn.Conv2d | nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
     """Store solved weights. Shape: w (G, F, T), b (G, T)."""
     if isinstance(m, nn.Conv2d) and is_depthwise(m):
         weight = w[:, :, 0].reshape(m.weight.shape)  # (C, K) -> (C, 1, kh, kw)
@@ -393,4 +404,5 @@ def _write(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
         bias = b[0] if b is not None else None
     m.weight.copy_(weight.to(m.weight))
     if bias is not None:
+        assert m.bias is not None  # solved with an intercept only for a layer with a bias
         m.bias.copy_(bias.to(m.bias))

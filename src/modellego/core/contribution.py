@@ -65,6 +65,10 @@ def pad_input(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
+# One spatial axis of a convolution: (input size, kernel size, stride, dilation, padding before, output size).
+Axis = tuple[int, int, int, int, int, int]
+
+
 @functools.lru_cache(maxsize=512)
 def _touch_on(n_in: int, k: int, stride: int, dilation: int, pad: int, n_out: int, device: torch.device,
               dtype: torch.dtype) -> torch.Tensor:
@@ -86,7 +90,7 @@ def _touch(n_in: int, k: int, stride: int, dilation: int, pad: int, n_out: int, 
 
 
 @functools.lru_cache(maxsize=512)
-def _touch_product(row_args: tuple[int, ...], col_args: tuple[int, ...], device: torch.device,
+def _touch_product(row_args: Axis, col_args: Axis, device: torch.device,
                    dtype: torch.dtype) -> torch.Tensor:
     """kron(T_rows, T_cols): kernel offset (i, j) reads pixel (h, w), cached. Shape: (kh*kw, H*W)."""
     rows = _touch_on(*row_args, torch.device("cpu"), dtype)
@@ -94,7 +98,7 @@ def _touch_product(row_args: tuple[int, ...], col_args: tuple[int, ...], device:
     return torch.kron(rows, cols).to(device)
 
 
-def _geometry(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+def _geometry(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, Axis, Axis]:
     """x (padded for real unless zero-padded) and the row and column arguments of its touch matrices."""
     (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
     left, right, top, bottom = _explicit_padding(m)
@@ -116,7 +120,7 @@ def window_sums(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return _window_sums(*_geometry(m, x))
 
 
-def _window_sums(x: torch.Tensor, row_args: tuple[int, ...], col_args: tuple[int, ...]) -> torch.Tensor:
+def _window_sums(x: torch.Tensor, row_args: Axis, col_args: Axis) -> torch.Tensor:
     h, w = x.shape[2], x.shape[3]
     if h * w <= KRON_PIXELS:
         # Small maps: one large matmul with the (K, H·W) product of the touch matrices beats the
@@ -265,7 +269,9 @@ class LayerAccumulator:
         workspace: scratch memory shared with the other layers of the same pass.
     """
 
-    def __init__(self, module: nn.Module, num_slots: int, workspace: Workspace | None = None) -> None:
+    module: nn.Conv2d | nn.Linear
+
+    def __init__(self, module: nn.Conv2d | nn.Linear, num_slots: int, workspace: Workspace | None = None) -> None:
         self.module = module
         self.num_slots = num_slots
         self.workspace = workspace or Workspace()
@@ -305,6 +311,8 @@ class LayerAccumulator:
 class LinearSampleAccumulator(LayerAccumulator):
     """Linear layer, ReLU per sample: class sums of x⁺ and x⁻. State: pos, neg (C, P)."""
 
+    module: nn.Linear
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
         self._add_split(slots, x.detach())  # (B, P)
@@ -316,6 +324,8 @@ class LinearSampleAccumulator(LayerAccumulator):
 class LinearMeanAccumulator(LayerAccumulator):
     """Linear layer, features summed first (the paper's text). State: sum (C, P)."""
 
+    module: nn.Linear
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
         self._add("sum", slots, x.detach())
@@ -326,6 +336,8 @@ class LinearMeanAccumulator(LayerAccumulator):
 
 class PointwiseSampleAccumulator(LayerAccumulator):
     """1×1 convolution, ReLU per sample: as a linear layer over the window sums. State: pos, neg (C, P)."""
+
+    module: nn.Conv2d
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
@@ -341,6 +353,8 @@ class PointwiseSampleAccumulator(LayerAccumulator):
 
 class ConvMeanAccumulator(LayerAccumulator):
     """Convolution, features summed first: class sums of the window sums U. State: sum (C, P, K)."""
+
+    module: nn.Conv2d
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, slots: torch.Tensor) -> None:
@@ -366,7 +380,9 @@ class ConvSampleAccumulator(LayerAccumulator):
         kernel: one of `KERNELS`.
     """
 
-    def __init__(self, module: nn.Module, num_slots: int, workspace: Workspace | None = None,
+    module: nn.Conv2d
+
+    def __init__(self, module: nn.Conv2d, num_slots: int, workspace: Workspace | None = None,
                  kernel: str = "torch") -> None:
         super().__init__(module, num_slots, workspace)
         self.kernel = kernel

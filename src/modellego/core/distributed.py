@@ -15,7 +15,7 @@ processes (the number of outputs, the classes chunked at once) is agreed on firs
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ from ..errors import UserError
 
 if TYPE_CHECKING:
     from .contribution import LayerAccumulator
+
+# Shape and dtype name of every (layer, key) sum of the accumulators.
+_Specs = dict[tuple[str, str], tuple[tuple[int, ...], str]]
 
 
 def world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -51,7 +54,7 @@ def gather(value: object, group: dist.ProcessGroup) -> list[object]:
 
 def agree(values: Mapping[str, object], group: dist.ProcessGroup) -> None:
     """Refuse, on every process at once, named values that are not the same on every process."""
-    everyone: list[Mapping[str, object]] = gather(dict(values), group)  # type: ignore[assignment]
+    everyone = cast(list[dict[str, object]], gather(dict(values), group))  # every process sends a dict
     differ = [k for k in values if any(v[k] != everyone[0][k] for v in everyone)]
     if differ:
         raise UserError("the processes disagree on " + "; ".join(
@@ -117,11 +120,11 @@ def sum_accumulators(accs: Mapping[str, LayerAccumulator], group: dist.ProcessGr
     An accumulator creates its tensors when it first sees a sample, so a process whose shard had
     none of the classes at hand lacks some: their shapes are agreed on first and zeros stand in.
     """
-    present = {(name, key): (tuple(t.shape), str(t.dtype).removeprefix("torch."))
-               for name, acc in accs.items() for key, t in acc.state.items()}
-    union: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
-    for other in gather(present, group):
-        for k, spec in other.items():  # type: ignore[attr-defined]
+    present: _Specs = {(name, key): (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+                       for name, acc in accs.items() for key, t in acc.state.items()}
+    union: _Specs = {}
+    for other in cast(list[_Specs], gather(present, group)):  # every process sends its `present`
+        for k, spec in other.items():
             if union.setdefault(k, spec) != spec:
                 raise UserError(f"the processes' sums of {k[0]}/{k[1]} differ in shape or dtype: {union[k]} and {spec}")
     device = _device(group)
@@ -129,7 +132,9 @@ def sum_accumulators(accs: Mapping[str, LayerAccumulator], group: dist.ProcessGr
         acc = accs[name]
         shape, dtype = union[name, key]
         if key not in acc.state:
-            acc.state[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=acc.module.weight.device)
+            weight = acc.module.weight
+            assert isinstance(weight, torch.Tensor)  # a Conv2d or Linear layer's
+            acc.state[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=weight.device)
         t = acc.state[key]
         moved = t.to(device)
         dist.all_reduce(moved, group=group)

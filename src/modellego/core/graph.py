@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.fx as fx
@@ -98,13 +99,15 @@ class Layer:
 
     @property
     def in_features(self) -> int:
-        m = self.module
-        return m.in_channels if self.kind == "conv" else m.in_features
+        if self.kind == "conv":
+            return cast(nn.Conv2d, self.module).in_channels
+        return cast(nn.Linear, self.module).in_features
 
     @property
     def out_features(self) -> int:
-        m = self.module
-        return m.out_channels if self.kind == "conv" else m.out_features
+        if self.kind == "conv":
+            return cast(nn.Conv2d, self.module).out_channels
+        return cast(nn.Linear, self.module).out_features
 
 
 @dataclass
@@ -158,6 +161,19 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _tensor_shape(node: fx.Node) -> tuple[int, ...]:
+    """The shape of a node known to carry a tensor: one `_tensor_args` returned, or one being visited."""
+    shape = _shape(node)
+    assert shape is not None, f"node {node.name!r} carries no tensor"
+    return shape
+
+
+def _module_name(node: fx.Node) -> str:
+    """The qualified name of the module a call_module node calls (fx stores it as a string)."""
+    assert isinstance(node.target, str), f"node {node.name!r} does not call a submodule"
+    return node.target
+
+
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     args = list(node.args) + list(node.kwargs.values())
     flat: list[fx.Node] = []
@@ -185,7 +201,7 @@ def _gates(factor: tuple[int, ...], product: tuple[int, ...]) -> bool:
 
 def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules[node.target], (nn.Softmax, nn.LogSoftmax))
+        return isinstance(modules[_module_name(node)], (nn.Softmax, nn.LogSoftmax))
     return node.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
 
 
@@ -245,7 +261,7 @@ class _Builder:
         return a
 
     def fail(self, node: fx.Node, why: str) -> UnsupportedGraphError:
-        what = node.target if node.op != "call_module" else type(self.modules[node.target]).__name__
+        what = node.target if node.op != "call_module" else type(self.modules[_module_name(node)]).__name__
         return UnsupportedGraphError(
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
             "Supported: Conv2d (groups=1 or depthwise), Linear, BatchNorm, activations, pooling, "
@@ -278,7 +294,8 @@ class _Builder:
                 continue
             self._visit(node, shape)
         assert output is not None
-        if _shape(output) is None or len(_shape(output)) != 2:
+        output_shape = _shape(output)
+        if output_shape is None or len(output_shape) != 2:
             raise UnsupportedGraphError(f"the model output {output.name!r} must have shape (B, classes)")
         return ChannelGraph(self.gm, self.layouts, self.roles, self.layers, output, self.space_size,
                             self.parent, self.channelwise_params)
@@ -343,7 +360,7 @@ class _Builder:
     def _pass(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         if len(inputs) != 1:
             raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
-        if _shape(node)[:2] != _shape(inputs[0])[:2]:
+        if _tensor_shape(node)[:2] != _tensor_shape(inputs[0])[:2]:
             raise self.fail(node, f"channel axis changed from {_shape(inputs[0])} to {_shape(node)}")
         self.layouts[node] = self.layouts[inputs[0]]
         self.roles[node] = "pass"
@@ -352,17 +369,19 @@ class _Builder:
         # x.mean((2, 3)) is global average pooling: channel-wise, as long as no reduced axis is the
         # batch or channel axis (compared by index: a shape can match by coincidence).
         dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        ndim = len(_shape(inputs[0])) if len(inputs) == 1 else 0
+        ndim = len(_tensor_shape(inputs[0])) if len(inputs) == 1 else 0
         dims = (dims,) if isinstance(dims, int) else dims
-        if len(inputs) != 1 or not dims or any(d % ndim in (0, 1) for d in dims):
+        if (len(inputs) != 1 or not isinstance(dims, (tuple, list)) or not dims
+                or any(not isinstance(d, int) or d % ndim in (0, 1) for d in dims)):
             raise self.fail(node, f"mean over dims {dims}: only over the spatial axes")
         self._pass(node, inputs)
 
     def _visit_module(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
-        m = self.modules[node.target]
-        self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        name = _module_name(node)
+        m = self.modules[name]
+        self.calls[name] = self.calls.get(name, 0) + 1
         has_params = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
-        if has_params and self.calls[node.target] > 1:
+        if has_params and self.calls[name] > 1:
             raise self.fail(node, "a layer with parameters is called more than once (shared weights)")
         if len(inputs) != 1:
             raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
@@ -376,18 +395,18 @@ class _Builder:
                     raise self.fail(node, "depthwise convolution after a concatenation")
             self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
             self.roles[node] = "layer"
-            self.layers[node.target] = Layer(node.target, "conv", m, node, src, depthwise)
+            self.layers[name] = Layer(name, "conv", m, node, src, depthwise)
         elif isinstance(m, nn.Linear):
-            if len(_shape(src)) != 2:
-                raise self.fail(node, f"Linear over a tensor of shape {_shape(src)}; flatten to (B, F) first")
+            if len(_tensor_shape(src)) != 2:
+                raise self.fail(node, f"Linear over a tensor of shape {_tensor_shape(src)}; flatten to (B, F) first")
             self.layouts[node] = self.new_space(m.out_features)
             self.roles[node] = "layer"
-            self.layers[node.target] = Layer(node.target, "linear", m, node, src)
+            self.layers[name] = Layer(name, "linear", m, node, src)
         elif isinstance(m, CHANNELWISE_MODULES):
             if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-                self.channelwise_params[node.target] = node
+                self.channelwise_params[name] = node
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                self.channelwise_params[node.target] = node
+                self.channelwise_params[name] = node
             self._pass(node, inputs)
         elif isinstance(m, nn.Flatten):
             self._visit_flatten(node, shape, inputs)
@@ -407,8 +426,8 @@ class _Builder:
         if len(inputs) == 1:  # tensor * number
             self._pass(node, inputs)
             return
-        shapes = [_shape(i) for i in inputs]
-        if len(inputs) != 2 or not all(_gates(s, _shape(node)) for s in shapes):
+        shapes = [_tensor_shape(i) for i in inputs]
+        if len(inputs) != 2 or not all(_gates(s, _tensor_shape(node)) for s in shapes):
             raise self.fail(node, f"product of tensors of shapes {shapes}: only equal shapes, or a "
                                   "(B, C, 1, 1) gate times a (B, C, H, W) tensor")
         # Output channel c reads channel c of both factors: kept or dropped together.
@@ -417,7 +436,7 @@ class _Builder:
 
     def _visit_cat(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        ndim = len(_shape(node))
+        ndim = len(_tensor_shape(node))
         if dim not in (1, 1 - ndim):
             raise self.fail(node, f"concatenation along dim {dim} (only the channel axis, dim 1)")
         self.layouts[node] = tuple(seg for src in inputs for seg in self.layouts[src])
@@ -426,7 +445,7 @@ class _Builder:
     def _visit_trailing(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         src = inputs[0] if len(inputs) == 1 and node.args and inputs[0] is node.args[0] else None
         src_shape = _shape(src) if src is not None else None
-        if src_shape is None or len(src_shape) < 2 or shape[:2] != src_shape[:2]:
+        if src is None or src_shape is None or len(src_shape) < 2 or shape[:2] != src_shape[:2]:
             raise self.fail(node, f"{src_shape} to {shape}: only axes after the channel axis may be added or expanded")
         if node.target in ("unsqueeze", torch.unsqueeze):
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -444,10 +463,11 @@ class _Builder:
     def _visit_flatten(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         src = inputs[0] if inputs else None
         src_shape = _shape(src) if src is not None else None
-        if src_shape is not None and len(src_shape) == 2 and shape[:2] == src_shape and all(d == 1 for d in shape[2:]):
+        if (src is not None and src_shape is not None and len(src_shape) == 2 and shape[:2] == src_shape
+                and all(d == 1 for d in shape[2:])):
             self._pass(node, [src])  # (B, C) kept as it is, or viewed as (B, C, 1, 1): a gate about to scale a map
             return
-        if src_shape is None or len(shape) != 2 or shape[0] != src_shape[0]:
+        if src is None or src_shape is None or len(shape) != 2 or shape[0] != src_shape[0]:
             raise self.fail(node, f"reshape from {src_shape} to {shape}: only (B, C, ...) -> (B, C*...) is supported")
         spatial = 1
         for d in src_shape[2:]:

@@ -43,7 +43,7 @@ FP_FUSION = True
 def available() -> bool:
     """Whether Triton is importable."""
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (imported only to see whether it can be)
     except ImportError:
         return False
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -195,7 +196,8 @@ def _class_chunk(graph: ChannelGraph, example: torch.Tensor, n_classes: int, cla
     """Classes accumulated at once: as many as `memory_budget` holds, agreed by every process."""
     # One class's sums: a float per filter and input channel, in the dtype the layers see (the input's).
     per_class_bytes = example.element_size() * sum(
-        ly.out_features * ly.in_features // (ly.module.groups if ly.kind == "conv" else 1) for ly in graph.layers.values())
+        ly.out_features * ly.in_features // (ly.module.groups if isinstance(ly.module, nn.Conv2d) else 1)
+        for ly in graph.layers.values())
     if class_chunk is None:
         if memory_budget is None:  # read after the selection pass, which has let go of its batches
             memory_budget = default_budget(device)
@@ -203,7 +205,7 @@ def _class_chunk(graph: ChannelGraph, example: torch.Tensor, n_classes: int, cla
         log.debug("profiling %d classes at a time (%d bytes of sums each, budget %d bytes)",
                   class_chunk, per_class_bytes, memory_budget)
     if group is not None:  # the smallest chunk of all processes: their all-reduces must pair up
-        class_chunk = min(int(c) for c in distributed.gather(class_chunk, group))
+        class_chunk = min(cast(list[int], distributed.gather(class_chunk, group)))
     return class_chunk
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..memory import default_budget
 from ..errors import UserError
 from ..hooks import eval_mode
+from ..memory import default_budget
 from . import distributed
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,10 @@ def check_classes(classes: Sequence[int], num_classes: int | None) -> list[int]:
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup:
         raise UserError(f"duplicate classes in the task: {dup}")
-    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
-    if bad:
-        raise UserError(f"classes {bad} are out of range: the model has {num_classes} classes (0-{num_classes - 1})")
+    if num_classes is not None:
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise UserError(f"classes {bad} are out of range: the model has {num_classes} classes (0-{num_classes - 1})")
     return classes
 
 
@@ -119,7 +120,7 @@ def disassemble(
     example = example_input(model, shape)
     graph = trace(model, example)
     classes = check_classes(classes, graph.num_classes)
-    provenance = {
+    provenance: dict[str, Any] = {
         "task": list(classes),
         "thresholds": profile.thresholds.to_json(),
         "profile": {k: profile.provenance.get(k) for k in ("mode", "selection", "short", "processes")},

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..calibration.calibrate import DEFAULT_CALIBRATION
 from ..core.graph import ChannelGraph, trace
 from ..errors import UserError
-from ..io.info import get_info, weights_hash
+from ..io.info import ModelInfo, get_info, weights_hash
 from .disassemble import example_input, extract
 
 
@@ -70,13 +70,15 @@ def merge(
     if not components:
         raise UserError("nothing to merge")
     src_hash = weights_hash(source.state_dict())
-    infos = [get_info(c) for c in components]
-    for i, info in enumerate(infos):
+    infos: list[ModelInfo] = []
+    for i, c in enumerate(components):
+        info = get_info(c)
         if info is None or info.kind != "component":
             raise UserError(f"input {i} is not a component; merge takes components of one source model")
         if info.provenance.get("source", {}).get("sha256") != src_hash:
             raise UserError(f"component {i} ({', '.join(info.class_names)}) was not cut from this source model "
                             "(weights hash differs); merge only components of one source, or assemble them")
+        infos.append(info)
     src_info = get_info(source)
     shape = (src_info.input.channels, *src_info.input.size) if src_info and src_info.input else None
     if shape is None:

@@ -6,6 +6,7 @@ It is what component files store; `prune_layers` replays it on a freshly built a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, cast, overload
 
 import torch
 import torch.nn as nn
@@ -50,8 +51,21 @@ def full_plan(graph: ChannelGraph) -> Plan:
     return build_plan(graph, {s: range(n) for s, n in graph.space_size.items()})
 
 
+@overload
+def _index(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None: ...
 def _index(t: torch.Tensor | None, dim: int, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.detach().index_select(dim, idx.to(t.device)).clone()
+
+
+def _conv_like(m: nn.Conv2d, in_n: int, out_n: int, groups: int, **kw: Any) -> nn.Conv2d:
+    """An nn.Conv2d with `m`'s kernel size, stride, padding, dilation, bias and padding mode; `kw`: device, dtype."""
+    # nn.Conv2d stores these as pairs (padding may be a string); torch's stubs type them tuple[int, ...].
+    kernel, stride, dilation = (cast(tuple[int, int], v) for v in (m.kernel_size, m.stride, m.dilation))
+    padding = cast("str | tuple[int, int]", m.padding)
+    return nn.Conv2d(in_n, out_n, kernel, stride, padding, dilation, groups,
+                     bias=m.bias is not None, padding_mode=m.padding_mode, **kw)
 
 
 def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Conv2d:
@@ -63,9 +77,7 @@ def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn
         groups, weight = 1, _index(_index(m.weight, 0, out_idx), 1, in_idx)
     else:
         raise UserError(f"cannot prune a grouped convolution with groups={m.groups}")
-    new = nn.Conv2d(len(in_idx), len(out_idx), m.kernel_size, m.stride, m.padding, m.dilation, groups,
-                    bias=m.bias is not None, padding_mode=m.padding_mode,
-                    device=m.weight.device, dtype=m.weight.dtype)
+    new = _conv_like(m, len(in_idx), len(out_idx), groups, device=m.weight.device, dtype=m.weight.dtype)
     new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
     if m.bias is not None:
         new.bias = nn.Parameter(_index(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
@@ -92,6 +104,7 @@ def _slice_norm(m: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> nn.Mod
     if m.track_running_stats:
         new.running_mean = _index(m.running_mean, 0, idx)
         new.running_var = _index(m.running_var, 0, idx)
+        assert m.num_batches_tracked is not None  # a buffer whenever track_running_stats
         new.num_batches_tracked = m.num_batches_tracked.detach().clone()
     new.train(m.training)
     return new
@@ -122,6 +135,7 @@ def prune_layers(model: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]
         if name not in modules:
             raise UserError(f"pruning plan names layer {name!r}, which the model does not have")
         m = modules[name]
+        new: nn.Module
         if isinstance(m, nn.Conv2d):
             new = _slice_conv(m, _as_index(keep.get("out"), m.out_channels, name),
                               _as_index(keep.get("in"), m.in_channels, name))
@@ -138,19 +152,24 @@ def prune_layers(model: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]
     return model
 
 
+def _inputs(m: nn.Module, in_n: int | None) -> int:
+    if in_n is None:
+        raise UserError(f"resizing a {type(m).__name__} needs its number of inputs")
+    return in_n
+
+
 def fresh_like(m: nn.Module, out_n: int, in_n: int | None = None) -> nn.Module:
     """A zero-initialised copy of layer `m` with `out_n` outputs and `in_n` inputs (same hyper-parameters)."""
     ref = next(iter(m.parameters()), None)
-    kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    new: nn.Module
     if isinstance(m, nn.Conv2d):
         depthwise = is_depthwise(m)
         if m.groups > 1 and not depthwise:
             raise UserError(f"cannot resize a grouped convolution with groups={m.groups}")
-        in_n = out_n if depthwise else in_n
-        new = nn.Conv2d(in_n, out_n, m.kernel_size, m.stride, m.padding, m.dilation, out_n if depthwise else 1,
-                        bias=m.bias is not None, padding_mode=m.padding_mode, **kw)
+        new = _conv_like(m, out_n if depthwise else _inputs(m, in_n), out_n, out_n if depthwise else 1, **kw)
     elif isinstance(m, nn.Linear):
-        new = nn.Linear(in_n, out_n, bias=m.bias is not None, **kw)
+        new = nn.Linear(_inputs(m, in_n), out_n, bias=m.bias is not None, **kw)
     elif isinstance(m, nn.modules.batchnorm._BatchNorm):
         new = type(m)(out_n, eps=m.eps, momentum=m.momentum, affine=m.affine,
                       track_running_stats=m.track_running_stats, **kw)

@@ -34,10 +34,11 @@ _NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 def _reconstruct() -> Any:
     try:
-        from numpy._core.multiarray import _reconstruct as fn
+        from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct as fn
-    return fn
+        from numpy.core.multiarray import _reconstruct as legacy
+        return legacy
+    return _reconstruct
 
 
 # The only globals a CIFAR batch needs: numpy array reconstruction.

@@ -9,6 +9,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ._common import RawData, cache_dir, check_arrays, download_file
 log = logging.getLogger(__name__)
 
 # IDX type byte -> numpy dtype (IDX data is big-endian).
-_DTYPES = {
+_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),

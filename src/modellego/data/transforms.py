@@ -6,6 +6,7 @@ Every transform is a callable ``t(x, generator=None)``; random ones draw from
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,12 @@ import torch.nn.functional as F
 from ..errors import UserError, unknown_name
 
 Size = int | tuple[int, int]
+
+
+class Transform(Protocol):
+    """A batch transform: ``t(x, generator=None)``."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor: ...
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
@@ -36,12 +43,12 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
 class Compose:
     """Apply transforms in order, passing the generator to each."""
 
-    def __init__(self, transforms: Sequence[object]) -> None:
+    def __init__(self, transforms: Sequence[Transform]) -> None:
         self.transforms = list(transforms)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         for t in self.transforms:
-            x = t(x, generator=generator)  # type: ignore[operator]
+            x = t(x, generator=generator)
         return x
 
     def __repr__(self) -> str:
@@ -177,7 +184,7 @@ def preprocessing(
         size: resize images to this size, e.g. to fit a model trained on another size.
         in_channels: the model's input channels; 3 makes grey images RGB.
     """
-    steps: list[object] = []
+    steps: list[Transform] = []
     if in_channels == 3:
         steps.append(GreyToRGB())
     elif in_channels not in (None, 1):

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ from ..errors import UserError
 from .plan import Plan
 
 INFO_ATTR = "modellego_info"
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def get_info(model: nn.Module) -> ModelInfo | None:
     return getattr(model, INFO_ATTR, None)
 
 
-def set_info(model: nn.Module, info: ModelInfo) -> nn.Module:
+def set_info(model: _ModuleT, info: ModelInfo) -> _ModuleT:
     """Attach `info` to `model` (returns the model)."""
     object.__setattr__(model, INFO_ATTR, info)
     return model

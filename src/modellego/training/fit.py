@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..data import Dataset, Split, augmentation, batches, default_augmentation, load_dataset, preprocessing
 from ..errors import UserError
 from ..evaluation.metrics import accuracy
-from ..io.info import InputSpec, get_info, set_info
+from ..io.info import InputSpec, get_info, require_info, set_info
 from ..models import create_model
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,38 @@ def _autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _label_lookup(label_map: dict[int, int]) -> torch.Tensor:
+    """Source label -> output index as a gather table; unmapped labels get cross-entropy's ignore index."""
+    lookup = torch.full((max(label_map) + 1,), -100, dtype=torch.long)
+    for src, out in label_map.items():
+        lookup[src] = out
+    return lookup
+
+
+def _train_epoch(model: nn.Module, bar: tqdm, c: FitConfig, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler | None, lookup: torch.Tensor | None, device: torch.device) -> float:
+    """One pass of SGD over `bar`; returns the mean training loss."""
+    model.train()
+    total, n = 0.0, 0
+    for x, y in bar:
+        x, y = x.to(device), y.to(device)
+        if lookup is not None:
+            y = lookup[y]
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(c.bf16, device):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched:
+            sched.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+        bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
+    return total / max(n, 1)
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -107,49 +139,30 @@ def fit(
     device = device or default_device()
     model.to(device)
     if c.channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; the stubs omit it
     opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     it = batches(train, c.batch_size, transform=lambda x, generator=None: transform_eval(transform_train(x, generator)),
                  shuffle=True, seed=c.seed, classes=classes, drop_last=len(train) > c.batch_size)
     steps = max(1, c.epochs * len(it))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if c.schedule == "cosine" else None
-    lookup = None
-    if label_map:
-        lookup = torch.full((max(label_map) + 1,), -100, dtype=torch.long)
-        for src, out in label_map.items():
-            lookup[src] = out
+    lookup = _label_lookup(label_map).to(device) if label_map else None
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, None
     validate = val is not None and len(val) > 0
 
     def val_accuracy() -> float:
+        assert val is not None  # called only when validate
         return accuracy(model, batches(val, 512, transform=transform_eval, classes=classes), classes=classes).overall
 
     if keep_initial and validate:  # training that only makes things worse gives the model back unchanged
         best_acc, best_state = val_accuracy(), copy.deepcopy(model.state_dict())
         history.append({"epoch": 0, "val_accuracy": best_acc})
     for epoch in range(c.epochs):
-        model.train()
         it.set_epoch(epoch)
-        t0, total, n = time.perf_counter(), 0.0, 0
+        t0 = time.perf_counter()
         bar = tqdm(it, desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, disable=None if progress else True)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            if lookup is not None:
-                y = lookup.to(device)[y]
-            if c.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(c.bf16, device):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched:
-                sched.step()
-            total += float(loss.detach()) * len(y)
-            n += len(y)
-            bar.set_postfix(loss=f"{total / max(n, 1):.4f}")
-        record = {"epoch": epoch + 1, "loss": total / max(n, 1), "seconds": time.perf_counter() - t0}
+        loss = _train_epoch(model, bar, c, opt, sched, lookup, device)
+        record = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - t0}
         if validate:
             record["val_accuracy"] = val_accuracy()
             if record["val_accuracy"] > best_acc:
@@ -173,10 +186,10 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, progress: bool
     t_eval = input_pipeline(spec)
     history = fit(model, ds.train, ds.val, config, transform_train=augmentation(augment), transform_eval=t_eval,
                   device=device, progress=progress)
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]  # as above
     test = accuracy(model, batches(ds.test, 512, transform=t_eval))
     val_best = max((h.get("val_accuracy", 0.0) for h in history), default=None)
-    info = get_info(model).replace(
+    info = require_info(model, "training").replace(
         class_names=tuple(ds.classes), input=spec, dataset=ds.name,
         provenance={"training": {**asdict(config), "augment": augment}, "history": history,
                     "val_accuracy": val_best, "test_accuracy": test.overall,
