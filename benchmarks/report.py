@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -40,6 +41,7 @@ MODEL_NAMES = {
 }
 MAIN_MODELS = ("lenet5", "vgg16_bn", "resnet18", "googlenet")  # the four architectures of Tables 1 and 2
 ORDER = list(MODEL_NAMES)
+DATA_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
 WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 
 
@@ -156,7 +158,8 @@ counts are unaffected.
 
 Models are width-scaled variants of the paper's networks so that they train on a CPU, and are
 named with their width ("VGG-16-BN, width 1/4"). Accuracy is the mean per-class test accuracy (the
-paper's metric), in %; the worst class is in brackets where it matters. Masked-Base, the source
+paper's metric), in %; the worst class is in brackets where it matters. Numbers are printed as the
+result files store them; where a section rounds or computes a figure, it says so. Masked-Base, the source
 with its logits restricted to the task's classes, is the fair baseline of a component
 (mda-method §6)."""
 
@@ -174,7 +177,7 @@ def sec_zoo(res: Results) -> str:
           r["train_images"] if isinstance(r["train_images"], str) else f"{r['train_images']:,}",
           num(r["median_epoch_s"], 1), num(r["val_accuracy"]), num(r["test_accuracy"]), f"{r['params']:,}"] for r in rows])
     weak = [r for r in rows if r["model"] == "googlenet"]
-    weak_text = " and ".join(f"{num(r['test_accuracy'])}% on {r['data']}" for r in weak)
+    weak_text = " and ".join(f"{num(r['test_accuracy'])}% on {DATA_NAMES.get(r['data'], r['data'])}" for r in weak)
     return f"""### 1.1 Training recipe and accuracy
 
 `python benchmarks/train_zoo.py` trains each model on MNIST and Fashion-MNIST with the paper's
@@ -185,7 +188,9 @@ others use lr 0.01 and 2 epochs on a seeded random 20,000-image subset. The cach
 between machines; the rows below are the checkpoints the other sections used (LeNet-5, VGG-16-BN,
 ResNet-18 and GoogLeNet from `--models lenet5 vgg16_bn resnet18 googlenet`, MobileNetV3-Small from
 `--models mobilenet_v3_small`). CPU training is not bit-reproducible: rebuilding the cache with the
-same recipe and seeds moved test accuracies by up to 1.6 points.
+same recipe and seeds moved test accuracies by up to 1.6 points (the zoo was built twice and the table shows
+each model's latest build; MobileNetV2 was built once, and the threshold sweep of §3.3 used the
+first build).
 
 {body}
 
@@ -369,10 +374,7 @@ def sec_targets(res: Results) -> str:
         return ""
     return f"""Against the targets set for profiling on the CPU (figures of §2.1 and §2.2):
 
-{_targets(res)}
-
-VGG-16-BN sits near the edge of the machine's noise: in-process timings of the same code, four in
-a row, gave 1.22-1.35×."""
+{_targets(res)}"""
 
 
 def sec_contribution_gpu(res: Results) -> str:
@@ -481,7 +483,7 @@ candidate; the zoo row is LeNet-5 on MNIST's 60,000 training images.
 {body}
 
 Reading again bounds the memory by the selection itself plus the batches in flight; holding
-everything costs 1 GiB on the synthetic data. Holding or reading again selects identical images.
+everything costs about 1 GiB on the synthetic data. Holding or reading again selects identical images.
 With data in memory, reading again is also the fastest; with a loader that decodes files, the
 second reading costs that decoding once more for the batches up to the last selected image, so
 holding stays the default while it fits."""
@@ -563,8 +565,7 @@ def _short(r: dict) -> str:
     """'VGG-16-BN MNIST 0-2' for a Table 1 row, 'VGG-16-BN 0-2+0-2' for a Table 2 row."""
     if "pair" in r:
         return f"{model_name(r['model'])} {r['pair']}"
-    data = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}.get(r["data"], r["data"])
-    return f"{model_name(r['model'])} {data} {r['task']}"
+    return f"{model_name(r['model'])} {DATA_NAMES.get(r['data'], r['data'])} {r['task']}"
 
 
 def _find(rows: list[dict], model: str, data: str, task: str) -> dict:
@@ -688,7 +689,7 @@ the table measures what that costs in accuracy. Same columns as §3.1:
 - **The faithful cut collapses here as on the other architectures**: MNIST 3-9 keeps 64.16% with
   its worst class at 2.26%, and all four multi-class rows are below Masked-Base.
 - **Recon is within 0.5 point of Masked-Base on all four multi-class rows** at the paper's
-  thresholds, which keep 62-86% of the FLOPs.
+  thresholds, which keep 62.37-86.25% of the FLOPs.
 - **Half the FLOPs costs more than on the other architectures.** On the three-class tasks the
   budget column is 0.71 point below Masked-Base on MNIST (missing the target by 0.21) and 0.10
   below on Fashion-MNIST; on the seven-class tasks 5.86 and 3.76 points below. MobileNetV3 is
@@ -999,7 +1000,7 @@ def _table2_findings(rows: list[dict]) -> str:
     zero = [r for r in rows if r["worst_paper"] == 0]
     tuned = [r for r in rows if r.get("score2") is not None]
     s2 = sum(r["score2"] > r["base"] for r in tuned)
-    s2_below = ", ".join(f"{_short(r)} ({num(r['score2'])} against {num(r['base'])})" for r in tuned if r["score2"] <= r["base"])
+    s2_below = " and ".join(f"{_short(r)} ({num(r['score2'])} against {num(r['base'])})" for r in tuned if r["score2"] <= r["base"])
     dens_s2 = [r for r in tuned if r["score1_density"] > r["score2"]]
     s2_text = f"; not on {s2_below}, where 2 epochs on 5,000 images are too few for twenty classes" if s2_below else ""
     return f"""- **The density head is within 1 point of Base on {close} of the {n} rows and above it on {above}.**
@@ -1008,7 +1009,8 @@ def _table2_findings(rows: list[dict]) -> str:
 - **The density head beats the calibrated head on {dens_cal} of {n} rows, and the calibrated head is at
   least as good as the paper's scaling on {cal_ge}** (better on {cal_gt}). The paper's scaling is below no
   scaling on {paper_none} rows and falls up to {short['base'] - short['score1_paper']:.2f} points short of Base
-  ({_short(short)}: {num(short['score1_paper'])} against {num(short['base'])}), with a worst class at 0.0 on {len(zero)} rows.
+  ({_short(short)}: {num(short['score1_paper'])} against {num(short['base'])}), with a worst class at 0.0 on {len(zero)} rows
+  ({", ".join(_short(r) for r in zero)}).
 - **Score2** is above Base on {s2} of {len(tuned)} rows{s2_text}.
   The training-free density head is above Score2 on {len(dens_s2)} rows ({", ".join(_short(r) for r in dens_s2)}).
 - **Padding pays for its zero blocks**: the padded assembly of two components costs about twice
@@ -1036,9 +1038,10 @@ rerun after the log-odds selection of §2.7). The zoo of §1, the same source mo
 each architecture, a component of the MNIST source and one of the Fashion-MNIST source, each
 calibrated as cut by default (`recon+balance`, 2,000 training images of its task), assembled by
 alignment padding. Base: the class-count-weighted mean of the two sources' Base on their tasks.
-Score1 (no training) with no scaling, the paper's scaling (Eqs. 12-14), our calibrated head and our
-density head (the calibrated head plus each component's Gaussian "mine" score on its own features
-at every layer), both fitted on 200 training images per class; the best Score1 of each row in
+Score1 (no training) with no scaling, the paper's scaling (Eqs. 12-14), our calibrated head (pulled
+towards the raw logits, so its cross-entropy on the images it is fitted on is never above no
+scaling's) and our density head (the calibrated head plus each component's Gaussian "mine" score on
+its own features at every layer), both fitted on 200 training images per class; the best Score1 of each row in
 bold. Score2: the unscaled assembly fine-tuned for 2 epochs on 5,000 random training images of the
 union task (the paper fine-tunes 10 epochs on everything; a CPU budget). MFLOPs per image (rounded
 to 0.01) and parameters of the padded assembly against the same components run in parallel. The
@@ -1141,6 +1144,38 @@ SECTIONS: list[tuple[str, list[Callable[[Results], str]]]] = [
 ]
 
 
+KEEP = ("|", "#", "<!--", "![", "    ", "```")  # blocks that are not prose: tables, headings, comments, images, code
+# A wrapped line must not start like a Markdown block of its own (a list item or a heading, say).
+RISKY = ("- ", "+ ", "* ", "#", ">", "|", "=", "1. ", "1) ")
+
+
+def _fill(text: str, width: int, indent: str = "") -> str:
+    for w in range(width, width - 20, -1):
+        out = textwrap.fill(text, w, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+        if not any(line[len(indent):].startswith(RISKY) for line in out.split("\n")[1:]):
+            return out
+    return text
+
+
+def reflow(text: str, width: int = 100) -> str:
+    """Re-wrap prose paragraphs and list items to `width` columns; leave tables, headings and the like alone."""
+    blocks = []
+    for block in text.split("\n\n"):
+        lines = block.split("\n")
+        if lines[0].startswith(KEEP):
+            blocks.append(block)
+        elif lines[0].startswith("- "):
+            items: list[list[str]] = []
+            for line in lines:
+                if line.startswith("- ") or not items:
+                    items.append([])
+                items[-1].append(line.strip())
+            blocks.append("\n".join(_fill(" ".join(item), width, "  ") for item in items))
+        else:
+            blocks.append(_fill(" ".join(line.strip() for line in lines), width))
+    return "\n\n".join(blocks)
+
+
 def render(folder: Path = RESULTS) -> str:
     res = Results(folder)
     parts = [HEADER]
@@ -1153,7 +1188,7 @@ def render(folder: Path = RESULTS) -> str:
                 text = f"({section.__name__}: cannot render from these rows: {e!r})"
             if text:
                 parts.append(text)
-    return "\n\n".join(parts) + "\n"
+    return reflow("\n\n".join(parts)) + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -23,8 +23,9 @@ LAYERS: dict[str, int] = {
     "cut": 5,
     "assembly": 6,
     "files": 7,
-    "demo": 8,
-    "cli": 9,
+    "apps": 8,
+    "demo": 9,
+    "cli": 10,
 }
 
 

@@ -11,6 +11,7 @@ Common path::
 The package is layered; each layer imports only the ones below it:
 
     cli, demo                       entry points
+    apps                            applications: decision routes
     files                           load / save / build: any model file back to its module
     assembly                        assemble, scale, density head
     cut                             plans, budgets, disassemble, merge

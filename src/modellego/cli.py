@@ -31,6 +31,7 @@ EXAMPLES = {
     "assemble": "modellego assemble runs/mnist-0-4 runs/fashion-5-9 -o runs/asm --scaling density",
     "merge": "modellego merge runs/vgg-fashion runs/vgg-fashion-0-2 runs/vgg-fashion-7 -o runs/vgg-fashion-0-2-7 --data fashion-mnist",
     "demo": "modellego demo --cache .cache/demo",
+    "routes": "modellego routes runs/lenet5-mnist --data mnist --sample 247 -o runs/sample-247.png",
 }
 
 
@@ -148,6 +149,25 @@ def _merge_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("-o", "--output", required=True, help="merged component folder or .safetensors file")
 
 
+def _routes_command(s: argparse.ArgumentParser) -> None:
+    s.description = (s.description or "") + (
+        "\n\nWithout --sample: writes OUTPUT/routes.json (per layer: each class's channels, shared and exclusive\n"
+        "counts, class x class Jaccard; where each pair of routes parts) and three figures: the route\n"
+        "diagram of --classes, the class similarity heat map and the per-layer overlap curve.\n"
+        "With --sample I: explains test image I (its own route against its true and predicted classes')\n"
+        "and writes that figure to OUTPUT (.png, .svg or .pdf).\n"
+        "  modellego routes runs/lenet5-mnist --profile runs/lenet5-mnist.profile --classes 3,5 -o runs/routes")
+    s.add_argument("model")
+    s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
+    s.add_argument("--classes", help="classes of the route diagram, e.g. 3,5 (default: the first two)")
+    s.add_argument("--sample", type=int, help="index of a --split image to explain")
+    s.add_argument("--split", choices=("test", "train"), default="test", help="split of --sample (default test)")
+    s.add_argument("--format", default="png", help="figure formats without --sample, e.g. png,svg (default png)")
+    _data_args(s, required=False)
+    _selection_args(s)
+    s.add_argument("-o", "--output", required=True, help="folder (without --sample) or figure file (with --sample)")
+
+
 def _demo_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
     s.add_argument("--epochs", type=int, default=6)
@@ -163,6 +183,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "disassemble": ("cut a task's component out of a model (no training)", _disassemble_command),
     "assemble": ("assemble components into one model for the union of their classes (no training)", _assemble_command),
     "merge": ("merge components of one source model through the union of their channels (no training)", _merge_command),
+    "routes": ("decision routes: per-class routes compared and drawn, or one image's route explained", _routes_command),
     "demo": ("train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables", _demo_command),
 }
 
@@ -412,13 +433,67 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_for(model, args: argparse.Namespace):
+    """The profile given by --profile (checked against the model's weights) or computed from --data."""
+    from .core.locate import Thresholds
+    from .core.profiling import Profile
+    from .io.info import weights_hash
+    if args.profile:
+        if _thresholds(args) != Thresholds():
+            raise UserError("the thresholds are those the profile was made with; re-profile to change them")
+        prof = Profile.load(args.profile)
+        if prof.model_sha256 not in (None, weights_hash(model.state_dict())):
+            raise UserError(f"{args.profile} was made from other weights than {args.model}; profile this model")
+        return prof
+    if args.data:
+        return _profile_from_args(model, args)
+    raise UserError("give --profile PROFILE or --data NAME to profile the model first")
+
+
+def cmd_routes(args: argparse.Namespace) -> int:
+    from .apps.routes import RouteAnalysis, sample_routes
+    from .apps.routes.plots import FORMATS, sample_figure, save_figure
+    from .apps.routes.report import describe_sample, write_route_report
+    from .data import batches
+    from .data.tasks import parse_classes
+    from .evaluation.protocol import model_transform
+    from .files import load
+    model = load(args.model, map_location=_device(args))
+    info = require_info(model, "this command")
+    if args.sample is not None and not args.data:
+        raise UserError("--sample needs --data NAME: the image comes from that dataset")
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    if not formats or any(f not in FORMATS for f in formats):
+        raise UserError(f"--format takes {', '.join(FORMATS)}, comma-separated; got {args.format!r}")
+    prof = _profile_for(model, args)
+    analysis = RouteAnalysis.from_profile(prof)
+    if args.sample is None:
+        classes = parse_classes(args.classes, info.class_names) if args.classes else None
+        paths = write_route_report(analysis, args.output, classes=classes, formats=formats)
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    ds = _dataset(args)
+    split = getattr(ds, args.split)
+    if not 0 <= args.sample < len(split):
+        raise UserError(f"--sample {args.sample} is out of range: the {args.split} split has {len(split)} images")
+    x, _ = next(iter(batches(split.select(torch.tensor([args.sample])), 1, transform=model_transform(model, ds))))  # (1, C, H, W)
+    routes = sample_routes(model, x.to(next(model.parameters()).device), thresholds=prof.thresholds)
+    label = int(split.labels[args.sample])
+    true_class = label if label in analysis.classes else None
+    print("\n".join(describe_sample(routes, 0, analysis, true_class)))
+    path = save_figure(sample_figure(routes, 0, analysis, true_class=true_class, image=x[0]), args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.cache), epochs=args.epochs, device=_device(args))
 
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile,
-            "disassemble": cmd_disassemble, "assemble": cmd_assemble, "merge": cmd_merge, "demo": cmd_demo}
+            "disassemble": cmd_disassemble, "assemble": cmd_assemble, "merge": cmd_merge, "routes": cmd_routes,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

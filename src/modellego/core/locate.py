@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,15 @@ def minmax(s: torch.Tensor) -> torch.Tensor:
     if hi - lo <= 0:
         return (s > 0).to(torch.float64)
     return (s - lo).to(torch.float64) / (hi - lo).to(torch.float64)
+
+
+def minmax_rows(s: torch.Tensor) -> torch.Tensor:
+    """`minmax` of every row of s, Shape (B, P) -> (B, P) float64."""
+    lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
+    span = (hi - lo).to(torch.float64)
+    flat = span <= 0
+    out = (s - lo).to(torch.float64) / torch.where(flat, 1.0, span)
+    return torch.where(flat, (s > 0).to(torch.float64), out)
 
 
 def relevant_inputs(
@@ -100,6 +109,54 @@ def _or(rel: dict[fx.Node, torch.Tensor], node: fx.Node, mask: torch.Tensor) -> 
     rel[node] = rel[node] | mask if node in rel else mask.clone()
 
 
+LayerRule = Callable[[Layer, torch.Tensor], torch.Tensor]
+
+
+def walk(graph: ChannelGraph, start: torch.Tensor, rule: LayerRule) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Carry relevance from the output back over the graph; `rule` maps a layer's relevant outputs to inputs.
+
+    Masks may carry leading axes (one route per row): every step below acts on the last axis.
+
+    Args:
+        graph: the traced model.
+        start: relevant logits, Shape: (..., num_classes) bool.
+        rule: ``rule(layer, out_mask) -> in_mask``, Shapes (..., Q) -> (..., P).
+
+    Returns: (in_masks, out_masks) keyed by layer name, Shapes (..., P) and (..., Q).
+    """
+    lead = start.shape[:-1]
+    rel: dict[fx.Node, torch.Tensor] = {graph.output: start}
+    in_masks: dict[str, torch.Tensor] = {}
+    out_masks: dict[str, torch.Tensor] = {}
+    for node in reversed(list(graph.gm.graph.nodes)):
+        role = graph.roles.get(node)
+        if role is None or role == "input":
+            continue
+        n_feat = sum(s.features for s in graph.layouts[node])
+        mask = rel.get(node, torch.zeros(*lead, n_feat, dtype=torch.bool))
+        inputs = channel_inputs(node)
+        if role == "layer":
+            layer = graph.layers[node.target]
+            in_mask = rule(layer, mask)
+            out_masks[layer.name], in_masks[layer.name] = mask, in_mask
+            _or(rel, layer.input, in_mask)
+        elif role in ("pass", "add", "mul"):
+            for src in inputs:
+                _or(rel, src, mask)
+        elif role == "cat":
+            offset = 0
+            for src in inputs:
+                n = sum(s.features for s in graph.layouts[src])
+                _or(rel, src, mask[..., offset: offset + n])
+                offset += n
+        elif role == "flatten":
+            spatial = graph.layouts[node][0].spatial
+            _or(rel, inputs[0], mask.unflatten(-1, (-1, spatial)).any(-1))  # (..., C*HW) -> (..., C)
+        else:  # pragma: no cover - roles are closed
+            raise AssertionError(role)
+    return in_masks, out_masks
+
+
 def locate_class(
     graph: ChannelGraph,
     contributions: Mapping[str, torch.Tensor],
@@ -125,38 +182,44 @@ def locate_class(
 
     Returns: (in_masks, out_masks) keyed by layer name, bool tensors of Shape (P,) and (Q,).
     """
-    n_out = sum(s.features for s in graph.layouts[graph.output])
-    rel: dict[fx.Node, torch.Tensor] = {graph.output: torch.zeros(n_out, dtype=torch.bool)}
-    rel[graph.output][torch.as_tensor(cls, dtype=torch.long)] = True
-    in_masks: dict[str, torch.Tensor] = {}
-    out_masks: dict[str, torch.Tensor] = {}
-    for node in reversed(list(graph.gm.graph.nodes)):
-        role = graph.roles.get(node)
-        if role is None or role == "input":
-            continue
-        n_feat = sum(s.features for s in graph.layouts[node])
-        mask = rel.get(node, torch.zeros(n_feat, dtype=torch.bool))
-        inputs = channel_inputs(node)
-        if role == "layer":
-            layer = graph.layers[node.target]
-            in_mask = relevant_inputs(layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction)
-            out_masks[layer.name], in_masks[layer.name] = mask, in_mask
-            _or(rel, layer.input, in_mask)
-        elif role in ("pass", "add", "mul"):
-            for src in inputs:
-                _or(rel, src, mask)
-        elif role == "cat":
-            offset = 0
-            for src in inputs:
-                n = sum(s.features for s in graph.layouts[src])
-                _or(rel, src, mask[offset: offset + n])
-                offset += n
-        elif role == "flatten":
-            spatial = graph.layouts[node][0].spatial
-            _or(rel, inputs[0], mask.view(-1, spatial).any(1))  # (C*HW,) -> (C,)
-        else:  # pragma: no cover - roles are closed
-            raise AssertionError(role)
-    return in_masks, out_masks
+    start = torch.zeros(graph.num_classes, dtype=torch.bool)
+    start[torch.as_tensor(cls, dtype=torch.long)] = True
+    return walk(graph, start, lambda layer, mask: relevant_inputs(
+        layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction))
+
+
+Votes = Callable[[torch.Tensor], torch.Tensor]
+
+
+def locate_rows(
+    graph: ChannelGraph,
+    votes: Mapping[str, Votes],
+    classes: torch.Tensor,
+    thresholds: Thresholds,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The paper's walk for many routes at once, each from its own contributions and class.
+
+    Row b is exactly `locate_class` of class ``classes[b]`` with row b's contributions: the
+    layers' Eq. 6 counts come from `votes`, so a caller may compute them however is cheapest.
+
+    Args:
+        graph: the traced model.
+        votes: per layer, ``votes(out_mask) -> s``: for each row, how many relevant outputs q
+            have r[q, p] >= α (Eqs. 9 and 6), Shapes (B, Q) bool -> (B, P).
+        classes: the output index each row starts from, Shape (B,).
+        thresholds: β per layer type.
+
+    Returns: (in_masks, out_masks) keyed by layer name, Shapes (B, P) and (B, Q).
+    """
+    start = torch.zeros(len(classes), graph.num_classes, dtype=torch.bool)
+    start[torch.arange(len(classes)), classes.cpu()] = True
+
+    def rule(layer: Layer, out_mask: torch.Tensor) -> torch.Tensor:
+        if layer.depthwise:
+            return out_mask.clone()
+        return minmax_rows(votes[layer.name](out_mask).cpu()) >= thresholds.for_layer(layer)[1]  # Eqs. 8, 10
+
+    return walk(graph, start, rule)
 
 
 def keep_channels(
