@@ -11,7 +11,7 @@ Two ways, both exact (the assembled logits equal the components' logits side by 
   normalisation): one module runs each component on its own preprocessed input and concatenates.
 
 An `Assembly` takes raw images for the parallel mode (and padded mode with adapters) and ends in
-an `OutputHead`, an identity until scaling or calibration sets it (see `modellego.scaling`).
+an `OutputHead`, an identity until scaling or calibration sets it (see `modellego.assembly.scaling`).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class OutputHead(nn.Module):
     """out_j = scale_j · z_j + bias_j + energy_{g(j)} · logsumexp(z / temperature over group g(j)).
 
     Group g(j) is the component output j comes from; the log-sum-exp term is that component's own
-    confidence (a "not mine" signal). Identity until `modellego.scaling` fits it.
+    confidence (a "not mine" signal). Identity until `modellego.assembly.scaling` fits it.
     """
 
     groups: torch.Tensor
@@ -290,7 +290,7 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> Assembly
             ``parallel`` (side by side) or ``auto`` (padded when possible).
 
     Returns: an `Assembly`; ``modellego.get_info(a).assembly.label_map`` says which output
-    is which class of which source, and the head is the identity (see `modellego.scaling`).
+    is which class of which source, and the head is the identity (see `modellego.assembly.scaling`).
     """
     infos = _infos(components)
     if mode not in ("auto", "padded", "parallel"):

@@ -11,7 +11,7 @@ On an image, site k scores
     d_k(x) = logsumexp_c( -½ ‖(h_k(x) - μ_{k,c}) L_k‖² ) / F_k,      L_k L_kᵀ = Σ_k⁻¹,
 
 standardised over the fitting images, and component g's score is Σ_{k of g} w_k d_k(x), added to
-all of g's outputs. The weights w_k are fitted with the rest of the head (`modellego.scaling`):
+all of g's outputs. The weights w_k are fitted with the rest of the head (`modellego.assembly.scaling`):
 one number per layer and component. No network weight changes.
 """
 from __future__ import annotations

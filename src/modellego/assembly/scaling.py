@@ -12,7 +12,7 @@ stored in the assembly's `OutputHead` (and `DensityProbe`); no network weight ch
   cross-entropy of the assembled outputs on a few training images per class. Only
   2·T + (number of components) numbers are fitted; the network's weights never change.
 - ``density``: ``calibrated`` plus, per component, Gaussian densities of its own features at
-  every layer (`modellego.density`), a stronger "not mine" signal; one more weight per layer and
+  every layer (`modellego.assembly.density`), a stronger "not mine" signal; one more weight per layer and
   component is fitted with the head.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def fit_head(z: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, *, sites: t
     towards them, so the head never fits the images worse than no scaling does: its cross-entropy
     on them is at most theirs (up to the optimiser's tolerance). The log-sum-exp terms see the
     logits divided by their spread, so that their weights are on a unit scale. `sites` (N, K) are
-    standardised density scores of component `owner` (K,), see `modellego.density`; without them
+    standardised density scores of component `owner` (K,), see `modellego.assembly.density`; without them
     the site weights are empty.
     Shape: z (N, T), y (N,), groups (T,) -> (T,), (T,), (G,), (K,).
     """

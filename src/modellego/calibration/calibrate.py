@@ -6,7 +6,7 @@ class whose logit came mostly from dropped inputs loses every argmax. No gradien
 this; closed-form corrections from a few TRAINING images of the task's classes do:
 
 - ``recon``: every kept Conv2d and Linear layer refitted by least squares to reproduce the source
-  layer's kept outputs (`modellego.reconstruct`; brings back what the cut took from every layer);
+  layer's kept outputs (`modellego.calibration.reconstruct`; brings back what the cut took from every layer);
 - ``bn``: re-estimate BatchNorm running statistics on the kept channels;
 - ``affine``: per class, a scale and offset of its logit fitted by least squares to the source
   model's logit of that class on the same images (the component learns to say what the source

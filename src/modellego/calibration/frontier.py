@@ -1,6 +1,6 @@
 """Recon's two traced models, run side by side over the calibration batches.
 
-`modellego.reconstruct` refits a component's layers first to last. For every batch, each layer
+`modellego.calibration.reconstruct` refits a component's layers first to last. For every batch, each layer
 needs its input in the component (every earlier layer already refitted) and its output in the
 source; a layer that feeds a residual add also needs the add's other operand in both models.
 Two ways here give them, with bit-identical values:
@@ -15,7 +15,7 @@ Two ways here give them, with bit-identical values:
   only the nodes since its cut.
 
 `servable_layers` says which layers either can serve; the rest take passes that stop at the
-layer (`modellego.reconstruct`).
+layer (`modellego.calibration.reconstruct`).
 """
 from __future__ import annotations
 

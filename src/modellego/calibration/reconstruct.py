@@ -1,7 +1,7 @@
 """Layer-wise least-squares reconstruction of a component (training-free; beyond the paper).
 
 Cutting channels removes, from every kept filter, the contributions of its dropped inputs. The
-last-layer fixes of `modellego.calibrate` cannot bring back features lost deeper in the network.
+last-layer fixes of `modellego.calibration.calibrate` cannot bring back features lost deeper in the network.
 Reconstruction refits every kept Conv2d and Linear layer in closed form, first to last. Each
 layer's weights and bias are solved by ridge regression so that, on training images of the task,
 the layer's output from the component's own (already reconstructed) inputs matches the source
@@ -11,7 +11,7 @@ al., 2017; ThiNet) applied to an MDA component. It uses no labels and no gradien
 The source's BatchNorm statistics stay valid, since each layer again produces what the source's
 layer produced. Do not combine with ``bn`` re-estimation, which renormalises to the task's images.
 
-Cost (`modellego.frontier`). Both models advance through their traced graphs together, node by
+Cost (`modellego.calibration.frontier`). Both models advance through their traced graphs together, node by
 node, holding every calibration batch's live values (the *frontier*) between layers: one forward
 pass of each model in all. Where the frontier would outgrow `memory_budget`, the layers take one
 batch at a time, each model resuming from its last checkpoint before the layer (a value saved
@@ -281,7 +281,7 @@ def reconstruct(
     Args:
         component: the component, cut from `source` with `plan`.
         source: the model it was cut from (not modified).
-        plan: the pruning plan relative to `source` (`modellego.prune.build_plan`).
+        plan: the pruning plan relative to `source` (`modellego.cut.prune.build_plan`).
         inputs: batches of TRAINING images of the task. Shape: (B, C, H, W) each.
         ridge: ridge strength relative to the mean feature variance.
         rows_per_batch: regression rows (output positions) sampled per batch and layer; bounds

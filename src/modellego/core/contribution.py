@@ -250,7 +250,7 @@ def _onehot(slots: torch.Tensor, num_slots: int, dtype: torch.dtype) -> torch.Te
 
 
 # How the per-sample contraction, ReLU and class sums of a convolution run: "torch" (chunked
-# tensor ops, any device) or "triton" (one fused kernel on a CUDA device, `modellego.kernels`).
+# tensor ops, any device) or "triton" (one fused kernel on a CUDA device, `modellego.core.kernels`).
 KERNELS = ("torch", "triton")
 
 

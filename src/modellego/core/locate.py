@@ -83,7 +83,7 @@ def relevant_inputs(
         keep_fraction: ``None`` applies the paper's β (Eq. 10). A fraction f in (0, 1] instead
             keeps the ceil(f·P) inputs that most relevant outputs rely on (Eq. 6 count, ties broken
             by the summed relative contribution), so every layer keeps the same share: the rule
-            `modellego.budget` tunes to a FLOPs budget.
+            `modellego.cut.budget` tunes to a FLOPs budget.
 
     Returns: Shape (P,) bool.
     """

@@ -3,7 +3,7 @@
 With the paper's thresholds the component's size is whatever α and β give. On the width-scaled
 networks here that is 80-99% of the source's FLOPs, because the early high-resolution layers serve
 every class. A budget turns the question around. Every layer keeps the same share f of its inputs,
-ranked by relevance to the task's classes together (`modellego.locate.relevant_inputs`: their
+ranked by relevance to the task's classes together (`modellego.core.locate.relevant_inputs`: their
 Eq. 6 counts add up), and f is the largest share whose component fits the budget. It is found by
 bisection: FLOPs grow with f. A uniform share avoids the narrow bottleneck layers that raising β
 everywhere creates (BENCHMARKS.md, threshold sweep).

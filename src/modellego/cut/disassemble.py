@@ -89,11 +89,11 @@ def disassemble(
         batches: (inputs, labels) of training data, used only when `profile` is None.
         calibration: (inputs, labels) of TRAINING images of the task's classes (labels in the
             source's numbering). Given, the component's logits are calibrated with `calibrate`
-            (no gradient step; see `modellego.calibrate`); ``None`` keeps the paper's faithful cut.
+            (no gradient step; see `modellego.calibration.calibrate`); ``None`` keeps the paper's faithful cut.
         calibrate: calibration method when `calibration` is given (``"none"`` to skip).
         flops: a FLOPs budget, as a fraction of the source's: instead of the paper's β, keep in
             every layer the same share of the most relevant inputs, the largest that fits (see
-            `modellego.budget`; needs a profile with contributions, kept when profiling here).
+            `modellego.cut.budget`; needs a profile with contributions, kept when profiling here).
         budget_rank: under a budget, ``"task"`` ranks inputs for the task's classes together (one
             share per layer) and ``"class"`` keeps a share per class and their union.
         verify: check on a random input that the component equals the source with the dropped
@@ -135,6 +135,20 @@ def disassemble(
                    calibrate=calibrate, verify=verify, progress=progress)
 
 
+# The largest difference from the masked source, relative to the logits' scale, that summation order
+# explains: channels removed instead of zeroed change the order of a few thousand additions.
+VERIFY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (inf for different shapes): a scale-free test that tiny logits cannot pass."""
+    if got.shape != want.shape:
+        return float("inf")
+    scale = want.abs().max().item()
+    diff = (got - want).abs().max().item()
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
 def example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     """A random batch of two inputs of `shape` on the model's device and dtype."""
     param = next(model.parameters())
@@ -170,8 +184,9 @@ def extract(
         except RuntimeError as e:  # e.g. a hard-coded view no longer fits the pruned tensor
             raise UnsupportedGraphError(f"{hint} ({e})") from e
         want = masked_forward(model, graph, keep, example)[:, list(classes)]
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-3, atol=1e-4):
-            raise UnsupportedGraphError(hint)
+        error = relative_error(got, want)
+        if error > VERIFY_TOLERANCE.get(want.dtype, 1e-2):
+            raise UnsupportedGraphError(f"{hint} (largest difference {error:.2e} of the logits' scale)")
     src = get_info(model)
     names = class_names_of(model, graph.num_classes)
     source_classes = src.classes if src else tuple(range(graph.num_classes))

@@ -5,6 +5,7 @@ It is what component files store; `prune_layers` replays it on a freshly built a
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, cast, overload
 
@@ -68,7 +69,28 @@ def _conv_like(m: nn.Conv2d, in_n: int, out_n: int, groups: int, **kw: Any) -> n
                      bias=m.bias is not None, padding_mode=m.padding_mode, **kw)
 
 
-def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Conv2d:
+def _resized(m: nn.Module, params: Mapping[str, torch.Tensor | None], buffers: Mapping[str, torch.Tensor | None],
+             **sizes: int) -> nn.Module:
+    """A copy of `m` of `m`'s own class and attributes with the given parameters, buffers and sizes.
+
+    A rebuild from the base class (``nn.BatchNorm2d(n, eps=...)``) would drop whatever a subclass
+    adds, e.g. the activation of a fused norm-activation layer; this keeps all of it. Submodules
+    are copied; the large tensors are not (the new ones replace them).
+    """
+    new = copy.copy(m)
+    # Own copies of every dict (parameters, buffers, hooks), so nothing done to one touches the other.
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, dict) else v for k, v in m.__dict__.items()}
+    for k, v in params.items():
+        old = m._parameters.get(k)
+        new._parameters[k] = None if v is None else nn.Parameter(v, requires_grad=old is None or old.requires_grad)
+    new._buffers.update(buffers)
+    new._modules = {k: copy.deepcopy(child) for k, child in m._modules.items()}
+    for attr, size in sizes.items():
+        setattr(new, attr, size)
+    return new
+
+
+def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
     if is_depthwise(m):
         if not torch.equal(out_idx, in_idx):
             raise UserError("a depthwise convolution must keep the same input and output channels")
@@ -77,43 +99,26 @@ def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn
         groups, weight = 1, _index(_index(m.weight, 0, out_idx), 1, in_idx)
     else:
         raise UserError(f"cannot prune a grouped convolution with groups={m.groups}")
-    new = _conv_like(m, len(in_idx), len(out_idx), groups, device=m.weight.device, dtype=m.weight.dtype)
-    new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
-    if m.bias is not None:
-        new.bias = nn.Parameter(_index(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
-    return new
+    return _resized(m, {"weight": weight, "bias": _index(m.bias, 0, out_idx)}, {},
+                    in_channels=len(in_idx), out_channels=len(out_idx), groups=groups)
 
 
-def _slice_linear(m: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(len(in_idx), len(out_idx), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
-    new.weight = nn.Parameter(_index(_index(m.weight, 0, out_idx), 1, in_idx), requires_grad=m.weight.requires_grad)
-    if m.bias is not None:
-        new.bias = nn.Parameter(_index(m.bias, 0, out_idx), requires_grad=m.bias.requires_grad)
-    return new
+def _slice_linear(m: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
+    return _resized(m, {"weight": _index(_index(m.weight, 0, out_idx), 1, in_idx), "bias": _index(m.bias, 0, out_idx)}, {},
+                    in_features=len(in_idx), out_features=len(out_idx))
 
 
 def _slice_norm(m: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> nn.Module:
-    new = type(m)(len(idx), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                  track_running_stats=m.track_running_stats)
-    ref = m.weight if m.affine else m.running_mean
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    if m.affine:
-        new.weight = nn.Parameter(_index(m.weight, 0, idx), requires_grad=m.weight.requires_grad)
-        new.bias = nn.Parameter(_index(m.bias, 0, idx), requires_grad=m.bias.requires_grad)
-    if m.track_running_stats:
-        new.running_mean = _index(m.running_mean, 0, idx)
-        new.running_var = _index(m.running_var, 0, idx)
-        assert m.num_batches_tracked is not None  # a buffer whenever track_running_stats
-        new.num_batches_tracked = m.num_batches_tracked.detach().clone()
-    new.train(m.training)
-    return new
+    params = {"weight": _index(m.weight, 0, idx), "bias": _index(m.bias, 0, idx)} if m.affine else {}
+    buffers = {"running_mean": _index(m.running_mean, 0, idx), "running_var": _index(m.running_var, 0, idx)} \
+        if m.track_running_stats else {}
+    if m.num_batches_tracked is not None:
+        buffers["num_batches_tracked"] = m.num_batches_tracked.detach().clone()
+    return _resized(m, params, buffers, num_features=len(idx))
 
 
-def _slice_prelu(m: nn.PReLU, idx: torch.Tensor) -> nn.PReLU:
-    new = nn.PReLU(len(idx))
-    new.weight = nn.Parameter(_index(m.weight, 0, idx))
-    return new
+def _slice_prelu(m: nn.PReLU, idx: torch.Tensor) -> nn.Module:
+    return _resized(m, {"weight": _index(m.weight, 0, idx)}, {}, num_parameters=len(idx))
 
 
 def _as_index(values: Sequence[int] | None, size: int, what: str) -> torch.Tensor:
