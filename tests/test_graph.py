@@ -195,3 +195,117 @@ def test_untraceable_model_raises_unsupported_graph_error() -> None:
 
     with pytest.raises(UnsupportedGraphError, match="Branchy"):
         trace(Branchy(), torch.randn(1, 3))
+
+
+# --- Forward passes as people write them: asserts, shape checks, norm-activation layers, drop-path ----------
+
+
+class NormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: asserts the input's rank, calls F.batch_norm on its own parameters."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: a no-op in eval mode, decided by Python attributes."""
+
+    def __init__(self, p: float = 0.2) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        return x * (torch.rand(x.shape[0], 1, 1, 1) > self.p) / (1 - self.p)
+
+
+class CheckedNet(nn.Module):
+    """An MNIST CNN as found in the wild: a shape check, tuple-unpacked sizes, residual blocks with drop-path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 12, 3, padding=1, bias=False)
+        self.norm = NormAct(12)
+        self.conv = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.norm2 = NormAct(12)
+        self.drop = DropPath()
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (28, 28):
+            raise ValueError(f"expects 28x28 images, got {tuple(x.shape[-2:])}")
+        b, c, h, w = x.shape
+        x = self.norm(self.stem(x))
+        x = x + self.drop(self.norm2(self.conv(x)))
+        return self.head(x.mean((2, 3)).reshape(b, -1))
+
+
+def test_forward_passes_with_shape_checks_and_norm_act_layers_are_cut_exactly() -> None:
+    torch.manual_seed(0)
+    model = CheckedNet().double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    graph = trace(model, torch.randn(2, 1, 28, 28, dtype=torch.float64))
+    assert set(graph.layers) == {"stem", "conv", "head"}
+    assert all(n.target is not torch._assert for n in graph.gm.graph.nodes)  # checks the example passed
+    x, y = torch.randn(30, 1, 28, 28, dtype=torch.float64), torch.arange(30) % 5
+    prof = modellego.profile(model, [(x, y)], select=False)
+    component = modellego.disassemble(model, [0, 2], profile=prof)  # verify=True: equals the masked source
+    assert type(component.norm) is NormAct and isinstance(component.norm.act, nn.SiLU)
+    assert component.stem.out_channels < 12
+    assert component(x[:3]).shape == (3, 2)
+    with pytest.raises(ValueError, match="expects 28x28"):  # the model's own check still runs
+        component(torch.randn(1, 1, 32, 32, dtype=torch.float64))
+
+
+def test_branches_on_tensor_values_stay_refused() -> None:
+    class OnValues(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _row in x:  # iterating over data
+                pass
+            return self.fc(x)
+
+    with pytest.raises(UnsupportedGraphError, match="OnValues"):
+        trace(OnValues(), torch.randn(2, 3))
+
+
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """Stands in for torchvision.ops.stochastic_depth (the same signature, registered the same way)."""
+    if not training or p == 0.0:
+        return x
+    return x * (torch.rand(x.shape[0], 1, 1, 1) > p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+class TorchvisionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + stochastic_depth(self.conv(x), 0.2, "row", self.training)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_stochastic_depth_in_eval_mode_passes_channels_through() -> None:
+    graph = trace(TorchvisionBlock().eval(), torch.randn(1, 2, 4, 4))
+    node = next(n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is stochastic_depth)
+    assert graph.roles[node] == "pass"

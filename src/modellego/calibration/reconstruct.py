@@ -40,8 +40,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.contribution import pad_input
-from ..core.graph import ADD_FUNCTIONS, is_depthwise
-from ..errors import UserError
+from ..core.graph import ADD_FUNCTIONS, is_depthwise, trace_module
+from ..errors import UnsupportedGraphError, UserError
 from ..hooks import eval_mode, forward_hooks
 from ..memory import default_budget
 from .frontier import CheckpointSteps, Join, TracedGraph, Values, frontier_steps, servable_layers
@@ -303,7 +303,7 @@ def reconstruct(
         _check(modules[name], name)
         if name not in plan or name not in src_modules:
             raise UserError(f"cannot reconstruct {name!r}: the pruning plan or the source lacks it")
-    comp_gm, src_gm = _traced(component), _traced(source)
+    comp_gm, src_gm = _traced(component, inputs[0]), _traced(source, inputs[0])
     joins: dict[str, Join] = {}
     if comp_gm is not None and src_gm is not None:
         src_nodes = {n.name for n in src_gm.graph.nodes}
@@ -347,11 +347,11 @@ def reconstruct(
     return r2
 
 
-def _traced(model: nn.Module) -> fx.GraphModule | None:
+def _traced(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
     """The model traced by torch.fx, sharing its modules; None when it does not trace (no joins then)."""
     try:
-        return fx.symbolic_trace(model)
-    except Exception:  # fx raises many types; reconstruction then fits every layer to its own output
+        return trace_module(model, example[:2])
+    except UnsupportedGraphError:  # reconstruction then fits every layer to its own output
         log.debug("%s does not trace; residual adds are not compensated", type(model).__name__)
         return None
 

@@ -29,6 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+try:  # lifts fx's patches for a while; private, but in every torch since 2.0
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches as _revert_fx_patches
+except ImportError:  # pragma: no cover - then ConcreteTracer is not used (see trace_module)
+    _revert_fx_patches = None  # type: ignore[assignment]
+
 from ..errors import UnsupportedGraphError
 from ..hooks import preserve_training
 
@@ -199,10 +204,121 @@ def _gates(factor: tuple[int, ...], product: tuple[int, ...]) -> bool:
                                  and all(d == 1 for d in factor[2:]))
 
 
+def _is_eval_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's `stochastic_depth(input, p, mode, training)` with training off: the identity.
+
+    torchvision registers it with `torch.fx.wrap`, so it reaches the graph as one call; matched by
+    name so that torchvision stays optional.
+    """
+    target = node.target
+    if node.op != "call_function" or getattr(target, "__name__", "") != "stochastic_depth" or \
+            not getattr(target, "__module__", "").startswith("torchvision"):
+        return False
+    training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+    return training is False
+
+
 def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[_module_name(node)], (nn.Softmax, nn.LogSoftmax))
     return node.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+
+
+class ConcreteTracer(fx.Tracer):
+    """torch.fx tracing in which every proxy also carries its value on one real example.
+
+    Real forward passes ask questions of their tensors: `torch._assert(x.ndim == 4)`,
+    ``if x.shape[-2:] != (28, 28): raise``, ``for i in range(x.size(1))``. Plain symbolic tracing
+    cannot answer them; here each op also runs on the example, so a question about a size or a
+    flag gets the example's answer and tracing goes on down the branch the example takes. The
+    graph is then the model's computation for inputs of the example's shape, which is all a channel
+    graph is used for. Control flow on tensor *values* stays refused: other inputs could take
+    another branch.
+
+    Layers that act channel by channel (`CHANNELWISE_MODULES`, subclasses included, e.g. a
+    BatchNorm with its activation inside) are kept whole as leaves rather than traced into, so
+    their parameters stay theirs and pruning can slice them.
+    """
+
+    def __init__(self, example: torch.Tensor) -> None:
+        super().__init__()
+        self.example = example
+        self.placeholders = 0
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, CHANNELWISE_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        # The op runs for real with fx's patches of Module.__call__ and friends lifted, so that a
+        # module called here is not traced a second time.
+        with _revert_fx_patches():
+            proxy.node.meta["concrete"] = self._run(kind, target, args, kwargs)
+        return proxy
+
+    def _run(self, kind: str, target, args, kwargs):
+        def value(a):
+            return fx.node.map_aggregate(a, lambda x: x.node.meta.get("concrete") if isinstance(x, fx.Proxy) else x)
+
+        a, k = value(args), value(kwargs)
+        if kind == "placeholder":  # the input, then any further arguments at their defaults
+            self.placeholders += 1
+            return self.example if self.placeholders == 1 else (a[0] if a else None)
+        if kind == "get_attr":
+            obj = self.root
+            for part in str(target).split("."):
+                obj = getattr(obj, part)
+            return obj
+        if kind == "call_function":
+            return target(*a, **k)
+        if kind == "call_method":
+            return getattr(a[0], target)(*a[1:], **k)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*a, **k)
+        return None  # output
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = obj.node.meta["concrete"]
+        if isinstance(value, torch.Tensor):  # a branch on the data: other inputs could take the other one
+            raise UnsupportedGraphError(
+                f"the forward pass branches on tensor values at node {obj.node.name!r}; only branches on "
+                "shapes and sizes are supported")
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy):
+        value = obj.node.meta["concrete"]
+        if isinstance(value, torch.Tensor):
+            return super().iter(obj)  # iterating over data: refused like a branch on it
+        return iter([operator.getitem(obj, i) for i in range(len(value))])
+
+
+QUESTION_FUNCTIONS = {getattr, operator.getitem, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                      operator.ge, operator.not_, operator.and_, operator.or_, operator.truth, len}
+
+
+def _is_question(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in QUESTION_FUNCTIONS) or (
+        node.op == "call_method" and node.target in NON_TENSOR_METHODS)
+
+
+def trace_module(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """`model` as an fx GraphModule sharing its modules, traced on `example_input` (`ConcreteTracer`)."""
+    tracer = ConcreteTracer(example_input) if _revert_fx_patches is not None else fx.Tracer()
+    try:
+        with preserve_training(model), torch.no_grad():
+            model.eval()
+            graph = tracer.trace(model)
+    except Exception as e:  # tracing runs user code: any exception type
+        raise UnsupportedGraphError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
+    for node in reversed(list(graph.nodes)):
+        # Checks the example already passed (torch._assert) and the questions that only steered
+        # control flow (sizes, comparisons): no part of the computation. Nothing else is removed,
+        # so an in-place op whose result is unused stays.
+        if (node.op == "call_function" and node.target is torch._assert) or (not node.users and _is_question(node)):
+            graph.erase_node(node)
+    for node in graph.nodes:
+        node.meta.pop("concrete", None)  # the example's values: not kept with the graph
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
@@ -212,13 +328,7 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
         UnsupportedGraphError: the model cannot be traced, or uses an op this library does not
             understand; the message names the op and the node.
     """
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # fx raises many types for untraceable code
-        raise UnsupportedGraphError(
-            f"torch.fx could not trace {type(model).__name__}: {e}. Models need a forward pass "
-            "without data-dependent Python control flow."
-        ) from e
+    gm = trace_module(model, example_input)
     with preserve_training(model):
         gm.eval()
         with torch.no_grad():
@@ -325,6 +435,8 @@ class _Builder:
         elif node.op == "call_function" and node.target in CHANNELWISE_FUNCTIONS:
             self._pass(node, inputs)
         elif node.op == "call_method" and node.target in CHANNELWISE_METHODS:
+            self._pass(node, inputs)
+        elif _is_eval_stochastic_depth(node):
             self._pass(node, inputs)
         elif (node.op == "call_method" and node.target == "mean") or (
             node.op == "call_function" and node.target is torch.mean
