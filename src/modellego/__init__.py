@@ -11,7 +11,7 @@ Common path::
 The package is layered; each layer imports only the ones below it:
 
     cli, demo                       entry points
-    apps                            applications: decision routes
+    apps                            applications: decision routes, amalgamation and distillation
     files                           load / save / build: any model file back to its module
     assembly                        assemble, scale, density head
     cut                             plans, budgets, disassemble, merge

@@ -32,6 +32,8 @@ EXAMPLES = {
     "merge": "modellego merge runs/vgg-fashion runs/vgg-fashion-0-2 runs/vgg-fashion-7 -o runs/vgg-fashion-0-2-7 --data fashion-mnist",
     "demo": "modellego demo --cache .cache/demo",
     "routes": "modellego routes runs/lenet5-mnist --data mnist --sample 247 -o runs/sample-247.png",
+    "amalgamate": "modellego amalgamate runs/mnist runs/fashion --classes 0-4 5-9 --student lenet5 --width 1 --epochs 6 -o runs/ka",
+    "distill": "modellego distill runs/asm --student lenet5 --width 0.5 --epochs 6 -o runs/asm-distilled",
 }
 
 
@@ -174,6 +176,42 @@ def _demo_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device")
 
 
+def _student_args(s: argparse.ArgumentParser) -> None:
+    """The student and its training (amalgamate and distill)."""
+    s.description = (s.description or "") + (
+        "\n\nThe student is trained without labels on the union of the teachers' training images to match\n"
+        "their softened logits, concatenated: T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over images;\n"
+        "each teacher reads the images through its own input transform. The epoch with the lowest loss on\n"
+        "the union's validation images is kept. The output is evaluated like an assembly:\n"
+        "  modellego evaluate OUTPUT --json")
+    s.add_argument("--student", help="zoo model of the student (default: the first teacher's architecture)")
+    s.add_argument("--width", type=float, default=None,
+                   help="student width multiplier (default: the first teacher's for its architecture, else 1)")
+    for flag, typ, default, h in [("--epochs", int, 5, "epochs"), ("--batch-size", int, 128, "batch size"),
+                                  ("--lr", float, 0.01, "SGD learning rate"), ("--temperature", float, 4.0, "softmax temperature T"),
+                                  ("--seed", int, 0, "seed of the student's initialisation and image order"),
+                                  ("--images", int, None, "train on this many random union training images (default all)")]:
+        s.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
+    s.add_argument("--resize", action="store_true", help="let teachers of another input size read the images resized")
+    s.add_argument("--data-dir", help="folder with the teachers' datasets (default: the offline copies)")
+    s.add_argument("--download", action="store_true")
+    s.add_argument("--device")
+    s.add_argument("-o", "--output", required=True, help="student folder or .safetensors file")
+
+
+def _amalgamate_command(s: argparse.ArgumentParser) -> None:
+    s.add_argument("teachers", nargs="+", help="two or more teacher files (models, components or assemblies) of disjoint classes")
+    s.add_argument("--classes", nargs="+", help="one task per teacher, e.g. --classes 0-4 5-9: each teacher's outputs "
+                                                  "restricted to it (default: all its classes)")
+    _student_args(s)
+
+
+def _distill_command(s: argparse.ArgumentParser) -> None:
+    s.add_argument("teacher", help="teacher file: typically an assembly (with its head), or a model to compress")
+    s.add_argument("--classes", help="the teacher's outputs restricted to this task (default: all its classes)")
+    _student_args(s)
+
+
 # Each subcommand: its help line and the function that adds its arguments.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "models": ("list the model zoo", _models_command),
@@ -185,6 +223,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "merge": ("merge components of one source model through the union of their channels (no training)", _merge_command),
     "routes": ("decision routes: per-class routes compared and drawn, or one image's route explained", _routes_command),
     "demo": ("train two LeNet-5 models (MNIST, Fashion-MNIST), disassemble them, print the tables", _demo_command),
+    "amalgamate": ("knowledge amalgamation: train one student for the union of the teachers' classes from their "
+                   "softened outputs", _amalgamate_command),
+    "distill": ("train one compact student from one teacher's softened outputs (e.g. an assembly's)", _distill_command),
 }
 
 
@@ -486,6 +527,50 @@ def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_student(args: argparse.Namespace, teachers, tasks) -> int:
+    """Amalgamate (several teachers) or distill (one) with the flags of `_student_args`; save and report."""
+    from .apps.amalgamate import amalgamate, distill, task_teacher
+    from .data import load_dataset
+    from .data.tasks import parse_classes
+    from .evaluation.metrics import count_params
+    from .files import save
+    from .training.fit import FitConfig
+    if tasks is not None:
+        if len(tasks) != len(teachers):
+            raise UserError(f"--classes takes one task per teacher: {len(teachers)} teachers, {len(tasks)} tasks")
+        teachers = [task_teacher(t, parse_classes(spec, require_info(t, "this command").class_names))
+                    for t, spec in zip(teachers, tasks)]
+    config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    kwargs = dict(student=args.student, width=args.width, config=config, temperature=args.temperature,
+                  images=args.images, resize=args.resize, device=_device(args),
+                  loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+    student = amalgamate(teachers, **kwargs) if args.command == "amalgamate" else distill(teachers[0], **kwargs)
+    path = save(student, args.output)
+    info = require_info(student, "this command")
+    rec = info.provenance["amalgamation"]
+    val = (f"validation distillation loss {rec['val_loss']:.4f}, mean per-class accuracy {rec['val_accuracy']:.2f}%"
+           if rec["val_loss"] is not None else "no validation images")
+    print(f"saved {path}: {rec['student']['arch']} w{rec['student']['width']:g} student of {len(teachers)} "
+          f"teacher{'s' if len(teachers) > 1 else ''}, {len(info.classes)} classes ({', '.join(info.class_names)}), "
+          f"{count_params(student):,} parameters; best epoch {rec['best_epoch']}: {val}; {rec['seconds']:.0f} s")
+    return 0
+
+
+def cmd_amalgamate(args: argparse.Namespace) -> int:
+    from .files import load
+    if len(args.teachers) < 2:
+        raise UserError(f"amalgamate needs at least two teachers, got {len(args.teachers)}; "
+                        "use `modellego distill` for one")
+    device = _device(args)
+    return _train_student(args, [load(p, map_location=device) for p in args.teachers], args.classes)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .files import load
+    teacher = load(args.teacher, map_location=_device(args))
+    return _train_student(args, [teacher], [args.classes] if args.classes else None)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.cache), epochs=args.epochs, device=_device(args))
@@ -493,7 +578,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile,
             "disassemble": cmd_disassemble, "assemble": cmd_assemble, "merge": cmd_merge, "routes": cmd_routes,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "amalgamate": cmd_amalgamate, "distill": cmd_distill}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

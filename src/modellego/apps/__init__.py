@@ -1,1 +1,2 @@
-"""Applications built on the pipeline: decision routes (`apps.routes`)."""
+"""Applications built on the pipeline: decision routes (`apps.routes`), knowledge amalgamation and
+distillation (`apps.amalgamate`)."""

@@ -71,7 +71,7 @@ def input_pipeline(info_input: InputSpec):
     return preprocessing(info_input.mean, info_input.std)
 
 
-def _autocast(enabled: bool, device: torch.device):
+def autocast_bf16(enabled: bool, device: torch.device):
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -96,7 +96,7 @@ def _train_epoch(model: nn.Module, bar: tqdm, c: FitConfig, opt: torch.optim.Opt
             y = lookup[y]
         if c.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(c.bf16, device):
+        with autocast_bf16(c.bf16, device):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
