@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             rts.append(t2 - t1)
         f, r = statistics.median(fwd), statistics.median(rts)
         row = {"model": name, "width": width, "batch": args.batch, "forward_ms": round(1e3 * f, 2),
-               "routes_ms": round(1e3 * r, 2), "ratio": round(r / f, 2), "threads": torch.get_num_threads(),
+               "routes_ms": round(1e3 * r, 2), "ratio": round(r / f, 2), "repeats": args.repeats, "threads": torch.get_num_threads(),
                "torch": torch.__version__}
         record(row, args.out, echo=False)
         print(f"| {name} | {width:g} | {args.batch} | {row['forward_ms']:.1f} | {row['routes_ms']:.1f} | {row['ratio']:.2f} |")
