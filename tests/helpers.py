@@ -18,6 +18,7 @@ from modellego.core.graph import trace
 from modellego.cut.prune import full_plan
 from modellego.data.union import union_dataset
 from modellego.evaluation.protocol import scaling_batches
+from modellego.io.checkpoint import HEADER_HASH, header_hash
 from modellego.io.info import InputSpec, get_info, set_info
 
 
@@ -86,13 +87,19 @@ def no_files_but(folder: Path, *names: str) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(names)
 
 
-def rewrite_header(path: Path, edit) -> None:
-    """Re-save `path` with the same tensors and an edited modellego header (weights hash still valid)."""
+def rewrite_header(path: Path, edit, *, key: str = "modellego", rehash: bool = True) -> None:
+    """Re-save `path` with the same tensors and an edited header under `key` (weights hash still valid).
+
+    With `rehash`, a header that carries a ``header_sha256`` gets the one of its edited fields, so
+    that the edit itself is what a reader meets; without, the edit is a tampered header.
+    """
     with safetensors.safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        header = json.loads(f.metadata()["modellego"])
+        header = json.loads(f.metadata()[key])
     edit(header)
-    save_file(tensors, str(path), metadata={"modellego": json.dumps(header)})
+    if rehash and isinstance(header, dict) and HEADER_HASH in header:
+        header[HEADER_HASH] = header_hash(header)
+    save_file(tensors, str(path), metadata={key: json.dumps(header)})
 
 
 def zoo_model(name: str, width: float, seed: int = 0) -> nn.Module:

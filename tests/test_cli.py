@@ -389,3 +389,33 @@ def test_disassemble_under_a_flops_budget(run, tmp_path, capsys) -> None:
     assert main(["disassemble", run["model"], "--classes", "0-2", "--profile", prof, "--flops", "0.5",
                  "--budget-rank", "class", "--calibrate", "none", "-o", per_class]) == 0
     assert get_info(modellego.load(per_class)).provenance["flops_budget"]["rank"] == "class"
+
+
+BAD_LINES = [
+    (["train", "--model", "lenet5", "--data", "synthetic", "--epochs", "0", "-o", "{tmp}/m"], "--epochs"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "--lr", "nan", "-o", "{tmp}/m"], "--lr"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "--width", "-1", "-o", "{tmp}/m"], "--width"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "-o", "{tmp}/afile/m"], "is a file, not a folder"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "-o", ""], "empty"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "--device", "tpu", "-o", "{tmp}/m"], "unknown device"),
+    (["train", "--model", "lenet5", "--data", "mnist", "--data-dir", "{tmp}/afile", "-o", "{tmp}/m"], "not found"),
+    (["profile", "{tmp}/afile", "--data", "synthetic", "-o", "{tmp}"], "is a folder"),
+    (["profile", "{tmp}/afile", "--data", "synthetic", "-o", "{tmp}/afile"], "also an input"),
+    (["disassemble", "{tmp}/afile", "--classes", "0", "--calibration-images", "-1", "-o", "{tmp}/c"], "--calibration-images"),
+    (["disassemble", "{tmp}/afile", "--classes", "0", "--flops", "1.5", "-o", "{tmp}/c"], "--flops"),
+    (["train", "--model", "lenet5", "--no-such-flag"], "required: --data"),
+    (["train", "--model", "lenet5", "--data", "synthetic", "--no-such-flag", "-o", "{tmp}/m"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_LINES, ids=[" ".join(a[:2] + [m]) for a, m in BAD_LINES])
+def test_bad_command_lines_give_one_line_and_status_2(tmp_path, capsys, argv: list[str], message: str) -> None:
+    (tmp_path / "afile").write_text("not a model")
+    try:
+        rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    except SystemExit as e:  # argparse's own errors exit
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "error:" in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()  # refused before any work

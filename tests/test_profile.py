@@ -14,7 +14,7 @@ import modellego
 from modellego.core.graph import trace
 from modellego.core.locate import Thresholds, locate_class
 from modellego.core.profile import Profile
-from modellego.errors import CorruptFileError
+from modellego.errors import CorruptFileError, UserError
 
 from helpers import assert_same_model
 from helpers import file_data as data
@@ -87,20 +87,18 @@ def test_model_file_is_not_a_profile(saved: Path) -> None:
 
 
 def test_malformed_profile_header_raises(saved_profile: Path) -> None:
+    raw = saved_profile.read_bytes()
+    _resave(saved_profile, lambda h: h["layers"].append("no.such.layer"))  # hashes recomputed: the edit is met
+    with pytest.raises(CorruptFileError, match="malformed profile: the tensors are not the masks of its layers"):
+        Profile.load(saved_profile)
+    saved_profile.write_bytes(raw)
+    _resave(saved_profile, lambda h: h.update(classes=h["classes"][:-1], class_names=h["class_names"][:-1]))
+    with pytest.raises(CorruptFileError, match=r"malformed profile: mask .* expected U8 of shape \[4, width\]"):
+        Profile.load(saved_profile)  # mask rows no longer match the class count
     with safetensors.safe_open(str(saved_profile), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-        header = json.loads(f.metadata()["modellego-profile"])
-    header["layers"].append("no.such.layer")
-    save_file(tensors, str(saved_profile), metadata={"modellego-profile": json.dumps(header)})
-    with pytest.raises(CorruptFileError, match="malformed"):
-        Profile.load(saved_profile)
-    header["layers"].pop()
-    header["classes"] = header["classes"][:-1]  # mask rows no longer match the class count
-    save_file(tensors, str(saved_profile), metadata={"modellego-profile": json.dumps(header)})
-    with pytest.raises(CorruptFileError, match="malformed"):
-        Profile.load(saved_profile)
     save_file(tensors, str(saved_profile), metadata={"modellego-profile": "[oops"})
-    with pytest.raises(CorruptFileError):
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
         Profile.load(saved_profile)
 
 
@@ -117,3 +115,86 @@ def test_malformed_stored_contributions_are_refused(resnet, tmp_path) -> None:
     save_file(tensors, str(bad), metadata=meta)
     with pytest.raises(CorruptFileError, match=layer):
         Profile.load(bad)
+
+
+# --- Hashes, versions and the checks of the masks ------------------------------------------------------
+
+
+def _resave(path: Path, edit_header=None, edit_tensors=None, *, rehash: bool = True) -> None:
+    """Re-save a profile with an edited header and/or tensors; with `rehash`, its hashes made to fit."""
+    from modellego.io.checkpoint import HEADER_HASH, header_hash
+    from modellego.io.info import weights_hash
+
+    tensors = load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["modellego-profile"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    if rehash and HEADER_HASH in header:
+        header["tensors_sha256"] = weights_hash(tensors)
+        header[HEADER_HASH] = header_hash(header)
+    save_file(tensors, str(path), metadata={"modellego-profile": json.dumps(header)})
+
+
+def test_an_edited_profile_fails_its_hashes(saved_profile: Path) -> None:
+    raw = saved_profile.read_bytes()
+    _resave(saved_profile, lambda h: h["thresholds"].update(conv_alpha=0.9), rehash=False)
+    with pytest.raises(CorruptFileError, match="the description does not match its hash: the file was edited or damaged"):
+        Profile.load(saved_profile)
+    saved_profile.write_bytes(raw)
+    layer = Profile.load(saved_profile).layers[0]
+    _resave(saved_profile, edit_tensors=lambda t: t[f"in/{layer}"].__setitem__((0, 0), 1 - t[f"in/{layer}"][0, 0]),
+            rehash=False)
+    with pytest.raises(CorruptFileError, match="the tensors do not match their recorded hash"):
+        Profile.load(saved_profile)
+
+
+def test_a_version_1_profile_loads_without_hashes(saved_profile: Path) -> None:
+    want = Profile.load(saved_profile)
+
+    def legacy(h):
+        del h["header_sha256"], h["tensors_sha256"]
+        h["format_version"] = 1
+
+    _resave(saved_profile, legacy)
+    got = Profile.load(saved_profile)
+    assert got.classes == want.classes and got.provenance == want.provenance
+    assert all(torch.equal(got.in_masks[k], want.in_masks[k]) for k in want.layers)
+    _resave(saved_profile, lambda h: h.update(format_version=3))
+    with pytest.raises(CorruptFileError, match="newer modellego"):
+        Profile.load(saved_profile)
+
+
+@pytest.mark.parametrize(("edit_header", "edit_tensors", "match"), [
+    (lambda h: h["provenance"].update(input_shape=[3, 28]), None, "provenance.input_shape is not a list of 3"),
+    (lambda h: h["provenance"].update(input_shape=[3, 0, 28]), None, "provenance.input_shape"),
+    (lambda h: h.update(layers=[]), None, "layers is not a non-empty list"),
+    (lambda h: h.update(provenance=None), None, "provenance is not an object"),
+    (lambda h: h.update(classes=[0, 1, 2, 3, 3]), None, "classes repeat"),
+    (lambda h: h["thresholds"].update(conv_alpha="high"), None, "threshold conv_alpha is not a number"),
+    (lambda h: h["thresholds"].update(conv_alpha=2.0), None, "threshold conv_alpha must be in (0, 1]"),
+    (None, lambda t: t.update({"in/features.conv1": t["in/features.conv1"] * 2}), "holds values other than 0 and 1"),
+    (None, lambda t: t.update({"in/features.conv1": t["in/features.conv1"][:3].contiguous()}),
+     "mask 'in/features.conv1' is U8 [3, 3], expected U8 of shape [5, width]"),
+    (None, lambda t: t.update({"in/features.conv1": t["in/features.conv1"].float()}), "mask 'in/features.conv1' is F32"),
+    (None, lambda t: t.pop("out/features.conv2"), "the tensors are not the masks of its layers"),
+    (None, lambda t: t.update(extra=torch.zeros(1)), "the tensors are not the masks of its layers"),
+])
+def test_a_malformed_profile_names_what_is_wrong(saved_profile: Path, edit_header, edit_tensors, match: str) -> None:
+    _resave(saved_profile, edit_header, edit_tensors)
+    with pytest.raises(CorruptFileError) as info:
+        Profile.load(saved_profile)
+    msg = str(info.value)
+    assert match in msg and "\n" not in msg, msg
+
+
+def test_check_graph_compares_the_masks_with_a_model(saved_profile: Path) -> None:
+    prof = Profile.load(saved_profile)
+    prof.check_graph(trace(build("lenet5"), torch.zeros(1, 3, 28, 28)))
+    with pytest.raises(UserError, match="unknown profiled layer 'features.conv1'"):
+        prof.check_graph(trace(build("resnet18"), torch.zeros(1, 3, 28, 28)))
+    other = modellego.create_model("lenet5", num_classes=5, in_channels=3, width=0.5).eval()
+    with pytest.raises(UserError, match=r"layer 'features.conv1' have \(inputs, outputs\) \(3, 2\), the model's layer \(3, 3\)"):
+        prof.check_graph(trace(other, torch.zeros(1, 3, 28, 28)))

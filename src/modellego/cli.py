@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -37,8 +38,41 @@ EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (and a pointer to --help) instead of usage plus message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+            hi_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: an int or finite float in a range (a bad value is one line, not a traceback)."""
+    def parse(text: str) -> int | float:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        bad = not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or \
+            (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"expected a value in {left}{lo if lo is not None else '-inf'}, "
+                                             f"{hi if hi is not None else 'inf'}{right}, got {text}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+POSITIVE = _number(float, 0, lo_open=True)
+FRACTION = _number(float, 0, 1, lo_open=True)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="modellego", description="Model LEGO: disassemble and assemble trained CNN classifiers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  " + "\n  ".join(EXAMPLES[k] for k in ("demo", "train", "profile", "disassemble", "assemble", "merge")))
@@ -66,13 +100,14 @@ def _models_command(s: argparse.ArgumentParser) -> None:
 
 def _train_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True)
-    s.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    s.add_argument("--width", type=POSITIVE, default=1.0, help="channel width multiplier")
     _data_args(s)
-    for flag, typ, default, h in [("--epochs", int, 5, "epochs"), ("--batch-size", int, 128, "batch size"),
-                                  ("--lr", float, 0.01, "learning rate"), ("--momentum", float, 0.9, "SGD momentum"),
-                                  ("--weight-decay", float, 5e-4, "weight decay"), ("--seed", int, 0, "random seed"),
-                                  ("--val-fraction", float, 0.1, "share of train held out for validation"),
-                                  ("--train-limit", int, None, "use only this many training images")]:
+    for flag, typ, default, h in [("--epochs", POSITIVE_INT, 5, "epochs"), ("--batch-size", POSITIVE_INT, 128, "batch size"),
+                                  ("--lr", POSITIVE, 0.01, "learning rate"),
+                                  ("--momentum", _number(float, 0, 1, hi_open=True), 0.9, "SGD momentum"),
+                                  ("--weight-decay", _number(float, 0), 5e-4, "weight decay"), ("--seed", COUNT, 0, "random seed"),
+                                  ("--val-fraction", _number(float, 0, 1, hi_open=True), 0.1, "share of train held out for validation"),
+                                  ("--train-limit", POSITIVE_INT, None, "use only this many training images")]:
         s.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
     s.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     s.add_argument("--augment", default="auto", help="auto, none, crop, crop-flip")
@@ -110,8 +145,8 @@ def _disassemble_command(s: argparse.ArgumentParser) -> None:
                    help="training-free calibration from --data training images: none (the paper's faithful "
                         "cut), recon, bn, affine, refit, balance or a '+' combination (default: recon+balance "
                         "when --data is given, else none)")
-    s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
-    s.add_argument("--flops", type=float, default=None,
+    s.add_argument("--calibration-images", type=POSITIVE_INT, default=2000, help="training images used to calibrate (default 2000)")
+    s.add_argument("--flops", type=FRACTION, default=None,
                    help="FLOPs budget as a fraction of the model's, e.g. 0.5: every layer keeps the same share of "
                         "its most relevant inputs, the largest that fits (needs a profile made with "
                         "--keep-contributions, or --data)")
@@ -131,10 +166,10 @@ def _assemble_command(s: argparse.ArgumentParser) -> None:
                    help="make the components' outputs comparable from training images: none, paper (Eqs. 12-14), "
                         "calibrated (fitted scale, bias and confidence weight) or density (calibrated plus each "
                         "component's Gaussian 'mine' score on its own features; default)")
-    s.add_argument("--images-per-class", type=int, default=200, help="training images per class for scaling (default 200)")
-    s.add_argument("--finetune-epochs", type=int, default=0,
+    s.add_argument("--images-per-class", type=POSITIVE_INT, default=200, help="training images per class for scaling (default 200)")
+    s.add_argument("--finetune-epochs", type=COUNT, default=0,
                    help="optional fine-tuning epochs on the union task (before scaling, which is then fitted to the tuned network)")
-    s.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    s.add_argument("--lr", type=POSITIVE, default=0.01, help="fine-tuning learning rate")
     s.add_argument("--data-dir", help="folder with the components' datasets (default: the offline copies)")
     s.add_argument("--download", action="store_true")
     s.add_argument("--device")
@@ -146,7 +181,7 @@ def _merge_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("components", nargs="+", help="component files of that model")
     s.add_argument("--calibrate", default=None,
                    help="as for disassemble (default: recon+balance when --data is given, else none)")
-    s.add_argument("--calibration-images", type=int, default=2000, help="training images used to calibrate (default 2000)")
+    s.add_argument("--calibration-images", type=POSITIVE_INT, default=2000, help="training images used to calibrate (default 2000)")
     _data_args(s, required=False)
     s.add_argument("-o", "--output", required=True, help="merged component folder or .safetensors file")
 
@@ -162,7 +197,7 @@ def _routes_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("model")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
     s.add_argument("--classes", help="classes of the route diagram, e.g. 3,5 (default: the first two)")
-    s.add_argument("--sample", type=int, help="index of a --split image to explain")
+    s.add_argument("--sample", type=COUNT, help="index of a --split image to explain")
     s.add_argument("--split", choices=("test", "train"), default="test", help="split of --sample (default test)")
     s.add_argument("--format", default="png", help="figure formats without --sample, e.g. png,svg (default png)")
     _data_args(s, required=False)
@@ -172,7 +207,7 @@ def _routes_command(s: argparse.ArgumentParser) -> None:
 
 def _demo_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cache", default=".cache/demo", help="where trained models are cached")
-    s.add_argument("--epochs", type=int, default=6)
+    s.add_argument("--epochs", type=POSITIVE_INT, default=6)
     s.add_argument("--device")
 
 
@@ -185,12 +220,12 @@ def _student_args(s: argparse.ArgumentParser) -> None:
         "the union's validation images is kept. The output is evaluated like an assembly:\n"
         "  modellego evaluate OUTPUT --json")
     s.add_argument("--student", help="zoo model of the student (default: the first teacher's architecture)")
-    s.add_argument("--width", type=float, default=None,
+    s.add_argument("--width", type=POSITIVE, default=None,
                    help="student width multiplier (default: the first teacher's for its architecture, else 1)")
-    for flag, typ, default, h in [("--epochs", int, 5, "epochs"), ("--batch-size", int, 128, "batch size"),
-                                  ("--lr", float, 0.01, "SGD learning rate"), ("--temperature", float, 4.0, "softmax temperature T"),
-                                  ("--seed", int, 0, "seed of the student's initialisation and image order"),
-                                  ("--images", int, None, "train on this many random union training images (default all)")]:
+    for flag, typ, default, h in [("--epochs", POSITIVE_INT, 5, "epochs"), ("--batch-size", POSITIVE_INT, 128, "batch size"),
+                                  ("--lr", POSITIVE, 0.01, "SGD learning rate"), ("--temperature", POSITIVE, 4.0, "softmax temperature T"),
+                                  ("--seed", COUNT, 0, "seed of the student's initialisation and image order"),
+                                  ("--images", POSITIVE_INT, None, "train on this many random union training images (default all)")]:
         s.add_argument(flag, type=typ, default=default, help=f"{h} (default: {default})")
     s.add_argument("--resize", action="store_true", help="let teachers of another input size read the images resized")
     s.add_argument("--data-dir", help="folder with the teachers' datasets (default: the offline copies)")
@@ -231,16 +266,16 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
 
 def _selection_args(s: argparse.ArgumentParser) -> None:
     """Sample selection, contribution mode, kernel and thresholds (profile and disassemble)."""
-    s.add_argument("--fraction", type=float, default=0.01, help="share of correct training samples per class (default 0.01)")
-    s.add_argument("--min-per-class", type=int, default=5)
-    s.add_argument("--max-per-class", type=int, default=256)
+    s.add_argument("--fraction", type=FRACTION, default=0.01, help="share of correct training samples per class (default 0.01)")
+    s.add_argument("--min-per-class", type=POSITIVE_INT, default=5)
+    s.add_argument("--max-per-class", type=POSITIVE_INT, default=256)
     s.add_argument("--mode", choices=["sample", "mean"], default="sample",
                    help="ReLU per sample then sum (reference), or average features first (paper text)")
     s.add_argument("--kernel", choices=["torch", "triton"], default="torch",
                    help="per-sample contributions with tensor ops (any device) or one fused Triton kernel "
                         "(CUDA only)")
     for name, default in [("conv-alpha", 0.3), ("conv-beta", 0.2), ("linear-alpha", 0.4), ("linear-beta", 0.3)]:
-        s.add_argument(f"--{name}", type=float, default=default, help=f"(default {default})")
+        s.add_argument(f"--{name}", type=FRACTION, default=default, help=f"(default {default})")
 
 
 def _device(args: argparse.Namespace) -> torch.device:
@@ -581,11 +616,42 @@ COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, 
             "demo": cmd_demo, "amalgamate": cmd_amalgamate, "distill": cmd_distill}
 
 
+INPUT_ARGS = ("model", "profile", "source", "teacher", "components", "teachers")
+FILE_OUTPUTS = {"profile"}  # commands whose -o is one file, never a folder
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output that cannot be written or would overwrite an input."""
+    output = getattr(args, "output", None)
+    if output is None:
+        return
+    if not str(output).strip():
+        raise UserError("the output path (-o) is empty")
+    from .io.checkpoint import resolve_path
+    out = Path(output)
+    targets = {out.resolve(), resolve_path(out).resolve()}
+    for name in INPUT_ARGS:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value and targets & {Path(value).resolve(), resolve_path(value).resolve()}:
+                raise UserError(f"the output {output} is also an input ({name}); write somewhere else")
+    if args.command in FILE_OUTPUTS and out.is_dir():
+        raise UserError(f"{output} is a folder; give a file name")
+    anchor = out.parent.resolve() if args.command in FILE_OUTPUTS or out.suffix else out.resolve()
+    while not anchor.exists():  # the folders still to be made hang under the nearest existing one
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise UserError(f"cannot write {output}: {anchor} is a file, not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {output}: {anchor} is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (user errors: one line on stderr, status 2)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_output(args)
         return COMMANDS[args.command](args)
     except (UserError, ModellegoError) as e:
         print(f"modellego {args.command}: error: {e}", file=sys.stderr)

@@ -3,21 +3,35 @@
 A file stores a description (`ModelInfo`) and tensors (`modellego.io.checkpoint`). `build` turns
 the description into a module of the right shapes: a zoo architecture, pruned by the stored plan,
 or an assembly of such modules. Nothing is unpickled and no stored code runs.
+
+`load` never allocates what a file does not hold: it first builds the module's `skeleton` on the
+meta device (shapes, no memory), checks that the description fits it (layer names, index ranges,
+the input against the first layer, the classifier against the classes, the density head against
+the body) and that its tensors are exactly the file's, by name, shape and kind, all before a byte
+of tensor data is read. Only then are the tensors read, checked against their hash, and loaded.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
-from .assembly.assemble import assembly_skeleton
+from .assembly.assemble import Assembly, assembly_skeleton
 from .cut.prune import prune_layers
-from .errors import CorruptFileError, UserError
-from .io.checkpoint import read_model, resolve_path, write_model
+from .errors import UserError
+from .io.checkpoint import ModelFile, StoredTensor, dtype_kind, open_model, resolve_path, write_model
 from .io.info import ModelInfo, require_info, set_info
-from .models import create_model
+from .models import classifier_layer, create_model
+
+# What building a module from a description may raise for a description that does not fit the
+# zoo (names, sizes, kinds of layer): the file's fault, reported as a CorruptFileError.
+_BUILD_ERRORS = (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+                 OverflowError, NotImplementedError)
 
 
 def build(info: ModelInfo) -> nn.Module:
@@ -32,6 +46,38 @@ def build(info: ModelInfo) -> nn.Module:
     if info.pruning:
         prune_layers(model, info.pruning)
     return model
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Build modules with their sized tensors on the meta device, and skip their initialisation.
+
+    Tensors made from Python data (``torch.tensor(list)``: index lists, buffers of a few numbers)
+    stay real: they are as large as the description that holds the data, and code may read them.
+    Initialisation is skipped because it means nothing on meta tensors, and because torch's meta
+    kernels for random fills import half of torch (seconds) on first use.
+    """
+
+    _SIZED = {torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn,
+              torch.randint, torch.randperm, torch.arange, torch.eye, torch.linspace, torch.logspace}
+    _FILLS = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_}
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None):
+        kwargs = kwargs or {}
+        if func in self._SIZED and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        elif (func in self._FILLS or getattr(func, "__module__", None) == "torch.nn.init") and args \
+                and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def skeleton(info: ModelInfo) -> nn.Module:
+    """`build(info)` without memory: every tensor whose size the description sets is a meta tensor.
+
+    Its ``state_dict()`` names and shapes are those of the real module.
+    """
+    with _ShapesOnly():
+        return build(info)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, info: ModelInfo | None = None) -> Path:
@@ -49,17 +95,149 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     """Load a model saved by `save`, in eval mode, with its `ModelInfo` attached.
 
     Raises:
-        CorruptFileError: the file is truncated, corrupt, tampered with or not a modellego model.
+        UserError: no file at `path`.
+        CorruptFileError: the file is truncated, corrupt, tampered with, not a modellego model, or
+            describes a module its tensors do not fit.
     """
     path = resolve_path(path)
-    info, tensors = read_model(path)
-    try:
-        model = build(info)
-    except (UserError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-        raise CorruptFileError(f"{path}: the stored description cannot be rebuilt ({e})") from e
+    with open_model(path) as f:
+        info = f.info
+        try:
+            model = skeleton(info)
+            _check_fits(info, model)
+        except _BUILD_ERRORS as e:
+            raise f.corrupt(f"the stored description cannot be rebuilt ({e})") from e
+        _check_table(f, model.state_dict())
+        tensors = f.weights()
+    model = _materialise(model, info)
     try:
         model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CorruptFileError(f"{path}: the weights do not fit architecture {info.arch!r}: {e}") from e
+        _check_loaded(info, model)
+    except (RuntimeError, UserError) as e:
+        raise f.corrupt(f"the weights do not fit the description: {e}") from e
     set_info(model, info)
     return model.to(map_location).eval()
+
+
+def _materialise(model: nn.Module, info: ModelInfo) -> nn.Module:
+    """Real, uninitialised storage for a skeleton whose every tensor the file holds."""
+    saved = set(model.state_dict())
+    held = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    held |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    if held <= saved:
+        model = model.to_empty(device="cpu")
+        if not any(isinstance(v, torch.Tensor) and v.is_meta for m in model.modules() for v in vars(m).values()):
+            return model
+    # Tensors a file does not hold (non-persistent buffers; no zoo module has them today) need the
+    # module's own initialisation: a real build, of the architecture the checked description names.
+    return build(info)
+
+
+def _check_table(f: ModelFile, want: Mapping[str, torch.Tensor]) -> None:
+    """The file's tensors are exactly the module's: names, shapes and kind of dtype."""
+    missing = sorted(set(want) - set(f.table))
+    unexpected = sorted(set(f.table) - set(want))
+    if missing or unexpected:
+        raise f.corrupt(f"the tensors do not fit the description: {len(missing)} missing {missing[:3]}, "
+                        f"{len(unexpected)} unexpected {unexpected[:3]}")
+    for name, t in want.items():
+        stored: StoredTensor = f.table[name]
+        if stored.shape != tuple(t.shape):
+            raise f.corrupt(f"tensor {name!r} has shape {list(stored.shape)}, the description builds {list(t.shape)}")
+        if stored.kind != dtype_kind(t.dtype):
+            raise f.corrupt(f"tensor {name!r} is {stored.dtype}, the description builds {t.dtype}")
+
+
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first Conv2d or Linear in registration order: for every zoo model, the one reading the input."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)), None)
+
+
+def _check_first_layer(model: nn.Module, channels: int, size: tuple[int, int], where: str) -> None:
+    found = _first_layer(model)
+    if found is None:
+        return
+    name, layer = found
+    width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+    if width != channels:
+        raise UserError(f"{where}: {channels} input channels, but the first layer {name!r} reads {width}")
+    if isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str):
+        for side, k, p, s, d in zip(size, layer.kernel_size, layer.padding, layer.stride, layer.dilation):
+            if (side + 2 * p - d * (k - 1) - 1) // s + 1 < 1:
+                raise UserError(f"{where}: input size {list(size)} is smaller than the kernel {list(layer.kernel_size)} "
+                                f"of the first layer {name!r}")
+
+
+def _check_outputs(model: nn.Module, outputs: int, where: str) -> None:
+    name, fc = classifier_layer(model)
+    if fc.out_features != outputs:
+        raise UserError(f"{where}: {outputs} classes, but the classifier {name!r} has {fc.out_features} outputs")
+
+
+def _in_width(body: nn.Module, layer: str, where: str) -> int:
+    m = dict(body.named_modules()).get(layer)
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels
+    if isinstance(m, nn.Linear):
+        return m.in_features
+    raise UserError(f"{where} names layer {layer!r}, which is not a Conv2d or Linear layer of the body")
+
+
+def _check_fits(info: ModelInfo, model: nn.Module, where: str = "model") -> None:
+    """What building does not check itself: the input, the classifier, an assembly's own parts."""
+    spec = info.assembly
+    if spec is None:
+        if info.input is not None:
+            _check_first_layer(model, info.input.channels, info.input.size, f"{where}.input")
+        _check_outputs(model, info.num_classes, where)
+        return
+    assert isinstance(model, Assembly)  # built from an AssemblySpec
+    comps = spec.components
+    if spec.mode == "parallel":
+        assert isinstance(model.body, nn.ModuleList)  # one module per component
+        raw = info.input.channels if info.input else None
+        for i, (c, m) in enumerate(zip(comps, model.body)):
+            at = f"{where}.assembly.components[{i}]"
+            _check_fits(c, m, at)
+            own = c.input.channels if c.input else None
+            if raw is not None and own is not None and raw != own and {raw, own} != {1, 3}:  # InputAdapter's rule
+                raise UserError(f"{at}.input: {own} channels cannot be made from the assembly's {raw}-channel input")
+    else:
+        inputs = [c.input for c in comps if c.input is not None]
+        if spec.adapters and len(inputs) == len(comps):
+            sizes = {i.size for i in inputs}  # the adapters' outputs are concatenated along channels
+            if len(sizes) > 1:
+                raise UserError(f"{where}.assembly: padded components read one image size, got {sorted(sizes)}")
+            _check_first_layer(model.body, sum(i.channels for i in inputs), inputs[0].size, f"{where}.assembly")
+        elif not spec.adapters and info.input is not None:
+            _check_first_layer(model.body, info.input.channels, info.input.size, f"{where}.input")
+        _check_outputs(model.body, len(spec.label_map), f"{where}.assembly")
+        for name, positions in spec.layer_inputs.items():
+            width = _in_width(model.body, name, f"{where}.assembly.layer_inputs")
+            if any(p >= width for pos in positions for p in pos):
+                raise UserError(f"{where}.assembly.layer_inputs[{name!r}]: a position beyond the layer's {width} inputs")
+    for k, site in enumerate(spec.density or ()):  # layers of the body (a parallel one's: "component.layer")
+        width = _in_width(model.body, site.layer, f"{where}.assembly.density[{k}]")
+        if site.features > width:
+            raise UserError(f"{where}.assembly.density[{k}]: {site.features} features of a layer of {width} inputs")
+
+
+def _check_loaded(info: ModelInfo, model: nn.Module) -> None:
+    """Index buffers of an assembly agree with its description (other tensors are plain numbers)."""
+    spec = info.assembly
+    if spec is None:
+        return
+    assert isinstance(model, Assembly)
+    if model.head.groups.tolist() != spec.groups:
+        raise UserError("the output head's groups differ from the label map")
+    if spec.mode == "parallel":
+        for c, m in zip(spec.components, cast(nn.ModuleList, model.body)):
+            _check_loaded(c, m)
+    if model.probe is not None and spec.density:
+        if model.probe.owner.tolist() != [s.component for s in spec.density]:
+            raise UserError("the density head's owners differ from its sites")
+        for k, site in enumerate(spec.density):
+            width = _in_width(model.body, site.layer, f"density[{k}]")
+            pos = getattr(model.probe, f"positions_{k}")
+            if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= width):
+                raise UserError(f"density site {k} reads positions outside the {width} inputs of {site.layer!r}")

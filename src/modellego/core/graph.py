@@ -224,6 +224,14 @@ def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
 
 
+class _ExampleFailed(Exception):
+    """The model's own code raised on the example: the user's error, passed on unchanged."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class ConcreteTracer(fx.Tracer):
     """torch.fx tracing in which every proxy also carries its value on one real example.
 
@@ -253,7 +261,10 @@ class ConcreteTracer(fx.Tracer):
         # The op runs for real with fx's patches of Module.__call__ and friends lifted, so that a
         # module called here is not traced a second time.
         with _revert_fx_patches():
-            proxy.node.meta["concrete"] = self._run(kind, target, args, kwargs)
+            try:
+                proxy.node.meta["concrete"] = self._run(kind, target, args, kwargs)
+            except Exception as e:
+                raise _ExampleFailed(e) from e
         return proxy
 
     def _run(self, kind: str, target, args, kwargs):
@@ -308,7 +319,9 @@ def trace_module(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModul
         with preserve_training(model), torch.no_grad():
             model.eval()
             graph = tracer.trace(model)
-    except Exception as e:  # tracing runs user code: any exception type
+    except _ExampleFailed as e:  # the model fails on its own input, as it would in any forward pass
+        raise e.error from None
+    except Exception as e:  # fx raises many types for untraceable code
         raise UnsupportedGraphError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
     for node in reversed(list(graph.nodes)):
         # Checks the example already passed (torch._assert) and the questions that only steered

