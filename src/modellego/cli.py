@@ -648,7 +648,12 @@ def _check_output(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (user errors: one line on stderr, status 2)."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help, --version
+            raise
+        return int(e.code) if isinstance(e.code, int) else 2  # a bad command line, already printed on one line
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         _check_output(args)

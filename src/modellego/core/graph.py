@@ -243,9 +243,10 @@ class ConcreteTracer(fx.Tracer):
     graph is used for. Control flow on tensor *values* stays refused: other inputs could take
     another branch.
 
-    Layers that act channel by channel (`CHANNELWISE_MODULES`, subclasses included, e.g. a
-    BatchNorm with its activation inside) are kept whole as leaves rather than traced into, so
-    their parameters stay theirs and pruning can slice them.
+    Convolutions, Linear layers and layers that act channel by channel (`CHANNELWISE_MODULES`),
+    subclasses included (a BatchNorm with its activation inside, timm's Linear that casts its
+    weight), are kept whole as leaves rather than traced into, so their parameters stay theirs
+    and pruning can slice them.
     """
 
     def __init__(self, example: torch.Tensor) -> None:
@@ -254,7 +255,7 @@ class ConcreteTracer(fx.Tracer):
         self.placeholders = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, CHANNELWISE_MODULES) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*CHANNELWISE_MODULES, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, module_qualified_name)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

@@ -1,0 +1,71 @@
+"""Which timm and torchvision CNNs modellego cuts exactly today (random weights, 10 classes, 64×64).
+
+For each architecture: profile on 20 random images, disassemble classes 0-2 (the built-in check
+compares the component with the masked source relative to the logits' scale), and record either
+the kept share of parameters or the refusal, whose message names the op and the layer. Needs timm
+and torchvision; beside a CPU torch whose torchvision C extension does not load, the test-only
+import in tests/vision_models.py is used.
+
+    python benchmarks/real_models.py
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rows import record
+
+import modellego
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import vision_models  # noqa: E402  (the tests' helper: imports timm/torchvision without their C ops)
+
+TIMM = ["resnet18", "resnet50", "resnext26ts", "regnetx_002", "efficientnet_b0", "mobilenetv2_100", "mobilenetv3_small_100",
+        "mnasnet_100", "ghostnet_100", "densenet121", "convnext_atto", "repvgg_a0", "cspresnet50", "dla34", "rexnet_100",
+        "lcnet_050", "fbnetc_100", "tinynet_e", "vgg11_bn", "inception_v3"]
+TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1", "shufflenet_v2_x0_5",
+               "googlenet", "vgg11_bn", "mnasnet0_5", "regnet_x_400mf", "densenet121", "alexnet"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_models.jsonl"))
+    p.add_argument("--size", type=int, default=64)
+    args = p.parse_args(argv)
+    logging.getLogger("modellego").setLevel(logging.ERROR)
+    timm, tv = vision_models.load("timm"), vision_models.load("torchvision")
+    if timm is None or tv is None:
+        print("timm and torchvision are needed: pip install 'torch==2.13.0' timm torchvision", file=sys.stderr)
+        return 2
+    builders = [("timm", n, lambda n=n: timm.create_model(n, num_classes=10, pretrained=False)) for n in TIMM]
+    builders += [("torchvision", n, lambda n=n: getattr(tv.models, n)(num_classes=10, **({"aux_logits": False, "init_weights": True}
+                                                                                      if n == "googlenet" else {})))
+                 for n in TORCHVISION]
+    print("| library | model | outcome | params kept | seconds |\n|---|---|---|---|---|")
+    for lib, name, build in builders:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        row = {"library": lib, "model": name, "size": args.size, "torch": torch.__version__}
+        try:
+            model = build().eval()
+            size = 299 if name == "inception_v3" else args.size
+            x, y = torch.randn(20, 3, size, size), torch.arange(20) % 10
+            prof = modellego.profile(model, [(x, y)], select=False)
+            component = modellego.disassemble(model, [0, 1, 2], profile=prof)
+            kept = sum(q.numel() for q in component.parameters()) / sum(q.numel() for q in model.parameters())
+            row.update(outcome="exact", params_kept=round(kept, 4))
+        except Exception as e:  # every refusal is recorded with its message
+            row.update(outcome=f"refused ({type(e).__name__})", message=" ".join(str(e).split())[:300])
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        record(row, args.out, echo=False)
+        kept_cell = f"{row['params_kept']:.1%}" if "params_kept" in row else row.get("message", "")[:110]
+        print(f"| {lib} | {name} | {row['outcome']} | {kept_cell} | {row['seconds']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
