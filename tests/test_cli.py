@@ -322,6 +322,8 @@ def _error_cases(run: dict, junk: str, out: str) -> dict[str, tuple[list[str], s
                             "--calibrate", "none", "-o", out], "(0, 1]"),
         "triton kernel on a CPU": (["profile", m, "--data", "synthetic", "--kernel", "triton", "-o", out],
                                    "kernel 'triton'"),
+        "one component": (["assemble", c012, "-o", out], "at least two components"),
+        "an assembly among the components": (["assemble", run["asm_paper"], run["c34"], "-o", out], "is an assembly"),
     }
 
 
@@ -330,7 +332,8 @@ CASES = ["class out of range", "duplicate classes", "empty class list", "unknown
          "threshold 0", "profile of another model", "random bytes (evaluate)", "random bytes (assemble)",
          "random bytes (disassemble)", "missing model file", "unknown model", "unknown dataset",
          "same component twice", "evaluate a model without data", "calibration without data", "unknown calibration",
-         "merge with another source", "budget without contributions", "budget above 1", "triton kernel on a CPU"]
+         "merge with another source", "budget without contributions", "budget above 1", "triton kernel on a CPU",
+         "one component", "an assembly among the components"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -493,7 +493,12 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     from .files import load, save
     from .training.fit import finetune
     device = _device(args)
+    if len(args.components) < 2:
+        raise UserError("assembling needs at least two components")
     components = [load(p, map_location=device) for p in args.components]
+    nested = [p for p, c in zip(args.components, components) if require_info(c, "assemble").kind == "assembly"]
+    if nested:
+        raise UserError(f"{nested[0]} is an assembly; assemble its components together with the others instead")
     asm = assemble(components, mode=args.mode)
     info = require_info(asm, "this command")
     if args.scaling != "none" or args.finetune_epochs:
@@ -660,6 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (UserError, ModellegoError) as e:
         print(f"modellego {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the program: full, read-only, gone
+        where = f": {e.filename}" if e.filename else ""
+        print(f"modellego {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
