@@ -1,0 +1,54 @@
+"""timm and torchvision CNNs as users have them: cut exactly, or refused by name (skipped where neither installs)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import vision_models
+
+import modellego
+from modellego.core.graph import trace
+from modellego.core.locate import keep_channels
+from modellego.cut.disassemble import masked_forward
+from modellego.errors import UnsupportedGraphError
+
+timm = vision_models.load("timm")
+torchvision = vision_models.load("torchvision")
+pytestmark = [pytest.mark.skipif(timm is None or torchvision is None, reason="timm and torchvision are not installed"),
+              pytest.mark.filterwarnings("ignore:no class uses channel space")]
+
+EXACT = [("timm", "efficientnet_b0"), ("timm", "mobilenetv3_small_100"), ("timm", "repvgg_a0"),
+         ("torchvision", "efficientnet_b0"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "squeezenet1_1")]
+REFUSED = [("timm", "regnetx_002", "grouped convolution"), ("timm", "convnext_atto", "'permute'"),
+           ("torchvision", "shufflenet_v2_x0_5", "'view'")]
+
+
+def build(library: str, name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if library == "timm":
+        return timm.create_model(name, num_classes=10, pretrained=False).eval()
+    return getattr(torchvision.models, name)(num_classes=10).eval()
+
+
+@pytest.mark.parametrize("library,name", EXACT, ids=[f"{a}-{b}" for a, b in EXACT])
+def test_real_architectures_are_cut_exactly(library: str, name: str) -> None:
+    model = build(library, name).double()
+    x, y = torch.randn(12, 3, 48, 48, dtype=torch.float64), torch.arange(12) % 10
+    prof = modellego.profile(model, [(x, y)], select=False)
+    component = modellego.disassemble(model, [0, 1, 2], profile=prof)  # the built-in relative check passes
+    assert sum(p.numel() for p in component.parameters()) < sum(p.numel() for p in model.parameters())
+    # And by hand, on other inputs, at float64 precision relative to the logits' scale.
+    graph = trace(model, x[:1])
+    keep = keep_channels(graph, prof.task_in_masks([0, 1, 2]), [0, 1, 2], warn=False)
+    other = torch.randn(3, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = component(other), masked_forward(model, graph, keep, other)[:, [0, 1, 2]]
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+@pytest.mark.parametrize("library,name,op", REFUSED, ids=[f"{a}-{b}" for a, b, _ in REFUSED])
+def test_what_is_not_understood_is_refused_by_name(library: str, name: str, op: str) -> None:
+    model = build(library, name)
+    x, y = torch.randn(4, 3, 48, 48), torch.arange(4)
+    with pytest.raises(UnsupportedGraphError, match=op) as info:
+        modellego.profile(model, [(x, y)], select=False)
+    assert "cannot follow channels through node" in str(info.value)
