@@ -422,3 +422,22 @@ def test_bad_command_lines_give_one_line_and_status_2(tmp_path, capsys, argv: li
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "error:" in err, err
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()  # refused before any work
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path, capsys, monkeypatch) -> None:
+    """The write fails as on a full disk (ENOSPC): one line, status 2, no file and no temporary left."""
+    import errno
+
+    from safetensors import torch as st
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "c"))
+
+    monkeypatch.setattr(st, "save_file", full)
+    monkeypatch.setattr("modellego.io.checkpoint.save_file", full, raising=False)
+    capsys.readouterr()
+    rc = main(["disassemble", run["model"], "--classes", "0-2", "--profile", run["profile"], "--calibrate", "none",
+               "-o", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err, err
+    assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.tmp"))
