@@ -1139,22 +1139,27 @@ def sec_real_models(res: Results) -> str:
     if not rows:
         return "### 3.9 timm and torchvision models\n\n" + no_rows("real_models")
     exact = [r for r in rows if r["outcome"] == "exact"]
-    body = table(["library", "model", "outcome", "params kept (classes 0-2) or the refusal"],
+    pruned = [r for r in rows if r.get("tp_outcome") == "pruned"]
+    body = table(["library", "model", "modellego", "params kept (classes 0-2) or the refusal", "Torch-Pruning 50%"],
                  [[r["library"], r["model"], r["outcome"],
-                   f"{100 * r['params_kept']:.1f}%" if "params_kept" in r else r.get("message", "")[:120]] for r in rows])
+                   f"{100 * r['params_kept']:.1f}%" if "params_kept" in r else r.get("message", "")[:120],
+                   r.get("tp_outcome", "-") + (f": {r['tp_message'][:60]}" if r.get("tp_message") else "")] for r in rows])
     return f"""### 3.9 timm and torchvision models
 
 `python benchmarks/real_models.py` (timm 1.0.31 and torchvision 0.28.0 architectures with random
 weights, 10 classes, 64 × 64 inputs (inception_v3 299 × 299); profile on 20 random images,
 disassemble classes 0-2). "exact": the component passed the built-in check against the masked
 source, relative to the logits' scale; the kept share of parameters of random weights says
-little. Otherwise the refusal, which names the op and the node.
+little. Otherwise the refusal, which names the op and the node. Torch-Pruning 1.6 (the
+dependency-graph library the paper uses) on the same model: "pruned" when its L2-magnitude pruner
+removed half the channels of every prunable layer (the classifier left alone) and the result
+still runs; whether its output is what it should be is not checked there.
 
 {body}
 
 {len(exact)} of {len(rows)} architectures are cut exactly; the rest are refused by name: grouped
 convolutions other than depthwise, channel slices (`x[:, :n]`), channel splits, a channel shuffle
-and LayerNorm over channels behind a permute."""
+and LayerNorm over channels behind a permute. Torch-Pruning pruned {len(pruned)} of {len(rows)}."""
 
 
 # 5. Decision routes ----------------------------------------------------------------------------
