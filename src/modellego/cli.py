@@ -418,8 +418,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_disassemble(args: argparse.Namespace) -> int:
     from .core.distributed import world
-    from .core.locate import Thresholds
-    from .core.profiling import Profile
     from .cut.disassemble import disassemble
     from .data.tasks import parse_classes
     from .evaluation.metrics import count_params
@@ -432,14 +430,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         faithful_note = args.calibrate is None and not args.data
         if args.calibrate not in (None, "none") and not args.data:
             raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
-        if args.profile:
-            if _thresholds(args) != Thresholds():
-                raise UserError("the thresholds are those the profile was made with; re-profile to change them")
-            prof = Profile.load(args.profile)
-        elif args.data:
-            prof = _profile_from_args(model, args, classes, keep_contributions=args.flops is not None, group=group)
-        else:
-            raise UserError("give --profile PROFILE or --data NAME to profile the model first")
+        prof = _profile_for(model, args, classes, keep_contributions=args.flops is not None, group=group)
         if world(group)[0] != 0:
             return 0
     method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
@@ -514,7 +505,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile_for(model, args: argparse.Namespace):
+def _profile_for(model, args: argparse.Namespace, classes=None, *, keep_contributions: bool = False, group=None):
     """The profile given by --profile (checked against the model's weights) or computed from --data."""
     from .core.locate import Thresholds
     from .core.profiling import Profile
@@ -524,10 +515,11 @@ def _profile_for(model, args: argparse.Namespace):
             raise UserError("the thresholds are those the profile was made with; re-profile to change them")
         prof = Profile.load(args.profile)
         if prof.model_sha256 not in (None, weights_hash(model.state_dict())):
-            raise UserError(f"{args.profile} was made from other weights than {args.model}; profile this model")
+            raise UserError(f"the profile {args.profile} was computed from another model (weights hash differs); "
+                            "re-profile this model")
         return prof
     if args.data:
-        return _profile_from_args(model, args)
+        return _profile_from_args(model, args, classes, keep_contributions=keep_contributions, group=group)
     raise UserError("give --profile PROFILE or --data NAME to profile the model first")
 
 

@@ -50,14 +50,11 @@ class Thresholds:
 
 def minmax(s: torch.Tensor) -> torch.Tensor:
     """Eq. 8: min-max normalisation of a vector; a constant positive vector maps to all ones."""
-    lo, hi = s.min(), s.max()
-    if hi - lo <= 0:
-        return (s > 0).to(torch.float64)
-    return (s - lo).to(torch.float64) / (hi - lo).to(torch.float64)
+    return minmax_rows(s[None])[0]
 
 
 def minmax_rows(s: torch.Tensor) -> torch.Tensor:
-    """`minmax` of every row of s, Shape (B, P) -> (B, P) float64."""
+    """`minmax` of every row of s (a constant positive row maps to ones), Shape (B, P) -> (B, P) float64."""
     lo, hi = s.amin(-1, keepdim=True), s.amax(-1, keepdim=True)
     span = (hi - lo).to(torch.float64)
     flat = span <= 0

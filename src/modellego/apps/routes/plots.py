@@ -150,7 +150,8 @@ def overlap_curve(analysis: RouteAnalysis) -> Figure:
     """Per layer: mean Jaccard of the class pairs' routes (band: min to max) and the share of channels used by all."""
     curve = analysis.overlap_curve()
     x = np.arange(len(analysis.layers))
-    used_by_all = [analysis.counts(ly)["shared_by_all"] / max(1, analysis.counts(ly)["used_by_any"]) for ly in analysis.layers]
+    counts = [analysis.counts(ly) for ly in analysis.layers]
+    used_by_all = [c["shared_by_all"] / max(1, c["used_by_any"]) for c in counts]
     fig = Figure(figsize=(max(6.0, 0.5 * len(x) + 2), 4.0))
     ax = fig.add_subplot()
     ax.fill_between(x, curve["min"], curve["max"], alpha=0.2, color=PALETTE[0], label="min to max over class pairs")

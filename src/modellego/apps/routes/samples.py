@@ -129,19 +129,11 @@ class LinearVotes:
 
     def __init__(self, module: nn.Linear, x: torch.Tensor, alpha: float) -> None:
         self.x, self.w = x.detach(), module.weight.detach().to(x.dtype)  # (B, P), (Q, P)
-        # min_p ŝ is 0 wherever some product w[q, p]·x[b, p] is <= 0; for inputs after a ReLU that
-        # holds for (nearly) every (b, q) when x[b] has a zero or w[q] a weight <= 0, which spares
-        # the min over p.
-        known_zero = None
-        if bool((self.x >= 0).all()):
-            known_zero = (self.x == 0).any(1)[:, None] | (self.w <= 0).any(1)[None, :]  # (B, Q)
         parts = []
         step = max(1, CACHE_ELEMENTS // self.w.numel())
         for i in range(0, x.shape[0], step):
             s = self.x[i: i + step, None, :] * self.w  # (b, Q, P)  Eq. 3, as `linear_contribution`
-            hi = s.amax(-1).clamp_(min=0)  # of ŝ = ReLU(s), Eq. 4
-            block = known_zero[i: i + step] if known_zero is not None else None
-            lo = torch.zeros_like(hi) if block is not None and bool(block.all()) else s.amin(-1).clamp_(min=0)
+            lo, hi = s.amin(-1).clamp_(min=0), s.amax(-1).clamp_(min=0)  # of ŝ = ReLU(s), Eq. 4
             parts.append(_threshold(lo, hi, alpha))
         self.threshold = torch.cat(parts)  # (B, Q)
 
