@@ -7,6 +7,7 @@ same union test images:
 
 - Base: the class-count-weighted mean of the sources' Base (table2.py's).
 - MDA Score1: the components (calibrated as cut), padded, with the density head; no gradient step.
+- MDA Score2: that assembly fine-tuned briefly (table2.py's `score2`, the same budget).
 - KA: a student of the sources' architecture and width, trained without labels to match the two
   sources restricted to their task's outputs (`task_teacher`, the Masked-Base teachers).
 - distilled assembly: the same student trained from the MDA assembly's outputs (`distill`).
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
-from table2 import PAIRS  # noqa: E402
+from table2 import PAIRS, score2  # noqa: E402
 from train_zoo import ZOO, get_model  # noqa: E402
 
 import modellego  # noqa: E402
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="union training images per student (default: the source's train_limit in train_zoo.py)")
     p.add_argument("--lr", type=float, default=0.01, help="student SGD learning rate (default 0.01)")
     p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--finetune-epochs", type=int, default=2, help="MDA Score2 fine-tune epochs, as table2.py (0: skip)")
+    p.add_argument("--finetune-images", type=int, default=5000, help="random union training images used to fine-tune")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/amalgamate.jsonl"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -105,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
                      for d, task in tasks.items()]
             asm = assemble(comps, mode="padded")
             union = union_dataset(asm, data)
-            scale_assembly(asm, scaling_batches(asm, union), "density")
+            fit_images = scaling_batches(asm, union)
+            scale_assembly(asm, fit_images, "density")
             row["mda_s"] = round(time.perf_counter() - t, 1)
             row.update(_accuracy(asm, union, "mda_density"))
+            if args.finetune_epochs:  # MDA Score2: table2.py's short fine-tune of the same assembly
+                row.update(score2(asm, union, fit_images, args.finetune_epochs, args.finetune_images))
             row.update(_cost(asm, tuple(input_shape(asm, union)), "mda"))
             # KA: a student of the two sources restricted to their tasks, without labels.
             teachers = [task_teacher(sources[d], task) for d, task in tasks.items()]
@@ -125,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             row.update(_accuracy(distilled, union, "distilled"))
             rows.append(row)
             record(row, args.out)
-    print("| model | tasks | Base | MDA Score1 (density) | KA student | distilled assembly | MDA params | student params "
+    print("| model | tasks | Base | MDA Score1 (density) | MDA Score2 | KA student | distilled assembly | MDA params | student params "
           "| MDA MFLOPs | student MFLOPs | sources ms | MDA ms | student ms | MDA s | KA s | distill s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sources_ms = round(r["source_mnist_latency_ms"] + r["source_fashion-mnist_latency_ms"], 2)
-        print(f"| {r['model']} w{r['width']} | {r['pair']} | {r['base']} | {r['mda_density']} | {r['ka']} | "
+        print(f"| {r['model']} w{r['width']} | {r['pair']} | {r['base']} | {r['mda_density']} | {r.get('score2', '-')} | {r['ka']} | "
               f"{r['distilled']} | {r['mda_params']:,} | {r['student_params']:,} | {r['mda_flops'] / 1e6:.2f} | "
               f"{r['student_flops'] / 1e6:.2f} | {sources_ms} | {r['mda_latency_ms']} | {r['student_latency_ms']} | "
               f"{r['mda_s']} (+{r['profile_s']} profiles) | {r['ka_s']} | {r['distill_s']} |")

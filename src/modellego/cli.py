@@ -35,6 +35,7 @@ EXAMPLES = {
     "routes": "modellego routes runs/lenet5-mnist --data mnist --sample 247 -o runs/sample-247.png",
     "amalgamate": "modellego amalgamate runs/mnist runs/fashion --classes 0-4 5-9 --student lenet5 --width 1 --epochs 6 -o runs/ka",
     "distill": "modellego distill runs/asm --student lenet5 --width 0.5 --epochs 6 -o runs/asm-distilled",
+    "compress": "modellego compress runs/vgg-fashion --data fashion-mnist --flops 0.7,0.5,0.3 --paper -o runs/vgg-compressed",
 }
 
 
@@ -63,6 +64,18 @@ def _number(kind: type, lo: float | None = None, hi: float | None = None, *, lo_
         return v
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def _fractions(text: str) -> list[float]:
+    """An argparse type: comma-separated fractions in (0, 1], e.g. 0.7,0.5,0.3."""
+    parse = _number(float, 0, 1, lo_open=True)
+    parts = [t for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected fractions such as 0.5 or 0.7,0.5,0.3, got {text!r}")
+    values = [float(parse(t.strip())) for t in parts]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a budget is repeated in {text!r}")
+    return values
 
 
 POSITIVE_INT = _number(int, 1)
@@ -241,6 +254,28 @@ def _amalgamate_command(s: argparse.ArgumentParser) -> None:
     _student_args(s)
 
 
+def _compress_command(s: argparse.ArgumentParser) -> None:
+    s.description = (s.description or "") + (
+        "\n\nThe component of every class: under each --flops budget every layer keeps the same share of its\n"
+        "inputs most relevant to all classes (the largest that fits), and with --paper the paper's form (all\n"
+        "classes at the thresholds). Each is calibrated from --data training images (no gradient step) and\n"
+        "measured on its test split. One model: OUTPUT is its file. Several: OUTPUT is a folder with one file\n"
+        "per model, compress.json, compress.md (the table) and compress.png (accuracy against FLOPs and\n"
+        "parameters kept).")
+    s.add_argument("model")
+    s.add_argument("--flops", type=_fractions, default=None,
+                   help="FLOPs budget(s) as fractions of the model's, e.g. 0.5 or 0.7,0.5,0.3")
+    s.add_argument("--paper", action="store_true",
+                   help="also the paper's form: all classes at the thresholds, no budget (the default without --flops)")
+    s.add_argument("--calibrate", default="recon+balance",
+                   help="none, recon, bn, affine, refit, balance or a '+' combination (default: recon+balance)")
+    s.add_argument("--calibration-images", type=POSITIVE_INT, default=2000, help="training images used to calibrate (default 2000)")
+    s.add_argument("--finetune-epochs", type=COUNT, default=0, help="fine-tune each compressed model this many epochs (default 0)")
+    _data_args(s)
+    _selection_args(s)
+    s.add_argument("-o", "--output", required=True, help="model file (one model) or folder (several)")
+
+
 def _distill_command(s: argparse.ArgumentParser) -> None:
     s.add_argument("teacher", help="teacher file: typically an assembly (with its head), or a model to compress")
     s.add_argument("--classes", help="the teacher's outputs restricted to this task (default: all its classes)")
@@ -261,6 +296,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "amalgamate": ("knowledge amalgamation: train one student for the union of the teachers' classes from their "
                    "softened outputs", _amalgamate_command),
     "distill": ("train one compact student from one teacher's softened outputs (e.g. an assembly's)", _distill_command),
+    "compress": ("model compression: the component of every class, under FLOPs budgets or at the paper's "
+                 "thresholds (no training)", _compress_command),
 }
 
 
@@ -603,6 +640,35 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _train_student(args, [teacher], [args.classes] if args.classes else None)
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .apps.compress import compress_sweep, markdown_table, tradeoff_figure
+    from .apps.figures import save_figure
+    from .core.samples import SelectionConfig
+    from .files import load, save
+    from .io.atomic import write_json, write_text
+    model = load(args.model, map_location=_device(args))
+    budgets = args.flops or []
+    rows, models = compress_sweep(
+        model, _dataset(args), budgets, paper=args.paper or not budgets, calibrate=args.calibrate,
+        calibration_images=args.calibration_images, finetune_epochs=args.finetune_epochs, progress=True,
+        thresholds=_thresholds(args), mode=args.mode, kernel=args.kernel,
+        select=SelectionConfig(args.fraction, args.min_per_class, args.max_per_class))
+    table = markdown_table(rows)
+    if len(models) == 1:
+        print(f"saved {save(models[0], args.output)}")
+    else:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        for row, m in zip(rows[1:], models):
+            save(m, out / ("paper.safetensors" if row.budget is None else f"flops-{row.budget:g}.safetensors"))
+        write_json(out / "compress.json", [r.to_json() for r in rows])
+        write_text(out / "compress.md", table)
+        save_figure(tradeoff_figure(rows, f"{Path(args.model).stem} on {args.data}"), out / "compress.png")
+        print(f"saved {len(models)} models, compress.json, compress.md and compress.png in {out}")
+    print(table, end="")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.cache), epochs=args.epochs, device=_device(args))
@@ -610,7 +676,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, "profile": cmd_profile,
             "disassemble": cmd_disassemble, "assemble": cmd_assemble, "merge": cmd_merge, "routes": cmd_routes,
-            "demo": cmd_demo, "amalgamate": cmd_amalgamate, "distill": cmd_distill}
+            "demo": cmd_demo, "amalgamate": cmd_amalgamate, "distill": cmd_distill, "compress": cmd_compress}
 
 
 INPUT_ARGS = ("model", "profile", "source", "teacher", "components", "teachers")

@@ -159,7 +159,7 @@ def locate_class(
     contributions: Mapping[str, torch.Tensor],
     cls: int | Sequence[int],
     thresholds: Thresholds,
-    keep_fraction: float | None = None,
+    keep_fraction: float | Mapping[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Relevant inputs and outputs of every layer for class `cls`.
 
@@ -175,14 +175,17 @@ def locate_class(
         cls: output index of the class, or the indices of the classes walked together.
         thresholds: α and β.
         keep_fraction: ``None`` for the paper's β rule, else the share of inputs every layer
-            keeps (see `relevant_inputs`).
+            keeps (see `relevant_inputs`), one for all or one per layer name.
 
     Returns: (in_masks, out_masks) keyed by layer name, bool tensors of Shape (P,) and (Q,).
     """
     start = torch.zeros(graph.num_classes, dtype=torch.bool)
     start[torch.as_tensor(cls, dtype=torch.long)] = True
+    def share(name: str) -> float | None:
+        return keep_fraction[name] if isinstance(keep_fraction, Mapping) else keep_fraction
+
     return walk(graph, start, lambda layer, mask: relevant_inputs(
-        layer, contributions[layer.name].cpu(), mask, thresholds, keep_fraction))
+        layer, contributions[layer.name].cpu(), mask, thresholds, share(layer.name)))
 
 
 Votes = Callable[[torch.Tensor], torch.Tensor]

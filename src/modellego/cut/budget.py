@@ -73,10 +73,14 @@ class Budgeted:
     keep_fraction: float
     flops_ratio: float
     rank: str = "task"
+    shares: dict[str, float] | None = None  # per layer, after the fill (None: `keep_fraction` everywhere)
 
-    def to_json(self) -> dict[str, float | str]:
-        return {"keep_fraction": round(self.keep_fraction, 6), "flops_ratio": round(self.flops_ratio, 6),
-                "rank": self.rank}
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"keep_fraction": round(self.keep_fraction, 6),
+                                  "flops_ratio": round(self.flops_ratio, 6), "rank": self.rank}
+        if self.shares is not None:
+            out["shares"] = {k: round(v, 6) for k, v in self.shares.items()}
+        return out
 
 
 # How a task's classes share a layer's budget: "task" ranks the inputs by the classes' summed
@@ -111,6 +115,7 @@ def locate_budget(
     *,
     rank: str = "task",
     steps: int = 16,
+    fill: bool = True,
 ) -> Budgeted:
     """The most relevant channels of `classes` that fit `flops` × the source model's FLOPs.
 
@@ -124,6 +129,10 @@ def locate_budget(
         rank: ``"task"`` (one share for the task's classes together) or ``"class"`` (a share per
             class, then their union); see `RANKS`.
         steps: bisection steps on the kept share.
+        fill: after the uniform share, raise each layer's own share in turn (from the output
+            back to the input) as far as the budget allows, so that the FLOPs land close to the
+            budget even where one more channel of a narrow layer is a large step (rank
+            ``"task"`` only).
 
     Raises:
         UserError: no contributions in the profile, a budget outside (0, 1], or one that even
@@ -141,13 +150,13 @@ def locate_budget(
     positions = output_positions(model, graph, example)
     full = plan_flops(model, full_plan(graph), positions)
 
-    def trial(f: float, warn: bool = False) -> Budgeted:
+    def trial(f: float, warn: bool = False, shares: dict[str, float] | None = None) -> Budgeted:
         if rank == "task":
-            ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=f)
+            ins, _ = locate_class(graph, stacked, list(classes), profile.thresholds, keep_fraction=shares or f)
         else:
             ins = locate_union(graph, stacked, classes, profile.thresholds, f)
         keep = keep_channels(graph, ins, classes, warn=warn)  # trials stay quiet; the choice warns
-        return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full, rank)
+        return Budgeted(keep, f, plan_flops(model, build_plan(graph, keep), positions) / full, rank, shares)
 
     if trial(1.0).flops_ratio <= flops:
         return trial(1.0, warn=True)
@@ -165,4 +174,30 @@ def locate_budget(
                         f"found keeps {smallest:.1%}")
     log.info("FLOPs budget %.1f%%: every layer keeps %.1f%% of its inputs, %.1f%% of the FLOPs",
              100 * flops, 100 * best.keep_fraction, 100 * best.flops_ratio)
+    if fill and rank == "task":
+        shares = _fill(graph, best.keep_fraction, flops, lambda sh: trial(best.keep_fraction, shares=sh))
+        return trial(best.keep_fraction, warn=True, shares=shares)
     return trial(best.keep_fraction, warn=True)
+
+
+def _fill(graph: ChannelGraph, share: float, flops: float, trial, steps: int = 6) -> dict[str, float] | None:
+    """Per-layer shares from `share` up: each layer in turn, output first, as large as the budget allows.
+
+    The output side goes first because its layers read small feature maps, so a channel there
+    costs few FLOPs. Returns None when no layer could be raised.
+    """
+    shares = {name: share for name in graph.layers}
+    raised = False
+    for name in reversed(list(graph.layers)):
+        lo, hi = shares[name], 1.0
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            if trial({**shares, name: mid}).flops_ratio <= flops:
+                lo = mid
+            else:
+                hi = mid
+        if trial({**shares, name: hi}).flops_ratio <= flops:  # the bisection never tries 1.0 itself
+            lo = hi
+        raised |= lo > shares[name]
+        shares[name] = lo
+    return shares if raised else None

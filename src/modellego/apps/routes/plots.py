@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,24 +18,12 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from ...errors import UserError
-from ...io.atomic import atomic_path
+from ..figures import FORMATS, save_figure  # noqa: F401  # re-exported: routes figures are saved from here
 from .analysis import RouteAnalysis
 from .samples import SampleRoutes
 
-FORMATS = ("png", "svg", "pdf")
 SHARED, PARTLY, UNUSED = "#222222", "#8c8c8c", "#e6e6e6"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#e377c2", "#bcbd22")
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Write `fig` to `path` atomically; the format comes from the suffix (png, svg or pdf)."""
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise UserError(f"figures are written as {', '.join(FORMATS)}; got {path.name!r}")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-    return path
 
 
 def _short(name: str, limit: int = 18) -> str:
