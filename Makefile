@@ -37,11 +37,12 @@ $(VENV)/.triton: $(VENV)/.installed
 		echo "note: Triton not installed (no wheel for this platform); its kernel tests are skipped"
 	touch $@
 
-# timm and torchvision for the tests of real architectures (tests/test_real_models.py), in the
-# same pip command as the torch pin; optional: without them those tests are skipped.
+# timm and torchvision for the tests of real architectures (tests/test_real_models.py), and
+# Torch-Pruning for the compression benchmark's baselines (tests/test_compress.py), in the same pip
+# command as the torch pin; optional: without them those tests are skipped.
 $(VENV)/.vision: $(VENV)/.installed
-	$(PY) -m pip install -q "torch==2.13.0" "timm==1.0.31" "torchvision==0.28.0" || \
-		echo "note: timm/torchvision not installed; tests/test_real_models.py is skipped"
+	$(PY) -m pip install -q "torch==2.13.0" "timm==1.0.31" "torchvision==0.28.0" "torch-pruning==1.6.1" || \
+		echo "note: timm/torchvision/Torch-Pruning not installed; the tests that need them are skipped"
 	touch $@
 
 # Lint (ruff), types (mypy), then the tests; the tests use the offline datasets when present

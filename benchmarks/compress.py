@@ -158,6 +158,65 @@ def _measure(model: nn.Module, source: nn.Module, ds, shape) -> dict[str, float]
             "latency_ms": round(measure_latency(model, shape, batch=64, repeats=10), 2)}
 
 
+def run_source(args: argparse.Namespace, tp, arch: str, data: str, source: nn.Module, ds) -> list[dict]:
+    """Every budget and method on one trained source; rows recorded as they come."""
+    criteria = _criteria(tp)
+    rows: list[dict] = []
+    shape = input_shape(source, ds)
+    classes = list(range(len(ds.classes)))
+    calib = calibration_batches(source, ds, classes, images=args.calibration_images)
+    tune = _subset(ds, args.finetune_images)
+    example = calib[0][0][:2]
+    keys = full_plan(trace(source, example))
+    full = count_flops(source, shape)
+    t = time.perf_counter()
+    prof = modellego.profile(source, batches(ds.train, 256, transform=model_transform(source, ds)), keep_contributions=True)
+    profile_s = time.perf_counter() - t
+    common = {"model": arch, "width": ZOO[arch]["width"], "data": data, "base": round(test_accuracy(source, ds).mean_per_class, 2),
+              "calibration": args.calibrate, "finetune": f"{args.finetune_epochs} x {args.finetune_images}",
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def finish(row: dict, plain: nn.Module, refit: nn.Module, seconds: float, refit_s: float) -> None:
+        row.update(_measure(plain, source, ds, shape))
+        row["plain"] = round(test_accuracy(plain, ds).mean_per_class, 2)
+        row["recon"] = round(test_accuracy(refit, ds).mean_per_class, 2)
+        row["seconds"], row["recon_seconds"] = round(seconds, 1), round(refit_s, 1)
+        if args.finetune_epochs:
+            finetune(refit, tune, epochs=args.finetune_epochs, progress=False)
+            row["finetuned"] = round(test_accuracy(refit, ds).mean_per_class, 2)
+        rows.append(row)
+        record(row, args.out)
+        print(f"{arch} {data} {row['budget']} {row['method']}: FLOPs {row['flops_ratio']:.1%} plain {row['plain']} "
+              f"recon {row['recon']} finetuned {row.get('finetuned', '-')}", file=sys.stderr)
+
+    for budget in args.budgets:
+        t = time.perf_counter()
+        plain = compress(source, profile=prof, calibrate="none", flops=budget)
+        cut_s = time.perf_counter() - t
+        t = time.perf_counter()
+        refit = compress(source, profile=prof, calibration=calib, calibrate=args.calibrate, flops=budget)
+        finish({**common, "budget": budget, "method": "modellego"}, plain, refit, profile_s + cut_s,
+               profile_s + time.perf_counter() - t)
+        for name in args.criteria or list(criteria):
+            make, global_pruning = criteria[name]
+            grads = calib[:2] if name == "Taylor" else None
+
+            def prune(r: float, make=make, global_pruning=global_pruning, grads=grads):
+                return tp_prune(tp, source, example, make, global_pruning, r, grads)
+
+            t = time.perf_counter()
+            ratio, (pruned, history) = bisect_ratio(prune, shape, budget, full)
+            prune_s = time.perf_counter() - t
+            plan = tp_plan(tp, source, example, history, keys)
+            ours = check_plan(source, plan, pruned)
+            t = time.perf_counter()
+            calibrate(ours, source, classes, calib, args.calibrate, plan=plan)
+            finish({**common, "budget": budget, "method": f"Torch-Pruning {name}", "ratio": round(ratio, 4),
+                    "fits": count_flops(pruned, shape) <= budget * full},
+                   pruned, ours, prune_s, prune_s + time.perf_counter() - t)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=["vgg16_bn", "resnet18", "googlenet", "mobilenet_v2"])
@@ -172,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/compress.jsonl"))
     args = p.parse_args(argv)
     import torch_pruning as tp
-    criteria = _criteria(tp)
-    chosen = args.criteria or list(criteria)
     rows = []
     for arch in args.models:
         for data in args.data:
@@ -181,58 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists():
                 print(f"skipping {arch} on {data}: run benchmarks/train_zoo.py --models {arch} --data {data}", file=sys.stderr)
                 continue
-            source, ds = modellego.load(path), load_dataset(data)
-            shape = input_shape(source, ds)
-            classes = list(range(len(ds.classes)))
-            calib = calibration_batches(source, ds, classes, images=args.calibration_images)
-            tune = _subset(ds, args.finetune_images)
-            example = calib[0][0][:2]
-            graph = trace(source, example)
-            keys = full_plan(graph)
-            full = count_flops(source, shape)
-            base = test_accuracy(source, ds).mean_per_class
-            t = time.perf_counter()
-            prof = modellego.profile(source, batches(ds.train, 256, transform=model_transform(source, ds)),
-                                     keep_contributions=True)
-            profile_s = time.perf_counter() - t
-            common = {"model": arch, "width": ZOO[arch]["width"], "data": data, "base": round(base, 2),
-                      "calibration": args.calibrate, "finetune": f"{args.finetune_epochs} x {args.finetune_images}",
-                      "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-            def finish(row: dict, plain: nn.Module, refit: nn.Module, seconds: float, refit_s: float) -> None:
-                row.update(_measure(plain, source, ds, shape))
-                row["plain"] = round(test_accuracy(plain, ds).mean_per_class, 2)
-                row["recon"] = round(test_accuracy(refit, ds).mean_per_class, 2)
-                row["seconds"], row["recon_seconds"] = round(seconds, 1), round(refit_s, 1)
-                if args.finetune_epochs:
-                    finetune(refit, tune, epochs=args.finetune_epochs, progress=False)
-                    row["finetuned"] = round(test_accuracy(refit, ds).mean_per_class, 2)
-                rows.append(row)
-                record(row, args.out)
-                print(f"{arch} {data} {row['budget']} {row['method']}: FLOPs {row['flops_ratio']:.1%} plain {row['plain']} "
-                      f"recon {row['recon']} finetuned {row.get('finetuned', '-')}", file=sys.stderr)
-
-            for budget in args.budgets:
-                t = time.perf_counter()
-                plain = compress(source, profile=prof, calibrate="none", flops=budget)
-                cut_s = time.perf_counter() - t
-                t = time.perf_counter()
-                refit = compress(source, profile=prof, calibration=calib, calibrate=args.calibrate, flops=budget)
-                finish({**common, "budget": budget, "method": "modellego"}, plain, refit,
-                       profile_s + cut_s, profile_s + time.perf_counter() - t)
-                for name in chosen:
-                    make, global_pruning = criteria[name]
-                    grads = calib[:2] if name == "Taylor" else None
-                    t = time.perf_counter()
-                    ratio, (pruned, history) = bisect_ratio(
-                        lambda r: tp_prune(tp, source, example, make, global_pruning, r, grads), shape, budget, full)
-                    prune_s = time.perf_counter() - t
-                    plan = tp_plan(tp, source, example, history, keys)
-                    ours = check_plan(source, plan, pruned)
-                    t = time.perf_counter()
-                    calibrate(ours, source, classes, calib, args.calibrate, plan=plan)
-                    finish({**common, "budget": budget, "method": f"Torch-Pruning {name}", "ratio": round(ratio, 4)},
-                           pruned, ours, prune_s, prune_s + time.perf_counter() - t)
+            rows += run_source(args, tp, arch, data, modellego.load(path), load_dataset(data))
     print("| model | data | budget | method | FLOPs kept | params | plain % | + recon % | + fine-tune % | ms | s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -301,3 +301,26 @@ def test_hard_coded_view_is_caught_by_verification() -> None:
     prof.in_masks["fc"] = fc_in
     with pytest.raises(UnsupportedGraphError, match="hard-codes channel counts"):
         modellego.disassemble(model, [0, 1], profile=prof)
+
+
+def test_batches_alone_give_the_calibrated_component_drawn_in_the_profiling_pass(profiled) -> None:
+    ds, model, _ = profiled
+    from modellego.data import batches
+    from modellego.evaluation.protocol import model_transform, test_accuracy
+    train = list(batches(ds.train, 128, transform=model_transform(model, ds)))
+    reads = []
+
+    def once():
+        for b in train:
+            reads.append(1)
+            yield b
+
+    comp = modellego.disassemble(model, [0, 2], batches=once(), calibration_images=100)
+    prov = get_info(comp).provenance
+    assert len(reads) == len(train)  # profiled and drawn in one reading of a one-shot iterator
+    assert prov["calibration"]["method"] == "recon+balance" and prov["calibration"]["images"] == 100
+    assert prov["calibration_draw"] == {"images": 100, "from": "batches", "seed": 0}
+    faithful = modellego.disassemble(model, [0, 2], batches=train, calibrate="none")
+    assert get_info(faithful).provenance["calibration"] == {"method": "none"}
+    assert "calibration_draw" not in get_info(faithful).provenance
+    assert test_accuracy(comp, ds, [0, 2]).mean_per_class >= 50
