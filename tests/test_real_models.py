@@ -52,3 +52,19 @@ def test_what_is_not_understood_is_refused_by_name(library: str, name: str, op: 
     with pytest.raises(UnsupportedGraphError, match=op) as info:
         modellego.profile(model, [(x, y)], select=False)
     assert "cannot follow channels through node" in str(info.value)
+
+
+@pytest.mark.parametrize("library,name", [("timm", "mobilenetv3_small_100"), ("torchvision", "efficientnet_b0")])
+def test_components_of_library_models_save_and_load_into_a_fresh_instance(library: str, name: str, tmp_path) -> None:
+    model = build(library, name)
+    x, y = torch.randn(12, 3, 48, 48), torch.arange(12) % 10
+    component = modellego.disassemble(model, [3, 1], batches=[(x, y)], select=False, calibrate="none")
+    path = modellego.save(component, tmp_path / "c")
+    fresh = build(library, name)
+    with torch.no_grad():  # other weights: every tensor must come from the file
+        for p in fresh.parameters():
+            p.add_(1.0)
+    loaded = modellego.load(path, model=fresh)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), component(x))
+    assert type(loaded) is type(model) and modellego.get_info(loaded) == modellego.get_info(component)

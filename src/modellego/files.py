@@ -12,6 +12,7 @@ of tensor data is read. Only then are the tensors read, checked against their ha
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .assembly.assemble import Assembly, assembly_skeleton
 from .cut.prune import prune_layers
-from .errors import UserError
+from .errors import CorruptFileError, UserError
 from .io.checkpoint import ModelFile, StoredTensor, dtype_kind, open_model, resolve_path, write_model
 from .io.info import ModelInfo, require_info, set_info
 from .models import classifier_layer, create_model
@@ -83,25 +84,39 @@ def skeleton(info: ModelInfo) -> nn.Module:
 def save(model: nn.Module, path: str | os.PathLike, *, info: ModelInfo | None = None) -> Path:
     """Save `model` (with its `ModelInfo`) to `path` atomically; return the file written.
 
-    `path` may be a folder (``model.safetensors`` is written inside it) or a file name.
+    `path` may be a folder (``model.safetensors`` is written inside it) or a file name. A component
+    of a module the zoo cannot rebuild (``info.arch`` None) is saved too, as its plan and weights:
+    `load` rebuilds it from an instance of the source's class (``load(path, model=MyNet())``).
     """
     info = info or require_info(model, "saving")
-    if info.arch is None and info.assembly is None:
-        raise UserError("only models the zoo can rebuild can be saved: info.arch is None")
+    if info.assembly is not None and any(c.arch is None for c in info.assembly.components):
+        raise UserError("an assembly of components of modules outside the zoo cannot be saved yet: "
+                        "save its components, and assemble them again after loading")
     return write_model(path, info, model.state_dict())
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, *, model: nn.Module | None = None,
+         map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a model saved by `save`, in eval mode, with its `ModelInfo` attached.
 
+    Args:
+        path: the file, or the folder `save` wrote it in.
+        model: for a file of a module the zoo cannot rebuild, an instance of the source's class
+            (its weights do not matter): the stored pruning plan is replayed on a copy of it, and
+            every tensor then comes from the file. Not modified.
+        map_location: the device of the loaded module.
+
     Raises:
-        UserError: no file at `path`.
+        UserError: no file at `path`; a file of a module outside the zoo without `model`, or one
+            whose plan or tensors do not fit the given `model`.
         CorruptFileError: the file is truncated, corrupt, tampered with, not a modellego model, or
             describes a module its tensors do not fit.
     """
     path = resolve_path(path)
     with open_model(path) as f:
         info = f.info
+        if model is not None or (info.arch is None and info.assembly is None):
+            return _load_into(f, info, model, path).to(map_location).eval()
         try:
             model = skeleton(info)
             _check_fits(info, model)
@@ -117,6 +132,31 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
         raise f.corrupt(f"the weights do not fit the description: {e}") from e
     set_info(model, info)
     return model.to(map_location).eval()
+
+
+def _load_into(f: ModelFile, info: ModelInfo, model: nn.Module | None, path: Path) -> nn.Module:
+    """The file's module rebuilt from the caller's `model`: its plan replayed on a copy, then every tensor loaded."""
+    if model is None:
+        raise UserError(f"{path} holds a {info.kind} of a module the zoo cannot rebuild; load it with "
+                        "modellego.load(path, model=YourNet()), an instance of the source model's class")
+    if info.assembly is not None:
+        raise UserError(f"{path} holds an assembly; model= rebuilds models and components only")
+    base = copy.deepcopy(model).cpu()
+    try:
+        prune_layers(base, info.pruning or {})
+        _check_outputs(base, info.num_classes, "model")
+    except (UserError, IndexError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} does not fit the given {type(model).__name__}: {e}") from e
+    try:
+        _check_table(f, base.state_dict())
+    except CorruptFileError as e:
+        raise UserError(f"{path} does not fit the given {type(model).__name__}: {e}") from e
+    try:
+        base.load_state_dict(f.weights(), strict=True)
+    except RuntimeError as e:
+        raise f.corrupt(f"the weights do not fit the given module: {e}") from e
+    set_info(base, info)
+    return base
 
 
 def _materialise(model: nn.Module, info: ModelInfo) -> nn.Module:
