@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
+from table2 import random_subset  # noqa: E402
 from train_zoo import ZOO, checkpoint_path  # noqa: E402
 
 import modellego  # noqa: E402
@@ -47,10 +48,11 @@ from modellego.apps.compress import compress  # noqa: E402
 from modellego.calibration.calibrate import DEFAULT_CALIBRATION, calibrate  # noqa: E402
 from modellego.core.graph import is_depthwise, trace  # noqa: E402
 from modellego.cut.prune import full_plan, prune_layers  # noqa: E402
-from modellego.data import Split, batches, load_dataset  # noqa: E402
+from modellego.data import batches, load_dataset  # noqa: E402
 from modellego.evaluation.metrics import count_flops, count_params, measure_latency  # noqa: E402
 from modellego.evaluation.protocol import calibration_batches, input_shape, model_transform, test_accuracy  # noqa: E402
 from modellego.io.plan import Plan  # noqa: E402
+from modellego.models import classifier_layer  # noqa: E402
 from modellego.training.fit import finetune  # noqa: E402
 
 CODE = 2.0 ** 20  # probe weights hold out_index * CODE + in_index, exact in float64
@@ -65,17 +67,13 @@ def _criteria(tp) -> dict[str, tuple[Callable[[], object], bool]]:
             "LAMP global": (lambda: imp.LAMPImportance(p=2), True)}
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-
-
 def tp_prune(tp, model: nn.Module, example: torch.Tensor, make_importance, global_pruning: bool, ratio: float,
              grads: list[tuple[torch.Tensor, torch.Tensor]] | None):
     """A copy of `model` pruned by Torch-Pruning at `ratio`, and its pruning history."""
     m = copy.deepcopy(model).eval()
     importance = make_importance()
     pruner = tp.pruner.MetaPruner(m, example, importance=importance, pruning_ratio=ratio, global_pruning=global_pruning,
-                                  ignored_layers=[_last_linear(m)])
+                                  ignored_layers=[classifier_layer(m)[1]])
     if grads is not None:  # Taylor: gradients of the loss on the calibration images
         m.zero_grad()
         for x, y in grads:
@@ -145,13 +143,6 @@ def bisect_ratio(prune: Callable[[float], tuple], shape, target: float, full: in
     return best
 
 
-def _subset(ds, images: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds.train), generator=g)[:images]
-    return type(ds)(ds.name, ds.classes, Split(ds.train.images[idx], ds.train.labels[idx]), ds.val, ds.test,
-                    ds.mean, ds.std)
-
-
 def _measure(model: nn.Module, source: nn.Module, ds, shape) -> dict[str, float]:
     return {"params": count_params(model), "flops": count_flops(model, shape),
             "flops_ratio": round(count_flops(model, shape) / count_flops(source, shape), 4),
@@ -165,7 +156,7 @@ def run_source(args: argparse.Namespace, tp, arch: str, data: str, source: nn.Mo
     shape = input_shape(source, ds)
     classes = list(range(len(ds.classes)))
     calib = calibration_batches(source, ds, classes, images=args.calibration_images)
-    tune = _subset(ds, args.finetune_images)
+    tune = random_subset(ds, args.finetune_images)
     example = calib[0][0][:2]
     keys = full_plan(trace(source, example))
     full = count_flops(source, shape)

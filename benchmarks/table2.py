@@ -40,18 +40,23 @@ PAIRS = {"0+0": ([0], [0]), "0-2+0-2": ([0, 1, 2], [0, 1, 2]), "3-9+3-9": (list(
          "0-4+5-9": ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9]), "0-9+0-9": (list(range(10)), list(range(10)))}
 
 
+def random_subset(ds: Dataset, images: int, seed: int = 0) -> Dataset:
+    """`ds` with a seeded random `images` of its training images (validation and test kept whole)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.train), generator=g)[:images]
+    return type(ds)(ds.name, ds.classes, Split(ds.train.images[idx], ds.train.labels[idx]), ds.val, ds.test,
+                    ds.mean, ds.std)
+
+
 def score2(asm: torch.nn.Module, union: Dataset, fit_images, epochs: int, images: int) -> dict[str, object]:
     """Score2: a copy of the assembly with its heads unscaled, fine-tuned on `images` seeded union images."""
     tuned = copy.deepcopy(asm)
     scale_assembly(tuned, fit_images, "none")
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(union.train), generator=g)[:images]
-    small = type(union)(union.name, union.classes, Split(union.train.images[idx], union.train.labels[idx]),
-                        union.val, union.test, union.mean, union.std)
+    small = random_subset(union, images)
     t = time.perf_counter()
     finetune(tuned, small, epochs=epochs, progress=False)
     return {"score2": round(test_accuracy(tuned, union).mean_per_class, 2),
-            "finetune": f"{epochs} epochs x {len(idx)} images, {time.perf_counter() - t:.0f} s",
+            "finetune": f"{epochs} epochs x {len(small.train)} images, {time.perf_counter() - t:.0f} s",
             "score2_s": round(time.perf_counter() - t, 1)}
 
 

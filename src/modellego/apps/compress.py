@@ -29,7 +29,7 @@ from ..calibration.calibrate import DEFAULT_CALIBRATION, parse_methods
 from ..calibration.draw import CalibrationDraw
 from ..core.profiling import Profile
 from ..core.profiling import profile as run_profile
-from ..cut.disassemble import disassemble, drawn_calibration
+from ..cut.disassemble import disassemble, drawn_calibration, profile_with_draw
 from ..data import Dataset, batches
 from ..errors import UserError
 from ..evaluation.metrics import count_flops, count_params, measure_latency
@@ -86,17 +86,14 @@ def compress(
             outside (0, 1] or smaller than the smallest component.
     """
     draw = CalibrationDraw(None, calibration_images) if calibration is None and parse_methods(calibrate) else None
+    if profile is None and batches is None:
+        raise UserError("compress needs training batches, or a profile and calibration images")
+    if profile is not None and draw is not None and batches is None:
+        raise UserError(f"{calibrate} calibration needs training batches or calibration=; "
+                        "or pass calibrate='none' for the uncalibrated cut")
     if profile is None:
-        if batches is None:
-            raise UserError("compress needs training batches, or a profile and calibration images")
-        profile = run_profile(model, draw.wrap(batches) if draw is not None else batches, progress=progress,
-                              keep_contributions=flops is not None, **profile_kwargs)
-    elif draw is not None:
-        if batches is None:
-            raise UserError(f"{calibrate} calibration needs training batches or calibration=; "
-                            "or pass calibrate='none' for the uncalibrated cut")
-        for x, y in batches:
-            draw.update(x, y)
+        profile_kwargs["keep_contributions"] = flops is not None
+    profile = profile_with_draw(model, batches, profile, draw, progress=progress, **profile_kwargs)
     classes = _all_classes(model, profile)
     if draw is not None:
         calibration = drawn_calibration(model, draw, len(classes))
@@ -124,13 +121,14 @@ class CompressionRow:
         return asdict(self)
 
 
-def _measure(name: str, model: nn.Module, source: nn.Module, ds: Dataset, budget: float | None,
+def _measure(name: str, model: nn.Module, source: tuple[int, int], ds: Dataset, budget: float | None,
              seconds: float, latency_batch: int) -> CompressionRow:
+    """One row; `source` is the source's (parameters, FLOPs), counted once per sweep."""
     shape = input_shape(model, ds)
     acc = test_accuracy(model, ds)
-    return CompressionRow(name, budget, round(acc.mean_per_class, 2), round(acc.worst_class, 2), count_params(model),
-                          count_flops(model, shape), count_params(model) / count_params(source),
-                          count_flops(model, shape) / count_flops(source, shape),
+    params, flops = count_params(model), count_flops(model, shape)
+    return CompressionRow(name, budget, round(acc.mean_per_class, 2), round(acc.worst_class, 2), params, flops,
+                          params / source[0], flops / source[1],
                           round(measure_latency(model, shape, batch=latency_batch, repeats=10), 3), round(seconds, 2))
 
 
@@ -171,14 +169,15 @@ def compress_sweep(
     classes = _all_classes(model, profile)
     calibration = (calibration_batches(model, ds, classes, images=calibration_images)
                    if parse_methods(calibrate) else None)
-    rows = [_measure("source", model, model, ds, 1.0, 0.0, latency_batch)]
+    source = (count_params(model), count_flops(model, input_shape(model, ds)))
+    rows = [_measure("source", model, source, ds, 1.0, 0.0, latency_batch)]
     models = []
     for budget in ([None] if paper else []) + list(budgets):
         t = time.perf_counter()
         comp = disassemble(model, classes, profile=profile, calibration=calibration, calibrate=calibrate,
                            flops=budget, progress=progress)
         name = "paper thresholds" if budget is None else f"FLOPs {budget:g}"
-        row = _measure(name, comp, model, ds, budget, time.perf_counter() - t + profile_s, latency_batch)
+        row = _measure(name, comp, source, ds, budget, time.perf_counter() - t + profile_s, latency_batch)
         if finetune_epochs:
             finetune(comp, ds, epochs=finetune_epochs, progress=progress)
             row = CompressionRow(**{**asdict(row), "finetuned_accuracy": round(test_accuracy(comp, ds).mean_per_class, 2)})

@@ -181,6 +181,7 @@ def locate_class(
     """
     start = torch.zeros(graph.num_classes, dtype=torch.bool)
     start[torch.as_tensor(cls, dtype=torch.long)] = True
+
     def share(name: str) -> float | None:
         return keep_fraction[name] if isinstance(keep_fraction, Mapping) else keep_fraction
 

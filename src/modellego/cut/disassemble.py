@@ -116,23 +116,17 @@ def disassemble(
         UnsupportedGraphError: the graph has an op that cannot be followed or pruned.
     """
     classes = check_classes(classes, None)  # empty or duplicate: fail before any profiling
-    parse_methods(calibrate)  # an unknown method fails before any profiling too
-    draw = None
-    if calibration is None and batches is not None and parse_methods(calibrate):
-        draw = CalibrationDraw(classes, calibration_images)
+    methods = parse_methods(calibrate)  # an unknown method fails before any profiling too
+    draw = CalibrationDraw(classes, calibration_images) if calibration is None and batches is not None and methods else None
     if profile is None:
         if batches is None:
             raise UserError("disassemble needs a profile or training batches to compute one")
         if flops is not None:
             profile_kwargs["keep_contributions"] = True
-        profile = run_profile(model, draw.wrap(batches) if draw is not None else batches, classes=classes, progress=progress,
-                              **profile_kwargs)
-    else:
-        if profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
-            raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
-        if draw is not None and batches is not None:
-            for x, y in batches:
-                draw.update(x, y)
+        profile_kwargs["classes"] = classes
+    elif profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
+        raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
+    profile = profile_with_draw(model, batches, profile, draw, progress=progress, **profile_kwargs)
     shape = profile.provenance.get("input_shape")
     if not shape:
         raise UserError("the profile does not record the input shape")
@@ -156,6 +150,21 @@ def disassemble(
         provenance["calibration_draw"] = {"images": len(draw), "from": "batches", "seed": draw.seed}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
                    calibrate=calibrate, verify=verify, progress=progress)
+
+
+def profile_with_draw(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+                      profile: Profile | None, draw: CalibrationDraw | None, *, progress: bool = False,
+                      **profile_kwargs: Any) -> Profile:
+    """`profile`, or one computed from `batches`; `draw` sees every batch once, in the profiling pass
+    when there is one (so a one-shot iterator is read once), else in a pass of its own."""
+    if profile is None:
+        assert batches is not None  # callers say which of the two they need
+        return run_profile(model, draw.wrap(batches) if draw is not None else batches, progress=progress,
+                           **profile_kwargs)
+    if draw is not None and batches is not None:
+        for x, y in batches:
+            draw.update(x, y)
+    return profile
 
 
 def drawn_calibration(model: nn.Module, draw: CalibrationDraw, num_classes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
