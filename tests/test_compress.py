@@ -30,13 +30,10 @@ def _masked_copy(model: nn.Module, plan: dict) -> nn.Module:
         for name, dims in plan.items():
             m = modules[name]
             drop = torch.ones(m.weight.shape[0], dtype=torch.bool)
-            drop[dims["out"]] = False
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not list(masked.modules())[-1]:
-                m.weight[drop] = 0
-            if getattr(m, "bias", None) is not None and not isinstance(m, nn.Linear):
+            drop[dims["out"]] = False  # the classifier keeps every class: nothing dropped there
+            m.weight[drop] = 0
+            if getattr(m, "bias", None) is not None:
                 m.bias[drop] = 0
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight[drop] = 0
     return masked
 
 
