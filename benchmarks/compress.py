@@ -8,8 +8,10 @@ For each cached source of train_zoo.py and each FLOPs budget, on the same test i
   bias), (c) (b) fine-tuned for the same short budget as everyone.
 - Torch-Pruning 1.6 (pip install "torch==2.13.0" "torch-pruning==1.6.1"): L1 and L2 filter norm,
   FPGM (geometric median), BN-scale (network slimming), Taylor (first-order, gradients of the
-  cross-entropy on the calibration images), LAMP, each with one pruning ratio for every layer
-  (bisected so the FLOPs land at or under the budget), and LAMP with a global ratio. The last
+  cross-entropy on the calibration images), LAMP, and HRank (mean rank of a channel's feature maps
+  on 128 calibration images; written here as a Torch-Pruning importance, as it is not among the
+  library's), each with one pruning ratio for every layer (bisected so the FLOPs land at or under
+  the budget), and LAMP with a global ratio. The last
   layer is never pruned. (a) as pruned, (b) with the *same* recon+balance calibration on the
   same images (this separates the choice of channels from the refit), (c) (b) fine-tuned.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -55,16 +58,75 @@ from modellego.io.plan import Plan  # noqa: E402
 from modellego.models import classifier_layer  # noqa: E402
 from modellego.training.fit import finetune  # noqa: E402
 
+HRANK_IMAGES = 128  # calibration images whose feature-map ranks HRank averages
 CODE = 2.0 ** 20  # probe weights hold out_index * CODE + in_index, exact in float64
 
 
-def _criteria(tp) -> dict[str, tuple[Callable[[], object], bool]]:
-    """Torch-Pruning importance per name, and whether its ratio is global."""
+def feature_ranks(model: nn.Module, images: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """HRank's statistic: per convolution, the mean rank over `images` of each input and output channel's map.
+
+    Shape:
+        images (B, C, H, W); per layer name, "in" (C_in,) and "out" (C_out,) mean ranks.
+    """
+    ranks: dict[str, dict[str, torch.Tensor]] = {}
+    convs = {mod: name for name, mod in model.named_modules() if isinstance(mod, nn.Conv2d)}
+
+    def rank(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (C,)
+        return torch.linalg.matrix_rank(x.detach().double()).double().mean(0)
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        ranks[convs[mod]] = {"in": rank(args[0]), "out": rank(out)}
+
+    handles = [mod.register_forward_hook(hook) for mod in convs]
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks
+
+
+def hrank_importance(tp, ranks: dict[str, dict[str, torch.Tensor]]):
+    """HRank (Lin et al., CVPR 2020) as a Torch-Pruning importance: a channel scores the mean rank of its
+    feature maps, read where the next convolution takes it in (after BatchNorm and activation, as HRank
+    hooks them), or at the producing convolution's output when no convolution reads it."""
+    fn = tp.pruner.function
+
+    class HRankImportance(tp.importance.Importance):
+        def __init__(self) -> None:
+            self.names: dict[int, str] = {}
+
+        def observe(self, model: nn.Module) -> None:
+            """Name the modules of the copy that is pruned (the ranks are keyed by name)."""
+            self.names = {id(mod): name for name, mod in model.named_modules()}
+
+        def __call__(self, group) -> torch.Tensor | None:
+            found: dict[str, list[tuple[torch.Tensor, list[int]]]] = {"in": [], "out": []}
+            for i, (dep, idxs) in enumerate(group):
+                layer_ranks = ranks.get(self.names.get(id(dep.target.module), ""))
+                side = {fn.prune_conv_in_channels: "in", fn.prune_conv_out_channels: "out"}.get(dep.handler)
+                if layer_ranks is not None and side is not None:
+                    found[side].append((layer_ranks[side][idxs], group[i].root_idxs))
+            items = found["in"] or found["out"]
+            if not items:
+                return None
+            total = torch.zeros(len(items[0][0]), dtype=torch.float64)
+            for score, root in items:
+                total.scatter_add_(0, torch.tensor(root), score)
+            return (total / len(items)).float()
+
+    return HRankImportance()
+
+
+def _criteria(tp, ranks: Callable[[], dict[str, dict[str, torch.Tensor]]]) -> dict[str, tuple[Callable[[], object], bool]]:
+    """Torch-Pruning importance per name, and whether its ratio is global; `ranks` gives HRank's statistic."""
     imp = tp.importance
     return {"L1": (lambda: imp.MagnitudeImportance(p=1), False), "L2": (lambda: imp.MagnitudeImportance(p=2), False),
             "FPGM": (lambda: imp.FPGMImportance(p=2), False), "BN-scale": (lambda: imp.BNScaleImportance(), False),
             "Taylor": (lambda: imp.TaylorImportance(), False), "LAMP": (lambda: imp.LAMPImportance(p=2), False),
-            "LAMP global": (lambda: imp.LAMPImportance(p=2), True)}
+            "LAMP global": (lambda: imp.LAMPImportance(p=2), True),
+            "HRank": (lambda: hrank_importance(tp, ranks()), False)}
 
 
 def tp_prune(tp, model: nn.Module, example: torch.Tensor, make_importance, global_pruning: bool, ratio: float,
@@ -72,6 +134,8 @@ def tp_prune(tp, model: nn.Module, example: torch.Tensor, make_importance, globa
     """A copy of `model` pruned by Torch-Pruning at `ratio`, and its pruning history."""
     m = copy.deepcopy(model).eval()
     importance = make_importance()
+    if hasattr(importance, "observe"):
+        importance.observe(m)
     pruner = tp.pruner.MetaPruner(m, example, importance=importance, pruning_ratio=ratio, global_pruning=global_pruning,
                                   ignored_layers=[classifier_layer(m)[1]])
     if grads is not None:  # Taylor: gradients of the loss on the calibration images
@@ -151,7 +215,7 @@ def _measure(model: nn.Module, source: nn.Module, ds, shape) -> dict[str, float]
 
 def run_source(args: argparse.Namespace, tp, arch: str, data: str, source: nn.Module, ds) -> list[dict]:
     """Every budget and method on one trained source; rows recorded as they come."""
-    criteria = _criteria(tp)
+    criteria = _criteria(tp, functools.cache(lambda: feature_ranks(source, calib[0][0][:HRANK_IMAGES])))
     rows: list[dict] = []
     shape = input_shape(source, ds)
     classes = list(range(len(ds.classes)))
