@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import safetensors
@@ -223,3 +226,13 @@ def _assembly(comps, inflate: float = 1.0) -> Assembly:
 def _fit_images(asm: Assembly, ds, per_class: int = 60):
     union = union_dataset(asm, {"synthetic": ds})
     return union, scaling_batches(asm, union, per_class=per_class)
+
+
+def torchrun(*argv: str) -> subprocess.CompletedProcess:
+    """`modellego ARGV` launched by torchrun as two CPU processes (gloo on the loopback device)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "modellego.cli", *argv], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1  # every process holds the profile; the first writes
+    return proc

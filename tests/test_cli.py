@@ -6,8 +6,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,6 +16,8 @@ from modellego.core.profile import Profile
 from modellego.io.checkpoint import read_header
 from modellego.io.info import InputSpec, get_info, set_info, weights_hash
 from modellego.models import list_models
+
+from helpers import torchrun
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 TRAIN = ["--model", "vgg11_bn", "--width", "0.125", "--data", "synthetic", "--epochs", "1", "--train-limit", "800",
@@ -110,16 +110,6 @@ def test_profile_file(run) -> None:
     assert prof.classes == tuple(range(10)) and prof.class_names == tuple(f"class{i}" for i in range(10))
     assert prof.thresholds == modellego.Thresholds()
     assert prof.model_sha256 and prof.provenance["input_shape"] == [3, 32, 32]
-
-
-def torchrun(*argv: str) -> subprocess.CompletedProcess:
-    """`modellego ARGV` launched by torchrun as two CPU processes (gloo on the loopback device)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "modellego.cli", *argv], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("saved ") == 1  # every process holds the profile; the first writes
-    return proc
 
 
 def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_path) -> None:

@@ -107,6 +107,16 @@ def _data_args(s: argparse.ArgumentParser, required: bool = True) -> None:
     s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
 
 
+def _stream_args(s: argparse.ArgumentParser) -> None:
+    """Reading --data imagefolder image by image, for folders too large for memory."""
+    s.add_argument("--stream", action="store_true",
+                   help="with --data imagefolder: decode the images one by one while passing over them (memory "
+                        "independent of the folder's size), resized and center-cropped to the model's input")
+    s.add_argument("--workers", type=COUNT, default=0, help="with --stream: image decoding processes (default 0)")
+    s.add_argument("--resize", type=POSITIVE_INT, default=None,
+                   help="with --stream: shorter side before the center crop (default: the input side / 0.875)")
+
+
 def _models_command(s: argparse.ArgumentParser) -> None:
     """`models` takes no arguments."""
 
@@ -134,6 +144,7 @@ def _evaluate_command(s: argparse.ArgumentParser) -> None:
     _data_args(s, required=False)
     s.add_argument("--classes", help="task, e.g. 0-2, 3,5,7 or class names (default: the model's classes)")
     s.add_argument("--split", default="test", choices=["test", "val", "train"])
+    _stream_args(s)
     s.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -143,6 +154,7 @@ def _profile_command(s: argparse.ArgumentParser) -> None:
                       "  torchrun --standalone --nproc-per-node N -m modellego.cli profile MODEL --data NAME -o PROFILE")
     s.add_argument("model")
     _data_args(s)
+    _stream_args(s)
     _selection_args(s)
     s.add_argument("--keep-contributions", action="store_true",
                    help="store every class's relative contributions (4 bytes per weight and class) so that "
@@ -167,6 +179,7 @@ def _disassemble_command(s: argparse.ArgumentParser) -> None:
                    help="with --flops: rank each layer's inputs for the task's classes together (task, one share "
                         "per layer) or keep a share per class and their union (class)")
     _data_args(s, required=False)
+    _stream_args(s)
     _selection_args(s)
     s.add_argument("-o", "--output", required=True, help="component folder or .safetensors file")
 
@@ -325,6 +338,17 @@ def _dataset(args: argparse.Namespace):
     return load_dataset(args.data, args.data_dir, download=args.download)
 
 
+def _streamed(model, args: argparse.Namespace, split: str = "train", *, classes=None, group=None):
+    """--stream: this process's shard of --data-dir's `split`, decoded image by image for `model`."""
+    from .core.distributed import world
+    from .data import canonical_name
+    from .evaluation.protocol import model_stream
+    if canonical_name(args.data or "") != "imagefolder" or not args.data_dir:
+        raise UserError("--stream reads an image folder: give --data imagefolder --data-dir FOLDER")
+    return model_stream(model, args.data_dir, split, workers=args.workers, resize=args.resize, classes=classes,
+                        shard=world(group))
+
+
 def _thresholds(args: argparse.Namespace):
     from .core.locate import Thresholds
     return Thresholds(args.conv_alpha, args.conv_beta, args.linear_alpha, args.linear_beta)
@@ -352,46 +376,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.tasks import parse_classes
-    from .evaluation.metrics import cost
+    from .evaluation.metrics import accuracy, cost
     from .evaluation.protocol import input_shape, test_accuracy
     from .files import load
     device = _device(args)
     model = load(args.model, map_location=device)
     info = require_info(model, "this command")
-    if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel
-        from .data import load_dataset
-        from .data.union import union_dataset
-        given = {}
-        if args.data:
-            d = _dataset(args)
-            given[d.name] = d
-        ds = union_dataset(model, given, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
-    elif args.data:
-        ds = _dataset(args)
+    if args.stream:
+        if info.kind == "assembly" or info.input is None:
+            raise UserError("--stream evaluates a model or component on one image folder; assemblies read their "
+                            "own datasets (evaluate them without --stream)")
+        from .data.stream import stream_batches
+        folder = _streamed(model, args, args.split).dataset  # listed once, read once per score
+        data_name, class_names = "imagefolder", folder.classes
+        shape = (info.input.channels, *info.input.size)
+
+        def score(task: list[int], restrict: bool):
+            it = stream_batches(folder, 256, workers=args.workers, classes=task)
+            return accuracy(model, it, classes=task, restrict=restrict)
     else:
-        raise UserError("give --data NAME (only assemblies know their datasets)")
-    if args.classes:
-        classes = parse_classes(args.classes, ds.classes)
-    else:
-        classes = list(info.classes)
+        if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel
+            from .data import load_dataset
+            from .data.union import union_dataset
+            given = {}
+            if args.data:
+                d = _dataset(args)
+                given[d.name] = d
+            ds = union_dataset(model, given, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+        elif args.data:
+            ds = _dataset(args)
+        else:
+            raise UserError("give --data NAME (only assemblies know their datasets)")
+        data_name, class_names, shape = ds.name, ds.classes, input_shape(model, ds)
+
+        def score(task: list[int], restrict: bool):
+            return test_accuracy(model, ds, task, restrict=restrict, split=args.split)
+    classes = parse_classes(args.classes, class_names) if args.classes else list(info.classes)
     result: dict[str, object] = {"model": str(args.model), "kind": info.kind, "arch": info.arch,
-                                 "dataset": ds.name, "split": args.split, "classes": classes}
-    acc = test_accuracy(model, ds, classes, split=args.split)
+                                 "dataset": data_name, "split": args.split, "classes": classes}
+    acc = score(classes, False)
     result["accuracy"] = acc.to_json()
     if set(classes) != set(info.classes):  # a task inside the model's classes: add the fair baseline
-        result["masked_accuracy"] = test_accuracy(model, ds, classes, restrict=True, split=args.split).to_json()
-    c = cost(model, input_shape(model, ds))
+        result["masked_accuracy"] = score(classes, True).to_json()
+    c = cost(model, shape)
     result["cost"] = c.to_json()
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{info.kind} {info.arch} on {ds.name} ({args.split}), classes {classes}")
+    print(f"{info.kind} {info.arch} on {data_name} ({args.split}), classes {classes}")
     print(f"  accuracy: {acc.overall:.2f}% overall, {acc.mean_per_class:.2f}% mean per class, worst class {acc.worst_class:.2f}%")
     if "masked_accuracy" in result:
         m = result["masked_accuracy"]
         assert isinstance(m, dict)  # Accuracy.to_json()
         print(f"  masked to the task (argmax over its classes only): {m['mean_per_class']:.2f}% mean per class")
-    names = dict(zip(range(len(ds.classes)), ds.classes))
+    names = dict(zip(range(len(class_names)), class_names))
     for k, v in acc.per_class.items():
         print(f"    {k:>4} {names.get(k, k)!s:<14} {v:6.2f}%  ({acc.counts[k]} images)")
     print(f"  parameters {c.params:,}  FLOPs {c.flops:,}  latency {c.latency_ms:.3f} ms (batch {c.batch}, {c.device})")
@@ -405,10 +443,13 @@ def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_co
     from .core.samples import SelectionConfig
     from .data import batches
     from .evaluation.protocol import model_transform
-    ds = _dataset(args)
-    rank, size = world(group)
-    train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
-    it = batches(train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
+    if getattr(args, "stream", False):
+        it = _streamed(model, args, group=group)
+    else:
+        ds = _dataset(args)
+        rank, size = world(group)
+        train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
+        it = batches(train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
     selection = SelectionConfig(args.fraction, args.min_per_class, args.max_per_class)
     return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, select=selection,
                    progress=True, keep_contributions=keep_contributions, kernel=args.kernel, group=group)
@@ -492,6 +533,12 @@ def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | N
         return method, None
     if not args.data:
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
+    if getattr(args, "stream", False):  # one pass over the task's images only, keeping a seeded draw
+        from .calibration.draw import CalibrationDraw
+        draw = CalibrationDraw(labels, args.calibration_images)
+        for x, y in _streamed(model, args, classes=labels):
+            draw.update(x, y)
+        return method, draw.batches()
     from .evaluation.protocol import calibration_batches
     return method, calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
 

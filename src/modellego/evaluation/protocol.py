@@ -1,6 +1,7 @@
 """The evaluation protocol: Base, Masked-Base and Disa on a task, with sizes (mda-method §6)."""
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..data import Dataset, Resize, batches, preprocessing
+from ..data.stream import StreamedBatches, StreamedImageFolder, stream_batches
 from ..data.transforms import Compose
 from ..errors import UserError
 from ..io.info import InputSpec, get_info
@@ -24,6 +26,38 @@ def model_transform(model: nn.Module, ds: Dataset):
     if tuple(spec.size) != tuple(ds.image_size):
         t = Compose([Resize(spec.size), t])
     return t
+
+
+def model_stream(
+    model: nn.Module,
+    root: str | os.PathLike[str],
+    split: str = "train",
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    resize: int | None = None,
+    classes: Sequence[int] | None = None,
+    shard: tuple[int, int] | None = None,
+) -> StreamedBatches:
+    """The `split` of the image folder `root`, decoded image by image and preprocessed for `model`.
+
+    The model's input spec gives the channels, the center crop's side and the normalisation (see
+    `modellego.data.stream` for the layout and the transform); labels are the folder's class indices.
+
+    Shape:
+        yields images (B, C, S, S) float32 and labels (B,) int64, S the model's input side.
+    """
+    info = get_info(model)
+    if info is None or info.input is None:
+        raise UserError("streaming an image folder needs the model's input spec (channels, size, mean, std); "
+                        "models trained or saved by modellego record it")
+    spec = info.input
+    if spec.size[0] != spec.size[1] or spec.channels not in (1, 3):
+        raise UserError(f"streamed folders give square 1- or 3-channel images; the model expects "
+                        f"{spec.channels} x {spec.size[0]} x {spec.size[1]}")
+    folder = StreamedImageFolder(root, split, size=spec.size[0], resize=resize, channels=spec.channels,
+                                 mean=spec.mean, std=spec.std)
+    return stream_batches(folder, batch_size, workers=workers, classes=classes, shard=shard)
 
 
 def input_shape(model: nn.Module, ds: Dataset) -> tuple[int, int, int]:
