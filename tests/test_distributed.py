@@ -190,3 +190,70 @@ def test_a_group_without_torch_distributed_initialised_is_refused() -> None:
     model, x, y = _model_and_data()
     with pytest.raises(UserError, match="torch.distributed is not initialised"):
         modellego.profile(model, [(x, y)], group=object())  # type: ignore[arg-type]
+
+
+CALIBRATIONS = ("recon+balance", "bn+refit+balance", "affine")
+
+
+def _bn_model_and_component() -> tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A float64 net with BatchNorm, its component of classes 0-2 as cut, and batches of 10 images."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(48, 4)).double()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    model.eval()
+    x = torch.randn(80, 2, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        model[-1].bias -= model(x).mean(0)  # centred logits: every class is predicted for some images
+        y = model(x).argmax(1)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(x), 10)]
+    comp = modellego.disassemble(model, [0, 1, 2], batches=batches, calibrate="none",
+                                 select=SelectionConfig(0.2, 2, 6))
+    return model, comp, batches
+
+
+def _calibration_worker(rank: int, folder: str) -> None:
+    out = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        from modellego.calibration.calibrate import calibrate
+        model, comp, batches = _bn_model_and_component()
+        for i, method in enumerate(CALIBRATIONS):
+            mine = copy.deepcopy(comp)
+            report = calibrate(mine, model, [0, 1, 2], batches[rank::PROCESSES], method, group=dist.group.WORLD)
+            save_file({k: v.contiguous() for k, v in mine.state_dict().items()}, out / f"calibrated{i}-{rank}")
+            (out / f"report{i}-{rank}.json").write_text(json.dumps(report["images"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def calibration_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("calibration")
+    _spawn(_calibration_worker, folder)
+    return folder
+
+
+@pytest.mark.parametrize("i", range(len(CALIBRATIONS)))
+def test_calibration_in_a_group_equals_one_process_on_all_the_shards(calibration_run: Path, i: int) -> None:
+    from modellego.calibration.calibrate import calibrate
+    from modellego.cut.disassemble import relative_error
+    model, comp, batches = _bn_model_and_component()
+    one = copy.deepcopy(comp)
+    images = calibrate(one, model, [0, 1, 2], batches, CALIBRATIONS[i])["images"]
+    want = one.state_dict()
+    moved = 0.0
+    for rank in range(PROCESSES):
+        got = load_file(calibration_run / f"calibrated{i}-{rank}")
+        assert json.loads((calibration_run / f"report{i}-{rank}.json").read_text()) == images  # of all shards
+        for k, v in want.items():
+            assert relative_error(got[k].double(), v.double()) < 1e-9, (CALIBRATIONS[i], k)
+            moved = max(moved, relative_error(v.double(), comp.state_dict()[k].double()))
+    assert moved > 1e-3  # the calibration changed the component: equal copies of the cut would pass too

@@ -500,7 +500,7 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     from .data.tasks import parse_classes
     from .evaluation.metrics import count_params
     from .files import load, save
-    # Under torchrun the processes share the profiling; the first alone calibrates and writes.
+    # Under torchrun the processes share the profiling and the calibration; the first writes.
     with _launched_group(_device(args)) as (group, device):
         model = load(args.model, map_location=device)
         info = require_info(model, "this command")
@@ -509,11 +509,11 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
         if args.calibrate not in (None, "none") and not args.data:
             raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
         prof = _profile_for(model, args, classes, keep_contributions=args.flops is not None, group=group)
+        method, calibration = _calibration(model, args, [info.classes[c] for c in classes], group=group)
+        component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method,
+                                flops=args.flops, budget_rank=args.budget_rank, progress=True, group=group)
         if world(group)[0] != 0:
             return 0
-    method, calibration = _calibration(model, args, [info.classes[c] for c in classes])
-    component = disassemble(model, classes, profile=prof, calibration=calibration, calibrate=method, flops=args.flops,
-                            budget_rank=args.budget_rank, progress=True)
     path = save(component, args.output)
     budget = require_info(component, "this command").provenance.get("flops_budget")
     print(f"saved {path}: classes {[info.class_names[c] for c in classes]}, "
@@ -525,9 +525,11 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | None]:
-    """The calibration method and training batches that --calibrate / --data ask for."""
+def _calibration(model, args: argparse.Namespace, labels, group=None) -> tuple[str, list | None]:
+    """The calibration method and this process's share of the training batches that --calibrate /
+    --data ask for (all of them in one process)."""
     from .calibration.calibrate import DEFAULT_CALIBRATION
+    from .core.distributed import world
     method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
     if method == "none":
         return method, None
@@ -535,12 +537,15 @@ def _calibration(model, args: argparse.Namespace, labels) -> tuple[str, list | N
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if getattr(args, "stream", False):  # one pass over the task's images only, keeping a seeded draw
         from .calibration.draw import CalibrationDraw
-        draw = CalibrationDraw(labels, args.calibration_images)
-        for x, y in _streamed(model, args, classes=labels):
+        draw = CalibrationDraw(labels, args.calibration_images, rank=world(group)[0])
+        for x, y in _streamed(model, args, classes=labels, group=group):
             draw.update(x, y)
+        draw.reduce(group)
         return method, draw.batches()
     from .evaluation.protocol import calibration_batches
-    return method, calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
+    drawn = calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
+    rank, size = world(group)
+    return method, [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

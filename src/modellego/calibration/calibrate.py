@@ -23,15 +23,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
+from ..core.distributed import agree_shards, all_sum, gather_rows
 from ..errors import UserError
 from ..hooks import eval_mode, forward_hooks
 from ..io.info import get_info, weights_hash
 from ..io.plan import Plan, relative_plan
 from .reconstruct import reconstruct
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger(__name__)
 METHODS = ("none", "recon", "bn", "affine", "refit", "balance")
@@ -58,8 +63,9 @@ def last_layer(model: nn.Module, num_outputs: int) -> nn.Linear:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
-    """Replace BatchNorm running statistics by their exact average over `inputs`; returns layer count."""
+def recompute_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor], group: ProcessGroup | None = None) -> int:
+    """Replace BatchNorm running statistics by their average over the batches `inputs` (of every
+    process of `group`); returns the layer count."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -75,13 +81,23 @@ def recompute_batchnorm(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int
         finally:
             for m, mom in saved.items():
                 m.momentum = mom
+    if group is not None:  # each process averaged its batches: weigh the averages by their batch counts
+        for m in norms:
+            assert m.running_mean is not None and m.running_var is not None and m.num_batches_tracked is not None
+            n = m.num_batches_tracked.double()
+            mean, var, total = all_sum([m.running_mean.double() * n, m.running_var.double() * n, n[None]], group)
+            m.running_mean.copy_(mean / total)
+            m.running_var.copy_(var / total)
+            m.num_batches_tracked.copy_(total[0].long())
     return len(norms)
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+def _logits(model: nn.Module, inputs: Sequence[torch.Tensor], group: ProcessGroup | None = None) -> torch.Tensor:
+    """Logits over `inputs` of every process of `group`, in rank order. Shape: (N, outputs)."""
     with eval_mode(model):
-        return torch.cat([model(x).double().cpu() for x in inputs])  # fits run on the CPU in float64
+        mine = torch.cat([model(x).double().cpu() for x in inputs])  # fits run on the CPU in float64
+    return gather_rows(mine, group)
 
 
 def fit_affine(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,13 +122,14 @@ def fit_ridge(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tup
 
 
 @torch.no_grad()
-def _penultimate(model: nn.Module, fc: nn.Linear, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inputs of the last layer over `inputs`. Shape: (N, F)."""
+def _penultimate(model: nn.Module, fc: nn.Linear, inputs: Sequence[torch.Tensor],
+                 group: ProcessGroup | None = None) -> torch.Tensor:
+    """Inputs of the last layer over `inputs` of every process of `group`. Shape: (N, F)."""
     feats: list[torch.Tensor] = []
     name = next(n for n, m in model.named_modules() if m is fc)
     with forward_hooks(model, {name: lambda m, a: feats.append(a[0].detach().double().cpu())}, pre=True):
         _logits(model, inputs)
-    return torch.cat(feats)
+    return gather_rows(torch.cat(feats), group)
 
 
 def fit_balance(z: torch.Tensor, prior: torch.Tensor, steps: int = 300) -> torch.Tensor:
@@ -157,6 +174,7 @@ def calibrate(
     task_labels: Sequence[int] | None = None,
     plan: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     progress: bool = False,
+    group: ProcessGroup | None = None,
 ) -> dict[str, object]:
     """Calibrate `component` in place from training batches of its task; returns what was done.
 
@@ -171,6 +189,10 @@ def calibrate(
         plan: the pruning plan that cut `component` from `source`, which ``recon`` needs (default:
             read from the two models' descriptions, as `modellego.disassemble` attaches them).
         progress: show a progress bar over the layers ``recon`` refits.
+        group: a torch.distributed process group whose every process calls this with its own share
+            of the batches; sums and fits cover all shares, so every process ends with the same
+            component (one process's on all the images, up to summation order and ``recon``'s
+            row sampling, which each process does on its own batches).
     """
     methods = parse_methods(method)
     report: dict[str, object] = {"method": "+".join(methods) or "none"}
@@ -183,11 +205,13 @@ def calibrate(
         if keep.any():
             xs.append(x[keep])
             ys.append(y[keep].cpu())
+    if group is not None:  # every process must take part in every collective below
+        agree_shards(tuple(xs[0].shape[1:]) if xs else None, group, "the calibration images' shape")
     if not xs:
         raise UserError("no calibration image belongs to the task's classes")
     device = next(component.parameters()).device
     xs = [x.to(device) for x in xs]
-    labels = torch.cat(ys)
+    labels = gather_rows(torch.cat(ys), group)
     report["images"] = len(labels)
     fc = last_layer(component, len(task))
     needs_bias = [m for m in methods if m in ("affine", "refit", "balance")]
@@ -195,18 +219,18 @@ def calibrate(
         raise UserError(f"{needs_bias[0]} calibration needs a last layer with a bias")
     if "recon" in methods:
         plan = plan if plan is not None else plan_between(component, source)
-        report["recon_r2"] = reconstruct(component, source, plan, xs, progress=progress)
+        report["recon_r2"] = reconstruct(component, source, plan, xs, progress=progress, group=group)
     if "bn" in methods:
-        report["bn_layers"] = recompute_batchnorm(component, xs)
+        report["bn_layers"] = recompute_batchnorm(component, xs, group)
     if "affine" in methods:
-        target = _logits(source, xs)[:, list(task)]
-        a, b = fit_affine(_logits(component, xs), target)
+        target = _logits(source, xs, group)[:, list(task)]
+        a, b = fit_affine(_logits(component, xs, group), target)
         fc.weight.mul_(a.to(fc.weight)[:, None])
         fc.bias.copy_(a.to(fc.bias) * fc.bias + b.to(fc.bias))
         report["affine_scale"] = [round(float(v), 4) for v in a]
     if "refit" in methods:
-        target = _logits(source, xs)[:, list(task)]
-        feats = _penultimate(component, fc, xs)
+        target = _logits(source, xs, group)[:, list(task)]
+        feats = _penultimate(component, fc, xs, group)
         w, b = fit_ridge(feats, target)
         fc.weight.copy_(w.to(fc.weight))
         fc.bias.copy_(b.to(fc.bias))
@@ -214,7 +238,7 @@ def calibrate(
     if "balance" in methods:
         pos = {c: i for i, c in enumerate(task_labels)}
         prior = torch.bincount(torch.tensor([pos[int(c)] for c in labels]), minlength=len(task)).double() / len(labels)
-        b = fit_balance(_logits(component, xs), prior)
+        b = fit_balance(_logits(component, xs, group), prior)
         fc.bias.add_(b.to(fc.bias))
         report["balance_bias"] = [round(float(v), 4) for v in b]
     return report

@@ -8,14 +8,23 @@ DataLoader over a folder too large for memory), so the draw rides along the prof
 Every sample of the task's classes gets a random key from a seeded generator; the draw keeps the
 `images` samples with the smallest keys, which is a uniform random subset of the stream (the keys
 are i.i.d.), and never holds more than `images` + one batch of them.
+
+Across processes (each reading its own shard), every process draws with keys of its own seeded
+stream and `reduce` keeps, over all of them, the `images` smallest keys: a uniform random draw
+from all the shards, each process holding its share.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..core.distributed import gather_rows
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,15 +37,17 @@ class CalibrationDraw:
             ``None``: every sample is a candidate.
         images: how many samples to keep at most.
         seed: seed of the keys: the same stream and seed give the same draw.
+        rank: this process's rank when processes draw from their shards (see `reduce`): each
+            draws its keys from another stream of the seed.
     """
 
-    def __init__(self, classes: Sequence[int] | None, images: int = 2000, seed: int = 0) -> None:
+    def __init__(self, classes: Sequence[int] | None, images: int = 2000, seed: int = 0, rank: int = 0) -> None:
         if images < 1:
             raise UserError(f"the calibration draw needs at least one image, got images={images}")
         self.classes = None if classes is None else torch.as_tensor([int(c) for c in classes])
         self.images = int(images)
         self.seed = seed
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(seed + (rank << 32))  # rank 0: the one-process stream
         self._keys = torch.empty(0)
         self._order = torch.empty(0, dtype=torch.long)  # stream position, so the draw keeps stream order
         self._x: torch.Tensor | None = None
@@ -62,6 +73,16 @@ class CalibrationDraw:
             pick = torch.topk(keys, self.images, largest=False).indices
             keys, order, xs, ys = keys[pick], order[pick], xs[pick], ys[pick]
         self._keys, self._order, self._x, self._y = keys, order, xs, ys
+
+    def reduce(self, group: ProcessGroup | None) -> None:
+        """Keep, over every process of `group`, the `images` samples with the smallest keys; each
+        process keeps those it holds (every process must call this)."""
+        everyone = gather_rows(self._keys, group)
+        if len(everyone) > self.images:
+            threshold = torch.kthvalue(everyone, self.images).values
+            mine = self._keys <= threshold
+            self._keys, self._order, self._y = self._keys[mine], self._order[mine], self._y[mine]
+            self._x = self._x[mine] if self._x is not None else None
 
     def wrap(self, batches: Iterable[Batch]) -> Iterable[Batch]:
         """`batches` unchanged, offering each to the draw on the way through the first pass only.

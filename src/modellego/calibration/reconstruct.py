@@ -33,6 +33,7 @@ import logging
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
@@ -40,11 +41,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.contribution import pad_input
+from ..core.distributed import all_sum
 from ..core.graph import ADD_FUNCTIONS, is_depthwise, trace_module
 from ..errors import UnsupportedGraphError, UserError
 from ..hooks import eval_mode, forward_hooks
 from ..memory import default_budget
 from .frontier import CheckpointSteps, Join, TracedGraph, Values, frontier_steps, servable_layers
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +210,12 @@ class _Normal:
         self.sums = parts if self.sums is None else [a + p for a, p in zip(self.sums, parts)]
         self.n += x.shape[1]
 
+    def reduce(self, group: ProcessGroup | None) -> None:
+        """Sum the equations over the processes of `group` (a process without rows adds zeros)."""
+        assert self.sums is not None, "reduce before any update"
+        *self.sums, n = all_sum([*self.sums, torch.tensor([float(self.n)], dtype=torch.float64)], group)
+        self.n = int(n[0])
+
     def solve(self, ridge: float, intercept: bool) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """W (G, F, T), b (G, T) minimising Σ||x W + b - y||² + λ||W||² per group, and the fit's R²."""
         assert self.sums is not None, "solve before any update"
@@ -275,6 +286,7 @@ def reconstruct(
     seed: int = 0,
     memory_budget: int | None = None,
     progress: bool = False,
+    group: ProcessGroup | None = None,
 ) -> dict[str, float]:
     """Refit every Conv2d and Linear layer of `component` to reproduce `source`'s kept outputs (in place).
 
@@ -293,6 +305,9 @@ def reconstruct(
             Default: half the memory free on the batches' device when recon starts
             (`modellego.memory.default_budget`). The weights do not depend on it.
         progress: show a progress bar over the layers.
+        group: a torch.distributed process group whose every process passes its own share of
+            the images: each layer's normal equations are summed over the processes before the
+            solve, so every process writes the same weights.
 
     Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
     """
@@ -343,7 +358,7 @@ def reconstruct(
             layer = modules[name]
             assert isinstance(layer, (nn.Conv2d, nn.Linear))  # `execution_order` lists only these
             r2[name] = _refit(name, layer, plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
-                              gen=gen)
+                              gen=gen, group=group)
     return r2
 
 
@@ -370,7 +385,8 @@ def _pass_values(name: str, join: Join | None, component: nn.Module, source: nn.
 
 
 def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, Sequence[int]]], values: Iterable[Values],
-           norm: nn.Module | None, *, ridge: float, rows_per_batch: int, gen: torch.Generator) -> float:
+           norm: nn.Module | None, *, ridge: float, rows_per_batch: int, gen: torch.Generator,
+           group: ProcessGroup | None = None) -> float:
     """Refit one layer of `component` in place (`norm`: the join's BatchNorm, if any); returns its R²."""
     out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
     eqs = _Normal()
@@ -388,6 +404,8 @@ def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, 
             xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
             rows = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
             eqs.update(xi[:, rows], yi[:, rows])
+    if group is not None:
+        eqs.reduce(group)
     w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)
     _write(m, w, b)
     log.debug("reconstructed %s: R² %.4f over %d rows", name, fit, eqs.n)

@@ -140,3 +140,37 @@ def sum_accumulators(accs: Mapping[str, LayerAccumulator], group: dist.ProcessGr
         dist.all_reduce(moved, group=group)
         if moved is not t:
             t.copy_(moved)
+
+
+def all_sum(tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None) -> list[torch.Tensor]:
+    """Each tensor summed over the processes of `group` (the tensors themselves without one)."""
+    if group is None:
+        return list(tensors)
+    device = _device(group)
+    out = []
+    for t in tensors:  # the same order on every process
+        moved = t.to(device, copy=True)
+        dist.all_reduce(moved, group=group)
+        out.append(moved.to(t.device))
+    return out
+
+
+def gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Every process's rows of `t`, concatenated in rank order; the processes may hold different
+    numbers of rows but must agree on the rest of the shape and the dtype.
+
+    Shape: (N_r, ...) on rank r -> (sum of N_r, ...).
+    """
+    if group is None:
+        return t
+    size = world(group)[1]
+    device = _device(group)
+    rows = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(rows) for _ in range(size)]
+    dist.all_gather(counts, rows, group=group)
+    n = [int(c) for c in counts]
+    padded = torch.zeros((max(n), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.to(device)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)  # equal shapes: the rows padded to the longest
+    return torch.cat([p[:k] for p, k in zip(parts, n)]).to(t.device)

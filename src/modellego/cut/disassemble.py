@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..calibration.calibrate import DEFAULT_CALIBRATION, parse_methods
 from ..calibration.calibrate import calibrate as calibrate_logits
 from ..calibration.draw import CalibrationDraw
+from ..core.distributed import world
 from ..core.graph import ChannelGraph, trace
 from ..core.locate import keep_channels
 from ..core.profiling import Profile, class_names_of
@@ -22,6 +23,9 @@ from ..io.info import ModelInfo, get_info, set_info, weights_hash
 from ..io.plan import compose_plans
 from .budget import locate_budget
 from .prune import build_plan, kept_features, prune_layers
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ def disassemble(
     budget_rank: str = "task",
     verify: bool = True,
     progress: bool = False,
+    group: ProcessGroup | None = None,
     **profile_kwargs: Any,
 ) -> nn.Module:
     """Cut the component of `model` for the task `classes` (output indices, in the order wanted).
@@ -109,6 +114,10 @@ def disassemble(
         verify: check on a random input that the component equals the source with the dropped
             channels zeroed (catches forward passes that hard-code channel counts).
         progress: show progress bars (profiling here, and ``recon`` calibration).
+        group: a torch.distributed process group whose every process calls this with its own
+            shard of `batches` or share of `calibration`: profiling, the calibration draw and the
+            calibration's sums cover every process's data, and every process returns the same
+            component.
         **profile_kwargs: passed to `modellego.profile` when profiling here.
 
     Raises:
@@ -117,13 +126,15 @@ def disassemble(
     """
     classes = check_classes(classes, None)  # empty or duplicate: fail before any profiling
     methods = parse_methods(calibrate)  # an unknown method fails before any profiling too
-    draw = CalibrationDraw(classes, calibration_images) if calibration is None and batches is not None and methods else None
+    draw = (CalibrationDraw(classes, calibration_images, rank=world(group)[0])
+            if calibration is None and batches is not None and methods else None)
     if profile is None:
         if batches is None:
             raise UserError("disassemble needs a profile or training batches to compute one")
         if flops is not None:
             profile_kwargs["keep_contributions"] = True
         profile_kwargs["classes"] = classes
+        profile_kwargs["group"] = group
     elif profile.model_sha256 and profile.model_sha256 != weights_hash(model.state_dict()):
         raise UserError("the profile was computed from another model (weights hash differs); re-profile this model")
     profile = profile_with_draw(model, batches, profile, draw, progress=progress, **profile_kwargs)
@@ -146,10 +157,11 @@ def disassemble(
         keep = budgeted.keep
         provenance["flops_budget"] = {"budget": flops, **budgeted.to_json()}
     if draw is not None:
+        draw.reduce(group)
         calibration = drawn_calibration(model, draw, graph.num_classes)
         provenance["calibration_draw"] = {"images": len(draw), "from": "batches", "seed": draw.seed}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
-                   calibrate=calibrate, verify=verify, progress=progress)
+                   calibrate=calibrate, verify=verify, progress=progress, group=group)
 
 
 def profile_with_draw(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
@@ -206,6 +218,7 @@ def extract(
     calibrate: str = DEFAULT_CALIBRATION,
     verify: bool = True,
     progress: bool = False,
+    group: ProcessGroup | None = None,
 ) -> nn.Module:
     """The component of `model` keeping channels `keep` (per channel space) and outputs `classes`.
 
@@ -233,7 +246,7 @@ def extract(
     if calibration is not None:
         calibration_report = calibrate_logits(component, model, classes, calibration, calibrate,
                                               task_labels=[source_classes[c] for c in classes], plan=plan,
-                                              progress=progress)
+                                              progress=progress, group=group)
     source = {"sha256": weights_hash(model.state_dict()), "kind": src.kind if src else "model",
               "dataset": src.dataset if src else None}
     info = ModelInfo(

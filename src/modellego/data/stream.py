@@ -226,7 +226,8 @@ class StreamedImageFolder(TorchDataset[Any]):
         if mean is None or std is None:
             if channels != 3:
                 raise UserError("grey images need mean= and std= (one value each); ImageNet's are for RGB.")
-            mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
+            mean = IMAGENET_MEAN if mean is None else mean
+            std = IMAGENET_STD if std is None else std
         if len(mean) != channels or len(std) != channels or min(std) <= 0:
             raise UserError(f"mean and std need {channels} values each, std positive; found {tuple(mean)} and {tuple(std)}.")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(channels, 1, 1)
@@ -268,7 +269,8 @@ class StreamedImageFolder(TorchDataset[Any]):
 
     def _list_class_folders(self, folder: Path) -> tuple[list[str], list[int]]:
         index = {c: i for i, c in enumerate(self.classes)}
-        loose = [f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in self.suffixes]
+        loose = [f.name for f in folder.iterdir()
+                 if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in self.suffixes]
         if loose:
             raise UserError(
                 f"{folder}: holds {len(loose)} images (e.g. {loose[0]}) outside class folders but no label file; "
@@ -407,6 +409,8 @@ class StreamedBatches:
             raise UserError(f"workers must be >= 0, found {workers}.")
         if limit is not None and limit < 0:
             raise UserError(f"limit must be >= 0 or None, found {limit}.")
+        if shard is not None and len(shard) != 2:
+            raise UserError(f"shard must be (rank, world_size), found {shard!r}.")
         rank, world = shard if shard is not None else _default_shard()
         if world < 1 or not 0 <= rank < world:
             raise UserError(f"shard must be (rank, world_size) with 0 <= rank < world_size, found {(rank, world)}.")
