@@ -1348,7 +1348,8 @@ def sec_compress(res: Results) -> str:
                       (("plain", "as pruned"), ("recon", "with recon"), ("finetuned", "after the fine-tune")) if gaps[k])
     return f"""### 6.2 Compression against Torch-Pruning at equal FLOPs
 
-`python benchmarks/compress.py --models vgg16_bn` and `--models mobilenet_v2` (one run per source: the same model, images and
+`python benchmarks/compress.py` (VGG-16, ResNet-18, GoogLeNet, MobileNetV2; HRank added to VGG-16
+and MobileNetV2 by a later `--criteria HRank` run; one run per source: the same model, images and
 budgets for every method). *modellego*: `modellego.apps.compress.compress`, every class under the
 budget (one share for every layer, then each layer's own share filled up to the budget). *TP X*:
 Torch-Pruning 1.6.1 with criterion X, one pruning ratio for every layer (LAMP global: one global
@@ -1366,8 +1367,8 @@ the budget. Latency shares the cores with other jobs (an upper bound).
 modellego at least ties the best Torch-Pruning criterion in {summary} (budget cells).
 {behind} modellego's components land at the budget (to 0.1 point) and Torch-Pruning's single
 ratio 0-1.5 points under it, so at 70% modellego had a little more to spend. The refit does most of
-the work for everyone: as pruned, no method keeps a useful model of these BatchNorm networks (at
-best {max(r['plain'] for r in rows)}%), whose statistics no longer fit the kept channels; after
+the work for everyone: as pruned, these BatchNorm networks, whose statistics no longer fit the kept
+channels, keep at best {max(r['plain'] for r in rows)}% (most far less); after
 recon the methods of one budget (LAMP with a global ratio aside) are spread over
 {span(spreads, 2, ' points')}. The fine-tune of 1 epoch on 5,000 images changed
 {changed} of {len(rows)} calibrated models (the best validation epoch, the starting one included,
