@@ -92,6 +92,7 @@ def hrank_importance(tp, ranks: dict[str, dict[str, torch.Tensor]]):
     feature maps, read where the next convolution takes it in (after BatchNorm and activation, as HRank
     hooks them), or at the producing convolution's output when no convolution reads it."""
     fn = tp.pruner.function
+    sides = {fn.prune_conv_in_channels: "in", fn.prune_conv_out_channels: "out"}
 
     class HRankImportance(tp.importance.Importance):
         def __init__(self) -> None:
@@ -105,7 +106,7 @@ def hrank_importance(tp, ranks: dict[str, dict[str, torch.Tensor]]):
             found: dict[str, list[tuple[torch.Tensor, list[int]]]] = {"in": [], "out": []}
             for i, (dep, idxs) in enumerate(group):
                 layer_ranks = ranks.get(self.names.get(id(dep.target.module), ""))
-                side = {fn.prune_conv_in_channels: "in", fn.prune_conv_out_channels: "out"}.get(dep.handler)
+                side = sides.get(dep.handler)
                 if layer_ranks is not None and side is not None:
                     found[side].append((layer_ranks[side][idxs], group[i].root_idxs))
             items = found["in"] or found["out"]

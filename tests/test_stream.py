@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modellego.data.stream import BadImage, StreamedImageFolder, stream_batches
+from modellego.data.stream import BadImage, StreamedBatches, StreamedImageFolder
 from modellego.errors import UserError
 
 Image = pytest.importorskip("PIL.Image")
@@ -257,7 +257,7 @@ def test_bad_images_are_markers_and_are_skipped(tmp_path: Path) -> None:
     assert ds[2].item == 2 and ds[2].path == str(tmp_path / "train" / "a" / "zero.png") and ds[2].reason
     results = []
     for workers in (0, 2):
-        sb = stream_batches(ds, 2, workers=workers)
+        sb = StreamedBatches(ds, 2, workers=workers)
         for _ in range(2):  # a second pass counts afresh
             got = list(sb)
             assert [len(y) for _, y in got] == [2, 1]  # the batch (text, trunc) is not yielded at all
@@ -276,28 +276,28 @@ def test_classes_and_limit(tmp_path: Path) -> None:
     """classes= keeps those labels (ints or names), limit= the first N of them."""
     ds = _grid(tmp_path)
     labels = ds.labels
-    assert stream_batches(ds, 4, classes=[0, "c"]).indices().tolist() == np.flatnonzero(labels != 1).tolist()
-    assert stream_batches(ds, 4, classes=["b"], limit=2).indices().tolist() == [4, 5]
-    assert stream_batches(ds, 4, limit=5).indices().tolist() == [0, 1, 2, 3, 4]
-    y = torch.cat([b for _, b in stream_batches(ds, 3, classes=[2, 0])])
+    assert StreamedBatches(ds, 4, classes=[0, "c"]).indices().tolist() == np.flatnonzero(labels != 1).tolist()
+    assert StreamedBatches(ds, 4, classes=["b"], limit=2).indices().tolist() == [4, 5]
+    assert StreamedBatches(ds, 4, limit=5).indices().tolist() == [0, 1, 2, 3, 4]
+    y = torch.cat([b for _, b in StreamedBatches(ds, 3, classes=[2, 0])])
     assert y.tolist() == [0] * 4 + [2] * 4  # dataset order, labels not renumbered
-    empty = stream_batches(ds, 4, limit=0)
+    empty = StreamedBatches(ds, 4, limit=0)
     assert len(empty) == 0 and list(empty) == []
     with pytest.raises(UserError, match="Did you mean 'b'"):
-        stream_batches(ds, 4, classes=["bb"])
+        StreamedBatches(ds, 4, classes=["bb"])
     for wrong in ([3], [-1]):
         with pytest.raises(UserError, match="out of range"):
-            stream_batches(ds, 4, classes=wrong)
+            StreamedBatches(ds, 4, classes=wrong)
 
 
 def test_seeded_order(tmp_path: Path) -> None:
     """Same seed, same order; each pass (or set_epoch) another permutation of the same selection."""
     ds = _grid(tmp_path)
-    sb = stream_batches(ds, 4, seed=3)
+    sb = StreamedBatches(ds, 4, seed=3)
     first = sb.indices().tolist()
-    assert first == stream_batches(ds, 4, seed=3).indices().tolist() != list(range(12))
+    assert first == StreamedBatches(ds, 4, seed=3).indices().tolist() != list(range(12))
     assert sorted(first) == list(range(12))
-    assert first != stream_batches(ds, 4, seed=4).indices().tolist()
+    assert first != StreamedBatches(ds, 4, seed=4).indices().tolist()
     passed = torch.cat([y for _, y in sb]).tolist()
     assert passed == ds.labels[first].tolist()
     second = sb.indices().tolist()  # the pass moved to the next epoch
@@ -306,7 +306,7 @@ def test_seeded_order(tmp_path: Path) -> None:
     assert sb.indices().tolist() == first
     sb.set_epoch(1)
     assert sb.indices().tolist() == second
-    assert stream_batches(ds, 4).indices().tolist() == list(range(12))  # no seed: sorted order
+    assert StreamedBatches(ds, 4).indices().tolist() == list(range(12))  # no seed: sorted order
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -315,11 +315,11 @@ def test_shards_are_disjoint_and_cover_the_selection(tmp_path: Path, world: int,
     """Every rank takes every world-th image of one permutation; len() counts the batches yielded."""
     ds = _grid(tmp_path, per_class=5)
     kw = dict(classes=["a", "c"], limit=9, seed=seed)
-    whole = stream_batches(ds, 2, **kw).indices()
+    whole = StreamedBatches(ds, 2, **kw).indices()
     assert len(whole) == 9 and set(ds.labels[whole].tolist()) == {0, 2}
     parts = []
     for rank in range(world):
-        sb = stream_batches(ds, 2, shard=(rank, world), **kw)
+        sb = StreamedBatches(ds, 2, shard=(rank, world), **kw)
         idx = sb.indices()
         assert idx.tolist() == whole[rank::world].tolist()  # the same permutation on every rank
         got = list(sb)
@@ -335,9 +335,9 @@ def test_invalid_batch_arguments(tmp_path: Path) -> None:
     ds = _grid(tmp_path, "a", 2)
     for kw in (dict(shard=(2, 2)), dict(shard=(-1, 2)), dict(shard=(0, 0)), dict(workers=-1), dict(limit=-1)):
         with pytest.raises(UserError):
-            stream_batches(ds, 2, **kw)
+            StreamedBatches(ds, 2, **kw)
     with pytest.raises(UserError, match="batch_size"):
-        stream_batches(ds, 0)
+        StreamedBatches(ds, 0)
 
 
 # --- streaming equals in-memory ---
@@ -347,7 +347,7 @@ def test_streamed_batches_equal_the_items_of_indices(tmp_path: Path) -> None:
     """Concatenated batches are exactly `dataset[i]` stacked for the indices of the pass."""
     ds = _grid(tmp_path)
     for kw in (dict(), dict(seed=1, shard=(1, 2), classes=[0, 2])):
-        sb = stream_batches(ds, 3, **kw)
+        sb = StreamedBatches(ds, 3, **kw)
         idx = sb.indices().tolist()
         got = list(sb)
         assert all(x.dtype == torch.float32 and x.shape[1:] == (3, 4, 4) and y.dtype == torch.int64 for x, y in got)

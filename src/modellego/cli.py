@@ -386,13 +386,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if info.kind == "assembly" or info.input is None:
             raise UserError("--stream evaluates a model or component on one image folder; assemblies read their "
                             "own datasets (evaluate them without --stream)")
-        from .data.stream import stream_batches
+        from .data.stream import StreamedBatches
         folder = _streamed(model, args, args.split).dataset  # listed once, read once per score
         data_name, class_names = "imagefolder", folder.classes
         shape = (info.input.channels, *info.input.size)
 
         def score(task: list[int], restrict: bool):
-            it = stream_batches(folder, 256, workers=args.workers, classes=task)
+            it = StreamedBatches(folder, 256, workers=args.workers, classes=task)
             return accuracy(model, it, classes=task, restrict=restrict)
     else:
         if info.kind == "assembly":  # its outputs are union-task indices, not --data's labels: relabel

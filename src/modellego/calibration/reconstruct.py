@@ -211,7 +211,8 @@ class _Normal:
         self.n += x.shape[1]
 
     def reduce(self, group: ProcessGroup | None) -> None:
-        """Sum the equations over the processes of `group` (a process without rows adds zeros)."""
+        """Sum the equations over the processes of `group`; every process must hold rows (calibrate checks
+        that each has images)."""
         assert self.sums is not None, "reduce before any update"
         *self.sums, n = all_sum([*self.sums, torch.tensor([float(self.n)], dtype=torch.float64)], group)
         self.n = int(n[0])

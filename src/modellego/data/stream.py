@@ -21,7 +21,7 @@ the standard evaluation transform: resize the shorter side to ``resize`` (defaul
 ``round(size / 0.875)``, 256 for 224) with antialiased bilinear filtering, center-crop to
 ``size``, scale to [0, 1] and normalise by mean/std, giving a (C, size, size) float32 tensor.
 
-`stream_batches` wraps a `torch.utils.data.DataLoader` (``num_workers=workers``, no pinned
+`StreamedBatches` wraps a `torch.utils.data.DataLoader` (``num_workers=workers``, no pinned
 memory) and yields ``(images (B, C, H, W) float32, labels (B,) int64)``. The selection is made
 in this order: ``classes=`` keeps those labels, ``limit=`` keeps the first N, ``seed=`` permutes
 (the same permutation on every rank), and ``shard=(rank, world_size)`` keeps every
@@ -190,7 +190,7 @@ class StreamedImageFolder(TorchDataset[Any]):
             labels.txt inside it. A relative path not found as given is looked up in the split folder.
 
     Items are ``(image (C, size, size) float32, label int)``, or a `BadImage` for an image that
-    cannot be decoded; use `stream_batches` (or `collate_streamed`) to batch them.
+    cannot be decoded; use `StreamedBatches` (or `collate_streamed`) to batch them.
     """
 
     def __init__(
@@ -385,11 +385,23 @@ def _default_shard() -> tuple[int, int]:
 
 
 class StreamedBatches:
-    """Re-iterable batches of ``(images (B, C, H, W) float32, labels (B,) int64)``; see `stream_batches`.
+    """Re-iterable batches of ``(images (B, C, H, W) float32, labels (B,) int64)`` decoded on the fly.
 
     ``len()`` counts batches before bad images are dropped; a batch with a bad image is smaller,
     and one with only bad images is not yielded. After (or during) a pass, ``skipped`` and
     ``bad_paths`` say what that pass dropped.
+
+    Args:
+        dataset: the images.
+        batch_size: samples per batch before bad images are dropped.
+        workers: DataLoader worker processes (0 decodes in this process).
+        shard: ``(rank, world_size)``: this process reads images ``rank, rank + world_size, ...`` of
+            the selection, so shards are disjoint and together hold every image once (no padding).
+            Default: torch.distributed's rank and world size when it is initialised, else everything.
+        limit: keep the first `limit` images after the `classes` filter (before sharding).
+        classes: keep only images of these labels (ints, or class names); labels are not renumbered.
+        seed: None keeps the sorted order; an int permutes per pass, seeded by (seed, epoch). Every
+            rank must pass the same seed for the shards to stay disjoint.
     """
 
     def __init__(
@@ -477,32 +489,3 @@ class StreamedBatches:
                     log.warning("skipping unreadable image %s (%s)", bad.path, bad.reason)
             if batch.images is not None:
                 yield batch.images, batch.labels
-
-
-def stream_batches(
-    dataset: StreamedImageFolder,
-    batch_size: int,
-    *,
-    workers: int = 0,
-    shard: tuple[int, int] | None = None,
-    limit: int | None = None,
-    classes: Sequence[int | str] | None = None,
-    seed: int | None = None,
-) -> StreamedBatches:
-    """Batches of ``(images (B, C, H, W) float32, labels (B,) int64)`` decoded on the fly from `dataset`.
-
-    Args:
-        dataset: the images.
-        batch_size: samples per batch before bad images are dropped.
-        workers: DataLoader worker processes (0 decodes in this process).
-        shard: ``(rank, world_size)``: this process reads images ``rank, rank + world_size, ...`` of
-            the selection, so shards are disjoint and together hold every image once (no padding).
-            Default: torch.distributed's rank and world size when it is initialised, else everything.
-        limit: keep the first `limit` images after the `classes` filter (before sharding).
-        classes: keep only images of these labels (ints, or class names); labels are not renumbered.
-        seed: None keeps the sorted order; an int permutes per pass, seeded by (seed, epoch). Every
-            rank must pass the same seed for the shards to stay disjoint.
-    """
-    return StreamedBatches(
-        dataset, batch_size, workers=workers, shard=shard, limit=limit, classes=classes, seed=seed,
-    )

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..data import Dataset, Resize, batches, preprocessing
-from ..data.stream import StreamedBatches, StreamedImageFolder, stream_batches
+from ..data.stream import StreamedBatches, StreamedImageFolder
 from ..data.transforms import Compose
 from ..errors import UserError
 from ..io.info import InputSpec, get_info
@@ -57,7 +57,7 @@ def model_stream(
                         f"{spec.channels} x {spec.size[0]} x {spec.size[1]}")
     folder = StreamedImageFolder(root, split, size=spec.size[0], resize=resize, channels=spec.channels,
                                  mean=spec.mean, std=spec.std)
-    return stream_batches(folder, batch_size, workers=workers, classes=classes, shard=shard)
+    return StreamedBatches(folder, batch_size, workers=workers, classes=classes, shard=shard)
 
 
 def input_shape(model: nn.Module, ds: Dataset) -> tuple[int, int, int]:
