@@ -155,6 +155,26 @@ def _depthwise_net() -> nn.Module:
     ).eval()
 
 
+class GroupedNet(nn.Module):
+    """A ResNeXt bottleneck: 1×1, grouped 3×3 (4 groups), 1×1, residual add, then a Linear head."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(16, 12, 3, stride=2, padding=1, groups=4, bias=False),
+                                     nn.BatchNorm2d(12), nn.ReLU())
+        self.expand = nn.Conv2d(12, 8, 1)
+        self.down = nn.Conv2d(8, 8, 1, stride=2)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(self.expand(self.grouped(self.reduce(h))) + self.down(h))
+        return self.fc(h.mean((2, 3)))
+
+
 def _perturbed_pair() -> tuple[nn.Module, nn.Module, dict, list[torch.Tensor]]:
     torch.manual_seed(0)
     source = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),

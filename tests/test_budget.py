@@ -16,6 +16,7 @@ from modellego.errors import UserError
 from modellego.evaluation.metrics import count_flops
 from modellego.io.info import get_info
 
+from helpers import GroupedNet
 from helpers import profiled_with_contributions as _setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
@@ -113,3 +114,14 @@ def test_class_rank_is_the_union_of_each_class_at_its_share() -> None:
     assert locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3).keep_fraction > got.keep_fraction
     with pytest.raises(UserError, match="unknown budget rank"):
         locate_budget(model, graph, x[:2], prof, [0, 2, 4], 0.3, rank="classes")
+
+
+def test_a_budget_counts_a_grouped_convolutions_flops_group_by_group() -> None:
+    model = GroupedNet().eval()
+    x = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(24) % 5)], select=False, keep_contributions=True)
+    full = count_flops(model, SHAPE)
+    comp = modellego.disassemble(model, [0, 1, 2], profile=prof, flops=0.5)
+    got = count_flops(comp, SHAPE)
+    assert comp.get_submodule("grouped.0").groups > 1 and got <= 0.5 * full
+    assert get_info(comp).provenance["flops_budget"]["flops_ratio"] == pytest.approx(got / full, abs=1e-6)

@@ -17,7 +17,7 @@ from modellego.cut.prune import prune_layers
 from modellego.errors import UnsupportedGraphError, UserError
 from modellego.io.info import get_info, weights_hash
 
-from helpers import NUM_CLASSES, SHAPE, randomise_bn
+from helpers import NUM_CLASSES, SHAPE, GroupedNet, randomise_bn
 from helpers import zoo_data as data
 from helpers import zoo_model as build
 
@@ -324,3 +324,17 @@ def test_batches_alone_give_the_calibrated_component_drawn_in_the_profiling_pass
     assert get_info(faithful).provenance["calibration"] == {"method": "none"}
     assert "calibration_draw" not in get_info(faithful).provenance
     assert test_accuracy(comp, ds, [0, 2]).mean_per_class >= 50
+
+
+def test_a_resnext_block_is_cut_exactly_with_equal_groups() -> None:
+    model = GroupedNet().double().eval()
+    x = torch.randn(16, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(16) % 5)], select=False)
+    graph = trace(model, x[:1])
+    keep = keep_channels(graph, prof.task_in_masks([0, 1]), [0, 1], warn=False)
+    component = modellego.disassemble(model, [0, 1], profile=prof)
+    cut = component.get_submodule("grouped.0")
+    assert cut.groups > 1 and cut.out_channels < 12  # still grouped, and smaller
+    with torch.no_grad():
+        got, want = component(x), masked_forward(model, graph, keep, x)[:, [0, 1]]
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()

@@ -126,14 +126,15 @@ class SharedConv(nn.Module):
         return self.fc(self.conv(self.conv(x)).mean((2, 3)))
 
 
-class Grouped(nn.Module):
+class GroupedAfterCat(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, groups=2)
+        self.a, self.b = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 1)
+        self.conv = nn.Conv2d(4, 4, 3, groups=2)
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.conv(x).mean((2, 3)))
+        return self.fc(self.conv(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
 
 
 class CatSpatial(nn.Module):
@@ -158,7 +159,7 @@ UNSUPPORTED = [
     (MatMul, (1, 2, 4, 4), "'matmul'"),
     (Recurrent, (1, 3, 4), "'lstm'"),
     (SharedConv, (1, 2, 4, 4), "'conv_1'"),
-    (Grouped, (1, 2, 5, 5), "groups=2"),
+    (GroupedAfterCat, (1, 2, 5, 5), "grouped convolution after a concatenation"),
     (CatSpatial, (1, 2, 3, 3), "'cat'"),
 ]
 

@@ -13,7 +13,7 @@ from modellego.core.graph import trace
 from modellego.core.locate import Thresholds, keep_channels, locate_class, relevant_inputs
 from modellego.errors import UserError
 
-from helpers import tiny_sequential
+from helpers import GroupedNet, tiny_sequential
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -361,3 +361,47 @@ def test_thresholds_accept_the_boundary_and_defaults() -> None:
     th = Thresholds(1.0, 1.0, 1.0, 1.0)
     assert th.to_json() == {"conv_alpha": 1.0, "conv_beta": 1.0, "linear_alpha": 1.0, "linear_beta": 1.0}
     assert Thresholds().to_json() == {"conv_alpha": 0.3, "conv_beta": 0.2, "linear_alpha": 0.4, "linear_beta": 0.3}
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.grouped(self.conv1(x)).mean((2, 3)))
+
+
+def test_a_grouped_input_counts_the_votes_of_its_own_group_only() -> None:
+    graph = trace(Grouped(), torch.randn(1, 2, 5, 5))
+    assert graph.layers["grouped"].grouped and graph.layers["grouped"].groups == 2
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    # Output 0 and 1 read inputs 0-1, outputs 2 and 3 read inputs 2-3 (r is (Q, P / groups)).
+    r = {"fc": t([[1, 1, 1, 1], [0, 0, 0, 0]]),
+         "grouped": t([[1, 0], [1, 0], [0, 1], [1, 1]]),
+         "conv1": t([[1, 0], [1, 0], [1, 0], [1, 0]])}
+    ins, _ = locate_class(graph, r, 0, Thresholds())
+    # Eq. 6 counts per input: 2, 0 (group 0), 1, 2 (group 1); min-max 1, 0, 0.5, 1 against β = 0.2.
+    assert ins["grouped"].tolist() == [True, False, True, True]
+
+
+def test_keep_channels_gives_every_kept_group_the_same_counts() -> None:
+    graph = trace(GroupedNet(), torch.randn(1, 1, 8, 8))
+    none = {name: torch.zeros(layer.in_features, dtype=torch.bool) for name, layer in graph.layers.items()}
+
+    def mask(n: int, on: list[int]) -> torch.Tensor:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[on] = True
+        return m
+
+    # The grouped 3×3 (4 groups) reads 16 channels, 4 per group; its 12 outputs are 3 per group.
+    ins = {**none, "fc": mask(8, [0, 1]), "expand": mask(12, [0, 4, 5]), "grouped.0": mask(16, [0, 1, 5, 12]),
+           "reduce.0": mask(8, [0]), "down": mask(8, [0])}
+    keep = keep_channels(graph, ins, [0, 1], warn=False)
+    space_in = graph.segments(graph.layers["grouped.0"].input)[0].space
+    space_out = graph.segments(graph.layers["grouped.0"].node)[0].space
+    # Groups 0, 1 and 3 are used (group 3 on the input side only); group 2 nowhere, so it is dropped.
+    assert keep[space_in] == [0, 1, 4, 5, 12, 13]
+    assert keep[space_out] == [0, 1, 4, 5, 9, 10]

@@ -10,7 +10,7 @@ import modellego
 from modellego.cut import disassemble as disassemble_module
 from modellego.cut.disassemble import relative_error
 from modellego.cut.prune import prune_layers
-from modellego.errors import UnsupportedGraphError
+from modellego.errors import UnsupportedGraphError, UserError
 
 from helpers import zoo_data, zoo_model
 
@@ -94,3 +94,26 @@ def test_a_component_with_a_swapped_activation_is_refused(monkeypatch, scale: fl
     assert not torch.equal(got, want)
     if scale < 1:
         assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)  # what the old check accepted
+
+
+def test_a_grouped_convolution_is_cut_group_by_group() -> None:
+    """Each kept group keeps its own inputs: the cut equals the source's outputs on those channels
+    with the dropped inputs zeroed, and unequal groups are refused by name."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=2).double()  # groups: inputs 0-3 -> outputs 0-2, 4-7 -> 3-5
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    keep_in, keep_out = [1, 3, 4, 6], [0, 2, 4, 5]
+    zeroed = x.clone()
+    zeroed[:, [c for c in range(8) if c not in keep_in]] = 0
+    pruned = prune_layers(nn.Sequential(conv), {"0": {"in": keep_in, "out": keep_out}})[0]
+    assert (pruned.groups, pruned.in_channels, pruned.out_channels) == (2, 4, 4)
+    with torch.no_grad():
+        got, want = pruned(x[:, keep_in]), conv(zeroed)[:, keep_out]
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+    # A group dropped whole: one group left, a plain convolution.
+    single = prune_layers(nn.Sequential(conv), {"0": {"in": [4, 7], "out": [3]}})[0]
+    assert (single.groups, single.in_channels, single.out_channels) == (1, 2, 1)
+    with pytest.raises(UserError, match="same number of inputs"):
+        prune_layers(nn.Sequential(conv), {"0": {"in": [1, 4, 6], "out": [0, 4]}})
+    with pytest.raises(UserError, match="same groups"):
+        prune_layers(nn.Sequential(conv), {"0": {"in": [1, 2], "out": [4, 5]}})

@@ -16,9 +16,9 @@ torchvision = vision_models.load("torchvision")
 pytestmark = [pytest.mark.skipif(timm is None or torchvision is None, reason="timm and torchvision are not installed"),
               pytest.mark.filterwarnings("ignore:no class uses channel space")]
 
-EXACT = [("timm", "efficientnet_b0"), ("timm", "mobilenetv3_small_100"), ("timm", "repvgg_a0"),
+EXACT = [("timm", "efficientnet_b0"), ("timm", "mobilenetv3_small_100"), ("timm", "repvgg_a0"), ("timm", "regnetx_002"),
          ("torchvision", "efficientnet_b0"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "squeezenet1_1")]
-REFUSED = [("timm", "regnetx_002", "grouped convolution"), ("timm", "convnext_atto", "'permute'"),
+REFUSED = [("timm", "convnext_atto", "'permute'"),
            ("torchvision", "shufflenet_v2_x0_5", "'view'")]
 
 

@@ -18,7 +18,7 @@ from modellego.errors import UserError
 from modellego.io.info import get_info
 from modellego.memory import FREE_SHARE
 
-from helpers import _depthwise_net, _perturbed_pair, described_model
+from helpers import GroupedNet, _depthwise_net, _perturbed_pair, described_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -47,11 +47,14 @@ def _padding_net() -> nn.Module:
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("name,images", [("lenet5", 400), ("resnet18", 96), ("depthwise", 96), ("padding", 96)])
+@pytest.mark.parametrize("name,images", [("lenet5", 400), ("resnet18", 96), ("depthwise", 96), ("grouped", 96),
+                                         ("padding", 96)])
 def test_reconstruction_restores_a_perturbed_model(name: str, images: int) -> None:
     """Every layer's target is exactly reachable, so the refit must find the source's weights."""
     if name == "depthwise":
         source = _depthwise_net().double()
+    elif name == "grouped":
+        source = GroupedNet().double().eval()
     elif name == "padding":
         source = _padding_net().double()
     else:

@@ -24,7 +24,7 @@ from modellego.evaluation.attacks import fgsm, pgd
 from modellego.evaluation.detection import auroc, energy, fpr_at_tpr, max_softmax, standardised_sum
 from modellego.models import list_models
 
-from helpers import zoo_data, zoo_model
+from helpers import GroupedNet, zoo_data, zoo_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -87,12 +87,13 @@ def test_batched_walk_equals_one_class_at_a_time() -> None:
 
 
 @pytest.mark.parametrize("name,width", [("lenet5", 0.25), ("vgg11_bn", 0.0625), ("resnet18", 0.0625),
-                                        ("mobilenet_v2", 0.125), ("googlenet", 0.0625), ("mobilenet_v3_small", 0.125)])
+                                        ("mobilenet_v2", 0.125), ("googlenet", 0.0625), ("mobilenet_v3_small", 0.125),
+                                        ("grouped", 0.0)])
 def test_sample_route_equals_the_class_route_of_a_profile_of_that_sample(name: str, width: float) -> None:
     # float64: the two paths contract in different orders, and r >= α must not flip on rounding.
-    model = zoo_model(name, width).double()
+    model = GroupedNet().double().eval() if name == "grouped" else zoo_model(name, width).double()
     x, _ = zoo_data(6)
-    x = x.double()
+    x = x[:, :1].double() if name == "grouped" else x.double()
     routes = sample_routes(model, x, batch_size=4)  # two batches
     assert torch.equal(routes.predicted, model(x).argmax(1))
     assert torch.equal(routes.classes, routes.predicted)

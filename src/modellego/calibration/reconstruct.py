@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..core.contribution import pad_input
 from ..core.distributed import all_sum
-from ..core.graph import ADD_FUNCTIONS, is_depthwise, trace_module
+from ..core.graph import ADD_FUNCTIONS, trace_module
 from ..errors import UnsupportedGraphError, UserError
 from ..hooks import eval_mode, forward_hooks
 from ..memory import default_budget
@@ -247,9 +247,10 @@ def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, g
     """Regression rows of a convolution at up to `limit` random output positions.
 
     Only the sampled patches are gathered (an unfold of the whole batch would cost B·L·P·K).
-    Shape: x (G, N, F), y (G, N, T), with G = 1 and F = P·K, or G = channels and F = K (depthwise).
+    Shape: x (G, N, F), y (G, N, T), one regression per group of the convolution: F = P/G·K inputs
+    and T = Q/G outputs (G = 1 for a plain convolution; F = K and T = 1 for a depthwise one).
     """
-    b, q, oh, ow = out.shape
+    b, _, oh, ow = out.shape
     n = b * oh * ow
     pos = _sample(n, limit, gen).to(out.device)
     bi, rest = pos // (oh * ow), pos % (oh * ow)
@@ -262,17 +263,9 @@ def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, g
     cols = (ox * sw)[:, None, None] + dx[None, None, :]  # (N, 1, kw)
     patches = padded[bi[:, None, None], rows, cols]  # (N, kh, kw, P)
     target = out[bi, :, oy, ox]  # (N, Q)
-    if is_depthwise(m):
-        x = patches.permute(3, 0, 1, 2).reshape(q, len(pos), kh * kw)  # (C, N, K)
-        return x, target.T[:, :, None]  # (C, N, 1)
-    x = patches.permute(0, 3, 1, 2).reshape(1, len(pos), -1)  # (1, N, P*K), unfold's order
-    return x, target[None]  # (1, N, Q)
-
-
-def _check(m: nn.Module, name: str) -> None:
-    if isinstance(m, nn.Conv2d):
-        if m.groups > 1 and not is_depthwise(m):
-            raise UserError(f"cannot reconstruct {name!r}: grouped convolution with groups={m.groups}")
+    g = m.groups
+    x = patches.unflatten(3, (g, -1)).permute(3, 0, 4, 1, 2).reshape(g, len(pos), -1)  # (G, N, P/G*K), unfold's order
+    return x, target.unflatten(1, (g, -1)).transpose(0, 1)  # (G, N, Q/G)
 
 
 @torch.no_grad()
@@ -316,7 +309,6 @@ def reconstruct(
     gen = torch.Generator().manual_seed(seed)
     order = execution_order(component, inputs[0])
     for name in order:  # refuse before any layer changes, so a failure leaves the component as it was
-        _check(modules[name], name)
         if name not in plan or name not in src_modules:
             raise UserError(f"cannot reconstruct {name!r}: the pruning plan or the source lacks it")
     comp_gm, src_gm = _traced(component, inputs[0]), _traced(source, inputs[0])
@@ -414,13 +406,9 @@ def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, 
 
 
 def _write(m: nn.Conv2d | nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """Store solved weights. Shape: w (G, F, T), b (G, T)."""
-    if isinstance(m, nn.Conv2d) and is_depthwise(m):
-        weight = w[:, :, 0].reshape(m.weight.shape)  # (C, K) -> (C, 1, kh, kw)
-        bias = b[:, 0] if b is not None else None
-    else:
-        weight = w[0].T.reshape(m.weight.shape)  # (T, F) -> (Q, P, kh, kw) or (Q, P)
-        bias = b[0] if b is not None else None
+    """Store solved weights. Shape: w (G, F, T), b (G, T), one regression per group."""
+    weight = w.transpose(1, 2).reshape(m.weight.shape)  # (G, T, F) -> (Q, P/G, kh, kw) or (Q, P)
+    bias = b.reshape(-1) if b is not None else None  # (Q,)
     m.weight.copy_(weight.to(m.weight))
     if bias is not None:
         assert m.bias is not None  # solved with an intercept only for a layer with a bias

@@ -103,6 +103,16 @@ class Layer:
     depthwise: bool = False
 
     @property
+    def groups(self) -> int:
+        """The convolution's groups (1 for a Linear layer)."""
+        return cast(nn.Conv2d, self.module).groups if self.kind == "conv" else 1
+
+    @property
+    def grouped(self) -> bool:
+        """A grouped convolution other than depthwise: its groups keep equal channel counts."""
+        return self.groups > 1 and not self.depthwise
+
+    @property
     def in_features(self) -> int:
         if self.kind == "conv":
             return cast(nn.Conv2d, self.module).in_channels
@@ -388,7 +398,7 @@ class _Builder:
         what = node.target if node.op != "call_module" else type(self.modules[_module_name(node)]).__name__
         return UnsupportedGraphError(
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
-            "Supported: Conv2d (groups=1 or depthwise), Linear, BatchNorm, activations, pooling, "
+            "Supported: Conv2d (any groups), Linear, BatchNorm, activations, pooling, "
             "dropout, arithmetic with a number, residual add, channel gating (x * gate), torch.cat on "
             "dim 1, flatten, axes added or expanded after the channel axis."
         )
@@ -514,11 +524,9 @@ class _Builder:
         src = inputs[0]
         if isinstance(m, nn.Conv2d):
             depthwise = is_depthwise(m)
-            if m.groups > 1 and not depthwise:
-                raise self.fail(node, f"grouped convolution with groups={m.groups} (only 1 or depthwise)")
-            if len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1:
-                if depthwise:
-                    raise self.fail(node, "depthwise convolution after a concatenation")
+            if m.groups > 1 and (len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1):
+                # Its groups would cut across the concatenated spaces.
+                raise self.fail(node, f"{'depthwise' if depthwise else 'grouped'} convolution after a concatenation")
             self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "conv", m, node, src, depthwise)

@@ -5,7 +5,8 @@ Rules (the paper leaves the graph to the implementer):
 - an add passes its relevance to both addends; a concatenation splits it by channel offsets;
 - BatchNorm, activations, pooling and dropout pass it through channel by channel;
 - a flatten maps C×H×W features back to channels (a channel is relevant if any position is);
-- a depthwise convolution couples each input channel to its output channel;
+- a depthwise convolution couples each input channel to its output channel; a grouped one counts
+  each input's votes (Eq. 6) over the outputs of its own group only;
 - Conv2d and Linear apply Eqs. 9, 6, 8 and 10 with their own α and β.
 """
 from __future__ import annotations
@@ -62,6 +63,15 @@ def minmax_rows(s: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, (s > 0).to(torch.float64), out)
 
 
+def group_sum(per_output: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum over each input's readers: the outputs of its group. Shape: (..., Q, P // groups) -> (..., P).
+
+    Output q of a convolution with g groups reads the inputs of group q // (Q / g), so a (Q, P/g)
+    table of votes sums over the Q/g outputs of each group, and the groups lie side by side.
+    """
+    return per_output.unflatten(-2, (groups, -1)).sum(-2).flatten(-2)  # (..., g, Q/g, P/g) -> (..., P)
+
+
 def relevant_inputs(
     layer: Layer,
     r: torch.Tensor,
@@ -89,12 +99,13 @@ def relevant_inputs(
     alpha, beta = th.for_layer(layer)
     r = r if r.dim() == 3 else r[None]  # (C, Q, P)
     gate = out_mask[None, :, None]  # (1, Q, 1)
-    r_hat = (r >= alpha) & gate  # (C, Q, P)  Eq. 9 with Appendix C's output gating
-    s = r_hat.sum((0, 1))  # (P,)  Eq. 6
+    r_hat = (r >= alpha) & gate  # (C, Q, P // groups)  Eq. 9 with Appendix C's output gating
+    s = group_sum(r_hat.sum(0), layer.groups)  # (P,)  Eq. 6
     if keep_fraction is None:
         return minmax(s) >= beta  # Eqs. 8, 10
     # The tie-break term is below 1 (r <= 1), so it only orders inputs of equal count.
-    score = s.double() + (r.double() * gate).sum((0, 1)) / (r.shape[0] * (int(out_mask.sum()) + 1))  # (P,)
+    ties = group_sum((r.double() * gate).sum(0), layer.groups)  # (P,)
+    score = s.double() + ties / (r.shape[0] * (int(out_mask.sum()) + 1))  # (P,)
     k = math.ceil(keep_fraction * len(score))
     order = torch.sort(score, descending=True, stable=True).indices[:k]
     keep = torch.zeros(len(score), dtype=torch.bool)
@@ -268,4 +279,36 @@ def keep_channels(
             if s in depthwise_spaces and len(idx) < 2 <= graph.space_size[s]:
                 idx = sorted(set(idx) | {next(c for c in range(graph.space_size[s]) if c not in idx)})
             keep[s] = idx
+    _equal_groups(graph, keep, fixed=input_spaces | {out_space})
     return keep
+
+
+def _equal_groups(graph: ChannelGraph, keep: dict[int, list[int]], fixed: set[int]) -> None:
+    """Make every grouped convolution's kept channels prunable, adding channels (in place).
+
+    A convolution with g groups stays one convolution only if every group it keeps holds the same
+    number of inputs and the same number of outputs. A group that keeps nothing on either side is
+    dropped (the cut has fewer groups, as a depthwise layer drops channels); at least two groups
+    stay, so the cut remains grouped. The others are topped up to the largest count, lowest index
+    first. Spaces shared by several grouped layers are revisited until no layer adds a channel.
+    """
+    grouped = [ly for ly in graph.layers.values() if ly.grouped]
+    changed = bool(grouped)
+    while changed:
+        changed = False
+        for layer in grouped:
+            spaces = [graph.segments(layer.input)[0].space, graph.segments(layer.node)[0].space]
+            g = layer.groups
+            sides = [[[c for c in keep[s] if c // (graph.space_size[s] // g) == k] for k in range(g)] for s in spaces]
+            active = [k for k in range(g) if sides[0][k] or sides[1][k]]
+            active += [k for k in range(g) if k not in active][:max(0, 2 - len(active))]
+            for s, side in zip(spaces, sides):
+                size, want = graph.space_size[s] // g, max(1, *(len(side[k]) for k in active))
+                grown = {*keep[s]}
+                for k in active:
+                    grown.update([c for c in range(k * size, (k + 1) * size) if c not in grown][:want - len(side[k])])
+                if len(grown) > len(keep[s]):
+                    if s in fixed:
+                        raise UserError(f"grouped convolution {layer.name!r}: its groups would need more channels "
+                                        "than the task keeps at the model's input or output")
+                    keep[s], changed = sorted(grown), True

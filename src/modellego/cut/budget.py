@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..core.graph import ChannelGraph, is_depthwise
+from ..core.graph import ChannelGraph
 from ..core.locate import Thresholds, keep_channels, locate_class
 from ..core.profiling import Profile
 from ..errors import UserError
 from ..hooks import forward_hooks
 from ..io.plan import Plan
-from .prune import build_plan, full_plan
+from .prune import build_plan, full_plan, kept_groups
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ def plan_flops(model: nn.Module, plan: Plan, positions: Mapping[str, int]) -> in
     for name, pos in positions.items():
         m, dims = modules[name], plan[name]
         n_out, n_in = len(dims["out"]), len(dims["in"])
-        if isinstance(m, nn.Conv2d):
-            per_filter = (1 if is_depthwise(m) else n_in) * math.prod(m.kernel_size)
+        if isinstance(m, nn.Conv2d):  # a filter reads the kept inputs of its own group
+            groups = kept_groups(m, torch.as_tensor(list(dims["in"]), dtype=torch.long))
+            per_filter = n_in // groups * math.prod(m.kernel_size)
         else:
             per_filter = n_in
         total += 2 * pos * n_out * per_filter

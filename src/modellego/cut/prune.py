@@ -90,17 +90,34 @@ def _resized(m: nn.Module, params: Mapping[str, torch.Tensor | None], buffers: M
     return new
 
 
-def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
-    if is_depthwise(m):
-        if not torch.equal(out_idx, in_idx):
-            raise UserError("a depthwise convolution must keep the same input and output channels")
-        groups, weight = len(out_idx), _index(m.weight, 0, out_idx)
-    elif m.groups == 1:
-        groups, weight = 1, _index(_index(m.weight, 0, out_idx), 1, in_idx)
-    else:
-        raise UserError(f"cannot prune a grouped convolution with groups={m.groups}")
+def kept_groups(m: nn.Conv2d, in_idx: torch.Tensor) -> int:
+    """How many of `m`'s groups keep inputs when it keeps input channels `in_idx`."""
+    return 1 if m.groups == 1 else len(torch.unique(in_idx // (m.in_channels // m.groups)))
+
+
+def _slice_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor, name: str = "") -> nn.Module:
+    if m.groups == 1:
+        return _resized(m, {"weight": _index(_index(m.weight, 0, out_idx), 1, in_idx), "bias": _index(m.bias, 0, out_idx)},
+                        {}, in_channels=len(in_idx), out_channels=len(out_idx))
+    # A grouped convolution stays one when each group it keeps keeps the same numbers of inputs and
+    # outputs (`modellego.core.locate.keep_channels` makes sure); depthwise is the case of one each.
+    qg, pg = m.out_channels // m.groups, m.in_channels // m.groups
+    in_groups, out_groups = in_idx // pg, out_idx // qg
+    kept = torch.unique(in_groups)  # sorted
+    n = len(kept)
+    if (not torch.equal(torch.unique(out_groups), kept) or len(in_idx) % n or len(out_idx) % n
+            or bool((in_idx.diff() <= 0).any()) or bool((out_idx.diff() <= 0).any())
+            or bool((torch.bincount(in_groups, minlength=m.groups)[kept] != len(in_idx) // n).any())
+            or bool((torch.bincount(out_groups, minlength=m.groups)[kept] != len(out_idx) // n).any())):
+        raise UserError(f"layer {name!r}: a convolution with groups={m.groups} must keep, in ascending order, the "
+                        "same number of inputs and of outputs in every group it keeps, and inputs and outputs "
+                        "of the same groups")
+    local = (in_idx - in_groups * pg).view(n, -1)  # (n, inputs kept per group): positions inside the group
+    rows = local[torch.searchsorted(kept, out_groups)]  # (Q', inputs kept per group): what each filter reads
+    w = _index(m.weight, 0, out_idx)  # (Q', P/g, kh, kw)
+    weight = w.gather(1, rows.to(w.device)[:, :, None, None].expand(-1, -1, *w.shape[2:]))  # (Q', P'/n, kh, kw)
     return _resized(m, {"weight": weight, "bias": _index(m.bias, 0, out_idx)}, {},
-                    in_channels=len(in_idx), out_channels=len(out_idx), groups=groups)
+                    in_channels=len(in_idx), out_channels=len(out_idx), groups=n)
 
 
 def _slice_linear(m: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
@@ -143,7 +160,7 @@ def prune_layers(model: nn.Module, plan: Mapping[str, Mapping[str, Sequence[int]
         new: nn.Module
         if isinstance(m, nn.Conv2d):
             new = _slice_conv(m, _as_index(keep.get("out"), m.out_channels, name),
-                              _as_index(keep.get("in"), m.in_channels, name))
+                              _as_index(keep.get("in"), m.in_channels, name), name)
         elif isinstance(m, nn.Linear):
             new = _slice_linear(m, _as_index(keep.get("out"), m.out_features, name),
                                 _as_index(keep.get("in"), m.in_features, name))
@@ -171,7 +188,8 @@ def fresh_like(m: nn.Module, out_n: int, in_n: int | None = None) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         depthwise = is_depthwise(m)
         if m.groups > 1 and not depthwise:
-            raise UserError(f"cannot resize a grouped convolution with groups={m.groups}")
+            raise UserError(f"cannot resize a grouped convolution with groups={m.groups}: padded assembly "
+                            "supports groups=1 and depthwise convolutions; assemble in parallel instead")
         new = _conv_like(m, out_n if depthwise else _inputs(m, in_n), out_n, out_n if depthwise else 1, **kw)
     elif isinstance(m, nn.Linear):
         new = nn.Linear(_inputs(m, in_n), out_n, bias=m.bias is not None, **kw)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ...core.contribution import EPS, conv_contribution
 from ...core.graph import ChannelGraph, trace
-from ...core.locate import Thresholds, locate_rows
+from ...core.locate import Thresholds, group_sum, locate_rows
 from ...errors import UserError
 from ...hooks import forward_hooks
 from .analysis import RouteAnalysis
@@ -115,9 +115,10 @@ class DenseVotes:
             lo, hi = s_hat.amin(-1, keepdim=True), s_hat.amax(-1, keepdim=True)
             parts.append(s_hat >= _threshold(lo, hi, alpha))  # Eqs. 5 and 9
         self.above = torch.cat(parts)  # (B, Q, Pg) bool
+        self.groups = module.groups
 
     def __call__(self, out_mask: torch.Tensor) -> torch.Tensor:
-        return (self.above & out_mask[:, :, None].to(self.above.device)).sum(1)  # (B, P)
+        return group_sum(self.above & out_mask[:, :, None].to(self.above.device), self.groups)  # (B, P)
 
 
 class LinearVotes:
