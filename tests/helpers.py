@@ -175,6 +175,91 @@ class GroupedNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class CrossStage(nn.Module):
+    """CSPNet: split the channels, a conv on one half, concatenate (channel counts fixed in forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.mix, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.stem(x)).split(4, dim=1)
+        return self.fc(torch.relu(self.mix(torch.cat([a, torch.relu(self.conv(b))], 1))).mean((2, 3)))
+
+
+class PartialResidual(nn.Module):
+    """ReXNet: the shortcut is added to the first channels only, ``x[:, :n] + shortcut``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.grow, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 9, 3, padding=1), nn.Linear(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        y = self.grow(h)
+        y = torch.cat([y[:, :6] + h, y[:, 6:]], dim=1)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+class Ghost(nn.Module):
+    """GhostNet: a depthwise "cheap" copy concatenated to its input, cut to an odd width by a slice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.short, self.fc = nn.Conv2d(3, 7, 1), nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.relu(self.primary(x))
+        g = torch.cat([p, self.cheap(p)], 1)[:, :7]
+        return self.fc(torch.relu(g + self.short(x)).mean((2, 3)))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2: chunk, a branch, concatenate, shuffle the channels across the two groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.branch = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.stem(x)).chunk(2, dim=1)
+        y = torch.cat([a, torch.relu(self.branch(b))], 1)
+        n, c, h, w = y.size()
+        y = torch.transpose(y.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, c, h, w)
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+class ChannelNorm(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of (B, C, H, W), permuting inside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """A ConvNeXt block with conv_mlp: depthwise 7×7, channel LayerNorm, 1×1 MLP, layer scale, residual;
+    `norm` picks the block's norm ("layer", "group" or "spatial": a LayerNorm over (H, W) only)."""
+
+    def __init__(self, norm: str = "layer", size: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.dw = nn.Conv2d(6, 6, 7, padding=3, groups=6)
+        self.norm = {"layer": lambda: ChannelNorm(6), "group": lambda: nn.GroupNorm(2, 6),
+                     "spatial": lambda: nn.LayerNorm([size, size])}[norm]()
+        self.fc1, self.fc2 = nn.Conv2d(6, 12, 1), nn.Conv2d(12, 6, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        y = self.fc2(nn.functional.gelu(self.fc1(self.norm(self.dw(h)))))
+        h = h + y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.head(h.mean((2, 3)))
+
+
 def _perturbed_pair() -> tuple[nn.Module, nn.Module, dict, list[torch.Tensor]]:
     torch.manual_seed(0)
     source = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),

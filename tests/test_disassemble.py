@@ -17,7 +17,7 @@ from modellego.cut.prune import prune_layers
 from modellego.errors import UnsupportedGraphError, UserError
 from modellego.io.info import get_info, weights_hash
 
-from helpers import NUM_CLASSES, SHAPE, GroupedNet, randomise_bn
+from helpers import NUM_CLASSES, SHAPE, ConvNeXtLike, CrossStage, Ghost, GroupedNet, PartialResidual, Shuffle, randomise_bn
 from helpers import zoo_data as data
 from helpers import zoo_model as build
 
@@ -335,6 +335,43 @@ def test_a_resnext_block_is_cut_exactly_with_equal_groups() -> None:
     component = modellego.disassemble(model, [0, 1], profile=prof)
     cut = component.get_submodule("grouped.0")
     assert cut.groups > 1 and cut.out_channels < 12  # still grouped, and smaller
+    with torch.no_grad():
+        got, want = component(x), masked_forward(model, graph, keep, x)[:, [0, 1]]
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+@pytest.mark.parametrize("cls", [CrossStage, PartialResidual, Ghost, Shuffle])
+def test_slices_splits_and_shuffles_are_cut_exactly_with_their_channels_kept_whole(cls: type) -> None:
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(16) % 5)], select=False)
+    graph = trace(model, x[:1])
+    assert graph.pinned
+    keep = keep_channels(graph, prof.task_in_masks([0, 1]), [0, 1], warn=False)
+    for s in graph.whole_spaces:
+        assert keep[s] == list(range(graph.space_size[s]))
+    component = modellego.disassemble(model, [0, 1], profile=prof)
+    with torch.no_grad():
+        got, want = component(x), masked_forward(model, graph, keep, x)[:, [0, 1]]
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+@pytest.mark.parametrize("norm", ["layer", "group", "spatial"])
+def test_norms_over_channels_and_layer_scales_keep_their_channels_whole(norm: str) -> None:
+    torch.manual_seed(0)
+    model = ConvNeXtLike(norm).double().eval()
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(16) % 5)], select=False)
+    graph = trace(model, x[:1])
+    stream = graph.find(graph.segments(graph.layers["stem"].node)[0].space)
+    hidden = graph.find(graph.segments(graph.layers["fc1"].node)[0].space)
+    # The layer scale `gamma` (one value per channel) pins the stream whatever the norm; the hidden
+    # layer of the MLP stays free.
+    assert stream in graph.whole_spaces and hidden not in graph.whole_spaces
+    keep = keep_channels(graph, prof.task_in_masks([0, 1]), [0, 1], warn=False)
+    component = modellego.disassemble(model, [0, 1], profile=prof)
+    assert component.get_submodule("fc1").out_channels < 12
     with torch.no_grad():
         got, want = component(x), masked_forward(model, graph, keep, x)[:, [0, 1]]
     assert (got - want).abs().max() <= 1e-9 * want.abs().max()

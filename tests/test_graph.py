@@ -10,6 +10,8 @@ import modellego
 from modellego.core.graph import trace
 from modellego.errors import UnsupportedGraphError
 
+from helpers import ChannelNorm
+
 
 class ScalarGate(nn.Module):
     def __init__(self) -> None:
@@ -310,3 +312,47 @@ def test_stochastic_depth_in_eval_mode_passes_channels_through() -> None:
     graph = trace(TorchvisionBlock().eval(), torch.randn(1, 2, 4, 4))
     node = next(n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is stochastic_depth)
     assert graph.roles[node] == "pass"
+
+
+class _Scaled(nn.Module):
+    def __init__(self, norm: nn.Module, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.conv, self.norm, self.fc = nn.Conv2d(2, 4, 3, padding=1), norm, nn.Linear(4, 2)
+        self.scale = nn.Parameter(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.norm(self.conv(x)) * self.scale).mean((2, 3)))
+
+
+class _Odd(nn.LayerNorm):
+    """A LayerNorm subclass that does something else: neither reading can be assumed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * 2
+
+
+@pytest.mark.parametrize("norm,scale,pinned", [
+    (ChannelNorm(4), torch.ones(1), True), (nn.GroupNorm(2, 4), torch.ones(1), True),
+    (nn.LayerNorm([5, 5]), torch.ones(1), False), (nn.Identity(), torch.ones(1), False),
+    (nn.Identity(), torch.ones(4, 1, 1), True)])
+def test_norms_over_channels_and_per_channel_constants_pin_their_space(norm: nn.Module, scale: torch.Tensor,
+                                                                       pinned: bool) -> None:
+    graph = trace(_Scaled(norm, scale), torch.randn(1, 2, 5, 5))
+    space = graph.find(graph.segments(graph.layers["conv"].node)[0].space)
+    assert (space in graph.whole_spaces) is pinned
+
+
+def test_a_norm_or_constant_that_cannot_be_read_is_refused_by_name() -> None:
+    with pytest.raises(UnsupportedGraphError, match="cannot tell which axes the _Odd normalises"):
+        trace(_Scaled(_Odd(4), torch.ones(1)), torch.randn(1, 2, 5, 5))
+
+    class Matmul(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.w = nn.Conv2d(2, 4, 1), nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).mean((2, 3)) @ self.w
+
+    with pytest.raises(UnsupportedGraphError, match="read from an attribute"):
+        trace(Matmul(), torch.randn(1, 2, 5, 5))

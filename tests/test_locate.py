@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import modellego
 from modellego.core.graph import trace
-from modellego.core.locate import Thresholds, keep_channels, locate_class, relevant_inputs
+from modellego.core.locate import Thresholds, keep_channels, locate_class, relevant_inputs, walk
 from modellego.errors import UserError
 
-from helpers import GroupedNet, tiny_sequential
+from helpers import Ghost, GroupedNet, Shuffle, tiny_sequential
 
 pytestmark = pytest.mark.filterwarnings("ignore:no class uses channel space")
 
@@ -405,3 +405,23 @@ def test_keep_channels_gives_every_kept_group_the_same_counts() -> None:
     # Groups 0, 1 and 3 are used (group 3 on the input side only); group 2 nowhere, so it is dropped.
     assert keep[space_in] == [0, 1, 4, 5, 12, 13]
     assert keep[space_out] == [0, 1, 4, 5, 9, 10]
+
+
+def test_slices_and_shuffles_map_relevance_back_by_offset_and_permutation() -> None:
+    def only(on: dict[str, list[int]]):
+        def rule(layer, mask):  # the layer's inputs listed in `on` are relevant, nothing else
+            m = torch.zeros(layer.in_features, dtype=torch.bool)
+            m[on.get(layer.name, [])] = True
+            return m
+        return rule
+
+    start = torch.ones(5, dtype=torch.bool)
+    # Ghost: fc reads channel 6 of cat([p, cheap(p)])[:, :7] + short(x): cheap's output 2, short's output 6.
+    _, outs = walk(trace(Ghost(), torch.randn(1, 3, 6, 6)), start, only({"fc": [6]}))
+    assert outs["cheap"].tolist() == [False, False, True, False]
+    assert outs["short"].tolist() == [False] * 6 + [True]
+    # Shuffle of 8 channels in 2 groups: position j holds channel [0, 4, 1, 5, 2, 6, 3, 7][j], so the
+    # head's input 1 is channel 4 of cat([a, branch(b)]): the branch's output 0.
+    _, outs = walk(trace(Shuffle(), torch.randn(1, 3, 6, 6)), start, only({"fc": list(range(6)), "head": [1]}))
+    assert outs["branch"].tolist() == [True, False, False, False]
+    assert not outs["stem"].any()

@@ -16,16 +16,18 @@ torchvision = vision_models.load("torchvision")
 pytestmark = [pytest.mark.skipif(timm is None or torchvision is None, reason="timm and torchvision are not installed"),
               pytest.mark.filterwarnings("ignore:no class uses channel space")]
 
-EXACT = [("timm", "efficientnet_b0"), ("timm", "mobilenetv3_small_100"), ("timm", "repvgg_a0"), ("timm", "regnetx_002"),
-         ("torchvision", "efficientnet_b0"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "squeezenet1_1")]
-REFUSED = [("timm", "convnext_atto", "'permute'"),
-           ("torchvision", "shufflenet_v2_x0_5", "'view'")]
+EXACT = [("timm", "efficientnet_b0"), ("timm", "convnext_atto"), ("timm", "mobilenetv3_small_100"), ("timm", "repvgg_a0"),
+         ("timm", "regnetx_002"),
+         ("torchvision", "efficientnet_b0"), ("torchvision", "mobilenet_v3_small"), ("torchvision", "squeezenet1_1"),
+         ("torchvision", "shufflenet_v2_x0_5")]
+# ConvNeXt's blocks without conv_mlp run channels-last (permute, LayerNorm and Linear over the last axis).
+REFUSED = [("timm", "convnext_atto", {"conv_mlp": False}, "'permute'")]
 
 
-def build(library: str, name: str) -> torch.nn.Module:
+def build(library: str, name: str, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     if library == "timm":
-        return timm.create_model(name, num_classes=10, pretrained=False).eval()
+        return timm.create_model(name, num_classes=10, pretrained=False, **kwargs).eval()
     return getattr(torchvision.models, name)(num_classes=10).eval()
 
 
@@ -45,9 +47,9 @@ def test_real_architectures_are_cut_exactly(library: str, name: str) -> None:
     assert (got - want).abs().max() <= 1e-9 * want.abs().max()
 
 
-@pytest.mark.parametrize("library,name,op", REFUSED, ids=[f"{a}-{b}" for a, b, _ in REFUSED])
-def test_what_is_not_understood_is_refused_by_name(library: str, name: str, op: str) -> None:
-    model = build(library, name)
+@pytest.mark.parametrize("library,name,kwargs,op", REFUSED, ids=[f"{a}-{b}" for a, b, _, _ in REFUSED])
+def test_what_is_not_understood_is_refused_by_name(library: str, name: str, kwargs: dict, op: str) -> None:
+    model = build(library, name, **kwargs)
     x, y = torch.randn(4, 3, 48, 48), torch.arange(4)
     with pytest.raises(UnsupportedGraphError, match=op) as info:
         modellego.profile(model, [(x, y)], select=False)

@@ -12,7 +12,14 @@ traces the model once and records, per fx node:
   channel; a (B, C) gate may get its trailing axes by view, unsqueeze or expand first); a
   concatenation lays spaces side by side; a flatten repeats each channel over the spatial
   positions.
-- its role for relevance: pass-through, add, product, concat, flatten or parametric layer.
+- its role for relevance: pass-through, add, product, concat, flatten, slice or parametric layer.
+
+Some ops fix the channel counts of their inputs in the model's own code: a slice ``x[:, :n]``, a
+``split`` of the channels. A cut could not change those counts without changing that code, so
+their spaces are *pinned*: kept whole by every cut, which stays exact and simply prunes less
+there. A slice's output gets a pinned space of its own; relevance maps back by offset. So are the
+operands of an add whose channels line up but whose layouts do not (a concatenation added to one
+tensor, as GhostNet and ReXNet do).
 
 Anything else that touches a tensor raises `UnsupportedGraphError` naming the op and the node, so
 nothing is ever skipped or silently kept whole.
@@ -62,6 +69,17 @@ FLATTEN_FUNCTIONS = {torch.flatten}
 FLATTEN_METHODS = {"flatten", "view", "reshape"}
 # Shape changes behind the channel axis: a (B, C) gate made (B, C, 1, 1), then (B, C, H, W).
 TRAILING_METHODS = {"unsqueeze", "expand", "expand_as"}
+PERMUTES = {"permute", "transpose", "movedim", "swapaxes", torch.permute, torch.transpose, torch.movedim, torch.swapaxes}
+CONSTANT = "modellego_constant"  # fx node meta flag: a tensor computed from attributes only
+# Element-wise arithmetic that may scale or shift a tensor by a constant one (a layer scale).
+ARITHMETIC_FUNCTIONS = {operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.imul,
+                        operator.sub, torch.sub, operator.isub, operator.truediv, torch.div, operator.itruediv}
+ARITHMETIC_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+# Norms that mix the channels they normalise: a cut keeps those channels whole.
+CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
+# Splits into a tuple of pieces, each read by a getitem: along the channel axis they pin the space.
+SPLIT_METHODS = {"split", "chunk", "tensor_split"}
+SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
 # Methods and functions whose result is not a tensor we follow (shapes, sizes).
 NON_TENSOR_METHODS = {"size", "dim"}
 
@@ -137,6 +155,8 @@ class ChannelGraph:
     space_size: dict[int, int]
     parent: dict[int, int] = field(default_factory=dict)
     channelwise_params: dict[str, fx.Node] = field(default_factory=dict)
+    pinned: set[int] = field(default_factory=set)
+    slices: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
 
     def find(self, space: int) -> int:
         """The representative of `space` after residual adds merged spaces."""
@@ -156,6 +176,11 @@ class ChannelGraph:
     def input_spaces(self) -> set[int]:
         """Representatives of the channel spaces of the model's input (the image channels)."""
         return {self.find(seg.space) for n, r in self.roles.items() if r == "input" for seg in self.layouts[n]}
+
+    @property
+    def whole_spaces(self) -> set[int]:
+        """Representatives of the spaces every cut keeps whole: the input's and the pinned ones."""
+        return self.input_spaces | {self.find(s) for s in self.pinned}
 
 
 def is_depthwise(m: nn.Conv2d) -> bool:
@@ -197,7 +222,9 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
             flat.extend(x for x in a if isinstance(x, fx.Node))
         elif isinstance(a, fx.Node):
             flat.append(a)
-    return [a for a in flat if _shape(a) is not None]
+    # A tensor read from an attribute (a layer-scale `gamma`), or computed from such tensors alone,
+    # carries no channels of the input: `_Builder` marks it constant and it gets no relevance.
+    return [a for a in flat if _shape(a) is not None and not a.meta.get(CONSTANT)]
 
 
 def channel_inputs(node: fx.Node) -> list[fx.Node]:
@@ -226,6 +253,35 @@ def _is_eval_stochastic_depth(node: fx.Node) -> bool:
         return False
     training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
     return training is False
+
+
+def _norms_channels(m: nn.LayerNorm, shape: tuple[int, ...]) -> bool:
+    """Whether LayerNorm `m` (or a subclass) normalises the channel axis of an input of `shape`.
+
+    nn.LayerNorm itself normalises the trailing ``len(normalized_shape)`` axes. A subclass may
+    permute first (timm's and torchvision's LayerNorm2d normalise (B, C, H, W) over C), so its
+    output on a random input is compared with both readings.
+    """
+    n = len(m.normalized_shape)
+    trailing = n >= len(shape) - 1
+    if type(m) is nn.LayerNorm or len(shape) < 3:
+        return trailing
+    ref = next(iter(m.parameters()), None)
+    x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0), dtype=ref.dtype if ref is not None
+                    else torch.float32).to(ref.device if ref is not None else "cpu")
+    with torch.no_grad(), preserve_training(m):
+        m.eval()
+        got = m(x)
+        if tuple(m.normalized_shape) == (shape[1],):
+            over_c = F.layer_norm(x.movedim(1, -1), m.normalized_shape, m.weight, m.bias, m.eps).movedim(-1, 1)
+            if torch.allclose(got, over_c, rtol=1e-4, atol=1e-5):
+                return True
+        if tuple(m.normalized_shape) == tuple(shape[len(shape) - n:]):
+            plain = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+            if torch.allclose(got, plain, rtol=1e-4, atol=1e-5):
+                return trailing
+    raise UnsupportedGraphError(f"cannot tell which axes the {type(m).__name__} normalises: its output is neither a "
+                                "LayerNorm over the channels nor over the trailing axes")
 
 
 def _is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -265,7 +321,8 @@ class ConcreteTracer(fx.Tracer):
         self.placeholders = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (*CHANNELWISE_MODULES, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, (*CHANNELWISE_MODULES, *CHANNEL_NORMS, nn.Conv2d, nn.Linear)) or \
+            super().is_leaf_module(m, module_qualified_name)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -371,6 +428,10 @@ class _Builder:
         self.parent: dict[int, int] = {}
         self.calls: dict[str, int] = {}
         self.channelwise_params: dict[str, fx.Node] = {}
+        self.pinned: set[int] = set()
+        self.slices: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = {}
+        self.pieces: dict[fx.Node, tuple[fx.Node, list[tuple[int, int]]]] = {}
+        self.grouping: dict[fx.Node, tuple[fx.Node, torch.Tensor]] = {}
 
     def new_space(self, n: int) -> Layout:
         sid = len(self.space_size)
@@ -384,10 +445,16 @@ class _Builder:
 
     def union(self, a: Layout, b: Layout, node: fx.Node) -> Layout:
         if len(a) != len(b) or any(x.channels != y.channels or x.spatial != y.spatial for x, y in zip(a, b)):
-            raise UnsupportedGraphError(
-                f"node {node.name!r} ({node.target}) combines tensors whose channel layouts differ "
-                f"({a} vs {b}); only element-wise ops over identically laid-out tensors are supported"
-            )
+            if feature_count(a) != feature_count(b) or any(seg.spatial != 1 for seg in (*a, *b)):
+                raise UnsupportedGraphError(
+                    f"node {node.name!r} ({node.target}) combines tensors whose channel layouts differ "
+                    f"({a} vs {b}); only element-wise ops over tensors of the same channels are supported"
+                )
+            # Channel i of one operand meets channel i of the other, but the operands are laid out
+            # differently (a sliced or concatenated stream added to a plain one): no space-wide
+            # equality can say which channels go together, so all of them are kept whole.
+            self.pinned.update(seg.space for seg in (*a, *b))
+            return a
         for x, y in zip(a, b):
             rx, ry = self.find(x.space), self.find(y.space)
             if rx != ry:
@@ -400,7 +467,8 @@ class _Builder:
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
             "Supported: Conv2d (any groups), Linear, BatchNorm, activations, pooling, "
             "dropout, arithmetic with a number, residual add, channel gating (x * gate), torch.cat on "
-            "dim 1, flatten, axes added or expanded after the channel axis."
+            "dim 1, channel slices and splits (kept whole), flatten, axes added or expanded after the "
+            "channel axis."
         )
 
     def build(self) -> ChannelGraph:
@@ -413,8 +481,7 @@ class _Builder:
                 output = args[0]
                 continue
             if node.op == "get_attr":
-                if _shape(node) is not None:
-                    raise self.fail(node, "tensors read directly from attributes are not supported")
+                node.meta[CONSTANT] = _shape(node) is not None
                 continue
             shape = _shape(node)
             if shape is None:
@@ -432,10 +499,14 @@ class _Builder:
         if output_shape is None or len(output_shape) != 2:
             raise UnsupportedGraphError(f"the model output {output.name!r} must have shape (B, classes)")
         return ChannelGraph(self.gm, self.layouts, self.roles, self.layers, output, self.space_size,
-                            self.parent, self.channelwise_params)
+                            self.parent, self.channelwise_params, self.pinned, self.slices)
 
     def _check_non_tensor(self, node: fx.Node) -> None:
         if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
+            return
+        if (node.op == "call_method" and node.target in SPLIT_METHODS) or (
+                node.op == "call_function" and node.target in SPLIT_FUNCTIONS):
+            self._visit_split(node)
             return
         if node.op == "call_function" and node.target in (operator.getitem, getattr):
             return
@@ -448,7 +519,13 @@ class _Builder:
         raise self.fail(node, "it produced no tensor shape during tracing")
 
     def _visit(self, node: fx.Node, shape: tuple[int, ...]) -> None:
+        constants = [a for a in node.all_input_nodes if a.meta.get(CONSTANT)]
         inputs = channel_inputs(node)
+        if constants and self._visit_constant(node, shape, inputs, constants):
+            return
+        if any(i in self.grouping for i in inputs):
+            self._visit_grouping(node, shape, inputs)
+            return
         if _is_softmax(node, self.modules):
             # Common in MNIST examples trained with NLLLoss; it mixes the classes, so a component
             # cut to a few of them could not reproduce it. Say what to do instead of "not understood".
@@ -486,12 +563,53 @@ class _Builder:
             self._visit_trailing(node, shape, inputs)
         elif node.op == "call_function" and node.target in CAT_FUNCTIONS:
             self._visit_cat(node, inputs)
+        elif node.op == "call_function" and node.target is operator.getitem:
+            self._visit_getitem(node, shape)
         elif (node.op == "call_function" and node.target in FLATTEN_FUNCTIONS) or (
             node.op == "call_method" and node.target in FLATTEN_METHODS
         ):
             self._visit_flatten(node, shape, inputs)
+        elif node.target in PERMUTES:
+            raise self.fail(node, "a permute of the channel axis (a channels-last block, such as ConvNeXt's "
+                                  "without conv_mlp) is not followed; channel shuffles and channel-first layers are")
         else:
             raise self.fail(node, "this op is not understood")
+
+    def _visit_constant(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node],
+                        constants: list[fx.Node]) -> bool:
+        """Ops on tensors read from attributes; True when `node` is handled here.
+
+        Computed from constants alone (``self.gamma.reshape(1, -1, 1, 1)``), the result is one too.
+        Arithmetic of a tensor with a constant acts channel by channel; a constant with one value per
+        channel cannot be cut with them (it is no layer's parameter), so it pins their spaces.
+        """
+        if not inputs:
+            node.meta[CONSTANT] = True
+            return True
+        arithmetic = (node.op == "call_function" and node.target in ARITHMETIC_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ARITHMETIC_METHODS)
+        if not arithmetic or len(inputs) != 1:
+            raise self.fail(node, "a tensor read from an attribute (not a layer's parameter) used other than "
+                                  "to scale or shift one tensor")
+        for c in constants:
+            cshape = _tensor_shape(c)
+            aligned = (1,) * (len(shape) - len(cshape)) + cshape
+            if len(cshape) > len(shape) or aligned[0] != 1:
+                raise self.fail(node, f"a constant of shape {cshape} over the batch axis")
+            if aligned[1] != 1:
+                self.pinned.update(seg.space for seg in self.layouts[inputs[0]])
+        self._pass(node, inputs)
+        return True
+
+    def _visit_norm(self, node: fx.Node, m: nn.Module, inputs: list[fx.Node]) -> None:
+        """GroupNorm and LayerNorm over the channels mix them: their spaces are kept whole. A LayerNorm
+        over the trailing spatial axes acts on each channel alone."""
+        shape = _tensor_shape(inputs[0])
+        if isinstance(m, nn.LayerNorm) and not _norms_channels(m, shape):
+            self._pass(node, inputs)
+            return
+        self.pinned.update(seg.space for seg in self.layouts[inputs[0]])
+        self._pass(node, inputs)
 
     def _pass(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         if len(inputs) != 1:
@@ -524,9 +642,9 @@ class _Builder:
         src = inputs[0]
         if isinstance(m, nn.Conv2d):
             depthwise = is_depthwise(m)
-            if m.groups > 1 and (len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1):
-                # Its groups would cut across the concatenated spaces.
-                raise self.fail(node, f"{'depthwise' if depthwise else 'grouped'} convolution after a concatenation")
+            if m.groups > 1 and not depthwise and (len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1):
+                # Its groups would cut across the concatenated spaces (a depthwise one maps channel to channel).
+                raise self.fail(node, "grouped convolution after a concatenation")
             self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "conv", m, node, src, depthwise)
@@ -542,6 +660,8 @@ class _Builder:
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 self.channelwise_params[name] = node
             self._pass(node, inputs)
+        elif isinstance(m, CHANNEL_NORMS):
+            self._visit_norm(node, m, inputs)
         elif isinstance(m, nn.Flatten):
             self._visit_flatten(node, shape, inputs)
         else:
@@ -576,6 +696,64 @@ class _Builder:
         self.layouts[node] = tuple(seg for src in inputs for seg in self.layouts[src])
         self.roles[node] = "cat"
 
+    def _slice(self, node: fx.Node, src: fx.Node, index: torch.Tensor) -> None:
+        """Channel j of `node` is channel ``index[j]`` of `src`: the same layout when that is all of them
+        in order, else a pinned space of its own, and `src`'s spaces pinned too (the model's code fixes
+        the counts)."""
+        layout = self.layouts[src]
+        if any(seg.spatial != 1 for seg in layout):
+            raise self.fail(node, "a slice or shuffle of a flattened tensor")
+        if torch.equal(index, torch.arange(feature_count(layout))):
+            self.layouts[node] = layout
+        else:
+            self.pinned.update(seg.space for seg in layout)
+            self.layouts[node] = self.new_space(len(index))
+            self.pinned.add(self.layouts[node][0].space)
+        self.slices[node] = (src, index)
+        self.roles[node] = "slice"
+
+    def _visit_split(self, node: fx.Node) -> None:
+        """``x.split(n, 1)``, ``torch.chunk(x, k, 1)``, ...: a tuple of pieces, each taken by a getitem."""
+        src = node.args[0] if node.args else None
+        metas = node.meta.get("tensor_meta")
+        if not isinstance(src, fx.Node) or _shape(src) is None or not isinstance(metas, (tuple, list)):
+            raise self.fail(node, "a split of something other than one tensor")
+        ndim = len(_tensor_shape(src))
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if not isinstance(dim, int) or dim % ndim == 0:
+            raise self.fail(node, f"a split along dim {dim} (the channel or a spatial axis only)")
+        sizes = [int(m.shape[dim]) for m in metas]
+        if dim % ndim != 1:  # along a spatial axis every piece keeps all channels
+            self.pieces[node] = (src, [(0, _tensor_shape(src)[1])] * len(sizes))
+            return
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.pieces[node] = (src, list(zip(offsets[:-1], offsets[1:])))
+
+    def _visit_getitem(self, node: fx.Node, shape: tuple[int, ...]) -> None:
+        """A piece of a split, or ``x[..., a:b, ...]`` with slices: channels [start, stop) of a tensor."""
+        src, index = node.args[0], node.args[1]
+        if isinstance(src, fx.Node) and src in self.pieces and isinstance(index, int):
+            split_src, ranges = self.pieces[src]
+            self._slice(node, split_src, torch.arange(*ranges[index]))
+            return
+        if not isinstance(src, fx.Node) or _shape(src) is None:
+            raise self.fail(node, "indexing of something other than a tensor or a split")
+        src_shape = _tensor_shape(src)
+        index = index if isinstance(index, tuple) else (index,)
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (len(src_shape) - len(index) + 1) + index[at + 1:]
+        index = index + (slice(None),) * (len(src_shape) - len(index))
+        if len(index) != len(src_shape) or not all(isinstance(i, slice) for i in index):
+            raise self.fail(node, f"indexing with {node.args[1]}: only slices (x[:, a:b], x[..., 1:]) are supported")
+        batch, channels = cast(tuple[slice, ...], index)[:2]
+        if batch.indices(src_shape[0]) != (0, src_shape[0], 1):
+            raise self.fail(node, "a slice of the batch axis")
+        start, stop, step = channels.indices(src_shape[1])
+        if step != 1 or stop <= start or shape[1] != stop - start:
+            raise self.fail(node, f"a channel slice {start}:{stop}:{step} (only steps of 1)")
+        self._slice(node, src, torch.arange(start, stop))
+
     def _visit_trailing(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         src = inputs[0] if len(inputs) == 1 and node.args and inputs[0] is node.args[0] else None
         src_shape = _shape(src) if src is not None else None
@@ -594,9 +772,36 @@ class _Builder:
         self.layouts[node] = layout
         self.roles[node] = "pass"
 
+    def _visit_grouping(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
+        """The steps of a channel shuffle after ``x.view(B, g, C // g, H, W)``: swap the two channel
+        axes, make it contiguous, view it as (B, C, H, W) again; then a permutation of x's channels."""
+        src = inputs[0]
+        origin, index = self.grouping[src]  # index[a, b]: the channel of `origin` at position (a, b)
+        target = node.target
+        args = node.args[1:]
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else list(args)
+        swap = (target in ("transpose", torch.transpose) and dims in ([1, 2], [2, 1])) or (
+            target == "permute" and dims == [0, 2, 1, *range(3, len(shape))])
+        if len(inputs) != 1:
+            raise self.fail(node, "a channel grouping (a view to (B, g, C/g, ...)) combined with another tensor")
+        if swap:
+            self.grouping[node] = (origin, index.T)
+        elif target in ("contiguous", "clone"):
+            self.grouping[node] = (origin, index)
+        elif target in FLATTEN_METHODS | FLATTEN_FUNCTIONS and shape == _tensor_shape(origin):
+            self._slice(node, origin, index.flatten())
+        else:
+            raise self.fail(node, "after a channel grouping (a view to (B, g, C/g, ...)) only a transpose of the two "
+                                  "channel axes and a view back to (B, C, ...) are supported (a channel shuffle)")
+
     def _visit_flatten(self, node: fx.Node, shape: tuple[int, ...], inputs: list[fx.Node]) -> None:
         src = inputs[0] if inputs else None
         src_shape = _shape(src) if src is not None else None
+        if (src is not None and src_shape is not None and len(shape) == len(src_shape) + 1 >= 4
+                and shape[0] == src_shape[0] and shape[1] * shape[2] == src_shape[1] and shape[3:] == src_shape[2:]):
+            # (B, C, H, W) viewed as (B, g, C/g, H, W): the first step of a channel shuffle.
+            self.grouping[node] = (src, torch.arange(src_shape[1]).view(shape[1], shape[2]))
+            return
         if (src is not None and src_shape is not None and len(src_shape) == 2 and shape[:2] == src_shape
                 and all(d == 1 for d in shape[2:])):
             self._pass(node, [src])  # (B, C) kept as it is, or viewed as (B, C, 1, 1): a gate about to scale a map

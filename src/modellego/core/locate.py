@@ -5,6 +5,7 @@ Rules (the paper leaves the graph to the implementer):
 - an add passes its relevance to both addends; a concatenation splits it by channel offsets;
 - BatchNorm, activations, pooling and dropout pass it through channel by channel;
 - a flatten maps C×H×W features back to channels (a channel is relevant if any position is);
+- a channel slice or a piece of a split maps back by its offset;
 - a depthwise convolution couples each input channel to its output channel; a grouped one counts
   each input's votes (Eq. 6) over the outputs of its own group only;
 - Conv2d and Linear apply Eqs. 9, 6, 8 and 10 with their own α and β.
@@ -157,6 +158,11 @@ def walk(graph: ChannelGraph, start: torch.Tensor, rule: LayerRule) -> tuple[dic
                 n = sum(s.features for s in graph.layouts[src])
                 _or(rel, src, mask[..., offset: offset + n])
                 offset += n
+        elif role == "slice":  # channel j is channel index[j] of the source (a slice, a split, a shuffle)
+            src, index = graph.slices[node]
+            full = torch.zeros(*lead, sum(s.features for s in graph.layouts[src]), dtype=torch.bool)
+            full[..., index] = mask
+            _or(rel, src, full)
         elif role == "flatten":
             spatial = graph.layouts[node][0].spatial
             _or(rel, inputs[0], mask.unflatten(-1, (-1, spatial)).any(-1))  # (..., C*HW) -> (..., C)
@@ -257,15 +263,18 @@ def keep_channels(
             masks[seg.space] |= part
             offset += seg.features
     keep: dict[int, list[int]] = {}
-    input_spaces = graph.input_spaces
+    whole = graph.whole_spaces
     out_segments = graph.segments(graph.output)
     if len(out_segments) != 1 or out_segments[0].spatial != 1:
         raise UserError("the model output must be produced by one Linear or Conv layer")
     out_space = out_segments[0].space
+    if out_space in whole:
+        raise UserError("the model slices or splits its logits (or the layer that produces them), so a cut "
+                        "cannot keep only the task's classes; return the logits of one layer instead")
     depthwise_spaces = {graph.find(seg.space) for layer in graph.layers.values() if layer.depthwise
                         for seg in graph.layouts[layer.node]}
     for s in reps:
-        if s in input_spaces:
+        if s in whole:  # the image's channels, and spaces whose counts the model's code fixes
             keep[s] = list(range(graph.space_size[s]))
         elif s == out_space:
             keep[s] = [int(c) for c in classes]
@@ -279,7 +288,7 @@ def keep_channels(
             if s in depthwise_spaces and len(idx) < 2 <= graph.space_size[s]:
                 idx = sorted(set(idx) | {next(c for c in range(graph.space_size[s]) if c not in idx)})
             keep[s] = idx
-    _equal_groups(graph, keep, fixed=input_spaces | {out_space})
+    _equal_groups(graph, keep, fixed=whole | {out_space})
     return keep
 
 

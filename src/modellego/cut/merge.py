@@ -93,12 +93,12 @@ def merge(
             kept.setdefault(graph.find(s), set()).update(idx)
         classes += [c for c in info.provenance["task"] if c not in classes]
     out_space = graph.segments(graph.output)[0].space
-    inputs = graph.input_spaces
+    whole = graph.whole_spaces
     keep = {}
     for s in sorted({graph.find(s) for s in graph.space_size}):
         if s == out_space:
             keep[s] = classes
-        elif s in inputs:  # the input image keeps every channel, as in every component
+        elif s in whole:  # the input image and pinned spaces keep every channel, as in every component
             keep[s] = list(range(graph.space_size[s]))
         elif s in kept:
             keep[s] = sorted(kept[s])
