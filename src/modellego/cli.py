@@ -117,6 +117,27 @@ def _stream_args(s: argparse.ArgumentParser) -> None:
                    help="with --stream: shorter side before the center crop (default: the input side / 0.875)")
 
 
+LIBRARY_MODELS = ("\n\nMODEL may also be timm:NAME or torchvision:NAME, built with the dataset's classes and channels\n"
+                  "(unless --num-classes / --in-channels say otherwise) and loaded with --weights:\n"
+                  "  modellego {command} timm:resnet18 --weights resnet18.safetensors --data cifar10 ...")
+
+
+def _model_args(s: argparse.ArgumentParser) -> None:
+    """MODEL as a model file, or an architecture of timm or torchvision built here (profile, disassemble, evaluate)."""
+    s.description = (s.description or "") + LIBRARY_MODELS.format(command=s.prog.split()[-1])
+    s.add_argument("model", help="model file (or its folder), or timm:NAME / torchvision:NAME (e.g. timm:resnet18), "
+                                 "built with the dataset's classes and channels")
+    s.add_argument("--weights", help="with timm:NAME / torchvision:NAME: its state dict, a .safetensors file or a "
+                                     ".pt / .pth file (read with torch.load(weights_only=True)); default: random weights")
+    s.add_argument("--num-classes", type=POSITIVE_INT, default=None,
+                   help="with timm:NAME / torchvision:NAME: outputs (default: the dataset's classes)")
+    s.add_argument("--in-channels", type=POSITIVE_INT, default=None,
+                   help="with timm:NAME / torchvision:NAME: input channels (default: the dataset's)")
+    s.add_argument("--input-size", type=POSITIVE_INT, default=None,
+                   help="with timm:NAME / torchvision:NAME: side of the square input the images are resized to "
+                        "(default: the dataset's image size; 224 with --stream)")
+
+
 def _models_command(s: argparse.ArgumentParser) -> None:
     """`models` takes no arguments."""
 
@@ -140,7 +161,7 @@ def _train_command(s: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_command(s: argparse.ArgumentParser) -> None:
-    s.add_argument("model", help="model, component or assembly file (or its folder)")
+    _model_args(s)
     _data_args(s, required=False)
     s.add_argument("--classes", help="task, e.g. 0-2, 3,5,7 or class names (default: the model's classes)")
     s.add_argument("--split", default="test", choices=["test", "val", "train"])
@@ -152,7 +173,7 @@ def _profile_command(s: argparse.ArgumentParser) -> None:
     s.description = (s.description or "") + ("\n\nLaunched by torchrun, each of the N processes reads every N-th training image and\n"
                       "the first writes the profile of all of them:\n"
                       "  torchrun --standalone --nproc-per-node N -m modellego.cli profile MODEL --data NAME -o PROFILE")
-    s.add_argument("model")
+    _model_args(s)
     _data_args(s)
     _stream_args(s)
     _selection_args(s)
@@ -163,7 +184,7 @@ def _profile_command(s: argparse.ArgumentParser) -> None:
 
 
 def _disassemble_command(s: argparse.ArgumentParser) -> None:
-    s.add_argument("model")
+    _model_args(s)
     s.add_argument("--classes", required=True, help="task, e.g. 0-2, 3,5,7 or class names, in output order")
     s.add_argument("--profile", help="profile from `modellego profile` (else computed from --data)")
     s.add_argument("--calibrate", default=None,
@@ -334,8 +355,73 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _dataset(args: argparse.Namespace):
+    """--data, read once per command (building a timm:/torchvision: model reads it too)."""
     from .data import load_dataset
-    return load_dataset(args.data, args.data_dir, download=args.download)
+    key = (args.data, args.data_dir, args.download)
+    cached = getattr(args, "_dataset", None)
+    if cached is None or cached[0] != key:
+        cached = (key, load_dataset(args.data, args.data_dir, download=args.download))
+        args._dataset = cached
+    return cached[1]
+
+
+def _source(args: argparse.Namespace, device: torch.device):
+    """MODEL: a model file, or a timm:NAME / torchvision:NAME architecture built for --data with --weights."""
+    from .files import load
+    from .models.registry import library_of
+    flags = [f for f, v in (("--weights", args.weights), ("--num-classes", args.num_classes),
+                            ("--in-channels", args.in_channels), ("--input-size", args.input_size)) if v is not None]
+    if library_of(args.model) is None or Path(args.model).exists():  # "C:/runs/m" is a file
+        if flags:
+            raise UserError(f"{flags[0]} goes with MODEL timm:NAME or torchvision:NAME; {args.model} is a model file")
+        return load(args.model, map_location=device)
+    return _library_model(args).to(device).eval()
+
+
+def _library_model(args: argparse.Namespace):
+    """A timm or torchvision architecture with the data's classes, channels and size, and --weights."""
+    from .files import load_weights
+    from .io.info import InputSpec, ModelInfo, get_info, set_info
+    from .models import create_model
+    if not args.data:
+        raise UserError(f"{args.model} takes its classes and input from the data: give --data NAME")
+    if getattr(args, "stream", False):
+        # A streamed folder has no statistics of its own: ImageNet's, what both libraries train with (grey: their mean).
+        from .data import canonical_name
+        from .data.stream import IMAGENET_MEAN, IMAGENET_STD, StreamedImageFolder
+        if canonical_name(args.data) != "imagefolder" or not args.data_dir:
+            raise UserError("--stream reads an image folder: give --data imagefolder --data-dir FOLDER")
+        channels = args.in_channels or 3
+        side = args.input_size or 224
+        mean = tuple(IMAGENET_MEAN) if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
+        std = tuple(IMAGENET_STD) if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
+        names = StreamedImageFolder(args.data_dir, "train", size=side, channels=channels, mean=mean, std=std).classes
+        dataset, size = "imagefolder", (side, side)
+    else:
+        ds = _dataset(args)
+        channels = args.in_channels or ds.in_channels
+        names, dataset = tuple(ds.classes), ds.name
+        size = (args.input_size, args.input_size) if args.input_size else ds.image_size
+        # The dataset's own statistics, as `modellego train` uses (grey images read as RGB: repeated).
+        mean, std = (ds.mean, ds.std) if channels == ds.in_channels else (ds.mean[:1] * channels, ds.std[:1] * channels)
+    num_classes = args.num_classes or len(names)
+    if num_classes < len(names):
+        raise UserError(f"--num-classes {num_classes} is fewer than the {len(names)} classes of {dataset}: "
+                        "the labels would name outputs the model does not have")
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every run, without --weights
+        torch.manual_seed(0)
+        model = create_model(args.model, num_classes=num_classes, in_channels=channels)
+    if args.weights:
+        load_weights(model, args.weights)
+    else:
+        print(f"note: no --weights, so {args.model} has random weights", file=sys.stderr)
+    info = get_info(model)
+    assert info is not None  # create_model describes what it builds
+    extra = tuple(str(i) for i in range(len(names), num_classes))
+    return set_info(model, ModelInfo(
+        arch=info.arch, arch_kwargs=info.arch_kwargs, class_names=names + extra, classes=tuple(range(num_classes)),
+        input=InputSpec(channels, (size[0], size[1]), tuple(mean), tuple(std)), dataset=dataset,
+        provenance={"weights": Path(args.weights).name if args.weights else None}))
 
 
 def _streamed(model, args: argparse.Namespace, split: str = "train", *, classes=None, group=None):
@@ -378,9 +464,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.tasks import parse_classes
     from .evaluation.metrics import accuracy, cost
     from .evaluation.protocol import input_shape, test_accuracy
-    from .files import load
     device = _device(args)
-    model = load(args.model, map_location=device)
+    model = _source(args, device)
     info = require_info(model, "this command")
     if args.stream:
         if info.kind == "assembly" or info.input is None:
@@ -479,9 +564,8 @@ def _launched_group(device: torch.device) -> Iterator[tuple[ProcessGroup | None,
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from .core.distributed import world
-    from .files import load
     with _launched_group(_device(args)) as (group, device):
-        model = load(args.model, map_location=device)
+        model = _source(args, device)
         prof = _profile_from_args(model, args, keep_contributions=args.keep_contributions, group=group)
         if world(group)[0] != 0:
             return 0  # every process holds the same profile; the first writes it
@@ -499,10 +583,10 @@ def cmd_disassemble(args: argparse.Namespace) -> int:
     from .cut.disassemble import disassemble
     from .data.tasks import parse_classes
     from .evaluation.metrics import count_params
-    from .files import load, save
+    from .files import save
     # Under torchrun the processes share the profiling and the calibration; the first writes.
     with _launched_group(_device(args)) as (group, device):
-        model = load(args.model, map_location=device)
+        model = _source(args, device)
         info = require_info(model, "this command")
         classes = parse_classes(args.classes, info.class_names)
         faithful_note = args.calibrate is None and not args.data
@@ -731,7 +815,7 @@ COMMANDS = {"models": cmd_models, "train": cmd_train, "evaluate": cmd_evaluate, 
             "demo": cmd_demo, "amalgamate": cmd_amalgamate, "distill": cmd_distill, "compress": cmd_compress}
 
 
-INPUT_ARGS = ("model", "profile", "source", "teacher", "components", "teachers")
+INPUT_ARGS = ("model", "profile", "source", "teacher", "components", "teachers", "weights")
 FILE_OUTPUTS = {"profile"}  # commands whose -o is one file, never a folder
 
 

@@ -1,8 +1,12 @@
 """Model files back to modules: `save`, `load`, and `build`, which rebuilds any file's module.
 
 A file stores a description (`ModelInfo`) and tensors (`modellego.io.checkpoint`). `build` turns
-the description into a module of the right shapes: a zoo architecture, pruned by the stored plan,
-or an assembly of such modules. Nothing is unpickled and no stored code runs.
+the description into a module of the right shapes: a zoo architecture or a recorded ``timm:NAME`` /
+``torchvision:NAME`` one (`modellego.models.create_model` checks the name and its two arguments),
+pruned by the stored plan, or an assembly of such modules. Nothing is unpickled and no stored code runs.
+
+`read_state_dict` and `load_weights` read a plain state dict (safetensors, or a ``.pt`` file through
+``torch.load(weights_only=True)``) into a model built by name, with one-line errors.
 
 `load` never allocates what a file does not hold: it first builds the module's `skeleton` on the
 meta device (shapes, no memory), checks that the description fits it (layer names, index ranges,
@@ -25,9 +29,10 @@ from torch.overrides import TorchFunctionMode
 from .assembly.assemble import Assembly, assembly_skeleton
 from .cut.prune import prune_layers
 from .errors import CorruptFileError, UserError
-from .io.checkpoint import ModelFile, StoredTensor, dtype_kind, open_model, resolve_path, write_model
-from .io.info import ModelInfo, require_info, set_info
+from .io.checkpoint import ModelFile, StoredTensor, dtype_kind, one_line, open_model, resolve_path, write_model
+from .io.info import ModelInfo, get_info, require_info, set_info
 from .models import classifier_layer, create_model
+from .models.registry import LibraryMissingError
 
 # What building a module from a description may raise for a description that does not fit the
 # zoo (names, sizes, kinds of layer): the file's fault, reported as a CorruptFileError.
@@ -106,9 +111,13 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
             every tensor then comes from the file. Not modified.
         map_location: the device of the loaded module.
 
+    A file of a ``timm:NAME`` or ``torchvision:NAME`` architecture (`modellego.create_model`)
+    rebuilds it from that library, which must be installed (else pass `model`).
+
     Raises:
         UserError: no file at `path`; a file of a module outside the zoo without `model`, or one
-            whose plan or tensors do not fit the given `model`.
+            whose plan or tensors do not fit the given `model`; `LibraryMissingError`: the file's
+            timm or torchvision architecture, and that library does not import.
         CorruptFileError: the file is truncated, corrupt, tampered with, not a modellego model, or
             describes a module its tensors do not fit.
     """
@@ -120,6 +129,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
         try:
             model = skeleton(info)
             _check_fits(info, model)
+        except LibraryMissingError:  # the machine's fault, not the file's
+            raise
         except _BUILD_ERRORS as e:
             raise f.corrupt(f"the stored description cannot be rebuilt ({e})") from e
         _check_table(f, model.state_dict())
@@ -281,3 +292,87 @@ def _check_loaded(info: ModelInfo, model: nn.Module) -> None:
             pos = getattr(model.probe, f"positions_{k}")
             if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= width):
                 raise UserError(f"density site {k} reads positions outside the {width} inputs of {site.layer!r}")
+
+
+# --- Plain state dicts (weights of a model built by name) ---------------------------------------------
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict")  # training checkpoints that wrap a state dict
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file: ``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` read with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only; no code runs).
+
+    A training checkpoint holding its state dict under ``state_dict`` or ``model`` is unwrapped,
+    and a ``module.`` prefix on every name (``nn.DataParallel``) is dropped.
+
+    Raises:
+        UserError: no such file, another suffix, or a file that is not a state dict (one line).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"no weights file at {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+            obj: Any = load_file(str(p), device="cpu")
+        elif suffix in _TORCH_SUFFIXES:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            raise UserError(f"{p}: weights must be a .safetensors file, or a .pt / .pth state dict; got {p.suffix!r}")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' and torch.load's many refusals, as one line
+        raise UserError(f"{p} is not a readable state dict ({one_line(f'{type(e).__name__}: {e}', 200)})") from None
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        obj = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping) and _is_state_dict(obj[k])), obj)
+    if not isinstance(obj, Mapping) or not obj or not _is_state_dict(obj):
+        raise UserError(f"{p} does not hold a state dict (a mapping of names to tensors)")
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, torch.Tensor]) -> nn.Module:
+    """Load a state dict (a file, see `read_state_dict`, or a mapping) into `model` in place; return it.
+
+    Every tensor of the model must be given with its shape (BatchNorm's ``num_batches_tracked``
+    may be absent, as in many published checkpoints), and nothing else.
+
+    Raises:
+        UserError: one line naming the missing, unexpected and mis-shaped tensors.
+    """
+    source = "the state dict" if isinstance(weights, Mapping) else str(weights)
+    state = dict(weights) if isinstance(weights, Mapping) else read_state_dict(weights)
+    want = model.state_dict()
+    missing = [k for k in want if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in want]
+    shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    kinds = [k for k in want if k in state and k not in shaped and dtype_kind(state[k].dtype) != dtype_kind(want[k].dtype)]
+    if missing or unexpected or shaped or kinds:
+        info = get_info(model)
+        what = info.arch if info and info.arch else type(model).__name__
+        args = ", ".join(f"{k}={v}" for k, v in info.arch_kwargs.items()) if info and info.arch else ""
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected)):
+            if names:
+                parts.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        if shaped:
+            k = shaped[0]
+            parts.append(f"{len(shaped)} mis-shaped ({k}: {list(state[k].shape)} in the file, {list(want[k].shape)} "
+                         f"in the model{', ...' if len(shaped) > 1 else ''})")
+        if kinds:
+            parts.append(f"{len(kinds)} of another dtype ({kinds[0]}: {state[kinds[0]].dtype}, the model "
+                         f"{want[kinds[0]].dtype})")
+        raise UserError(one_line(f"{source} does not fit {what}{f' ({args})' if args else ''}: {'; '.join(parts)}",
+                                 400 + len(source)))
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return model

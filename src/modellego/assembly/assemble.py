@@ -12,6 +12,11 @@ Two ways, both exact (the assembled logits equal the components' logits side by 
 
 An `Assembly` takes raw images for the parallel mode (and padded mode with adapters) and ends in
 an `OutputHead`, an identity until scaling or calibration sets it (see `modellego.assembly.scaling`).
+
+Components of the user's own modules (no zoo architecture, no recorded input) assemble too: their
+input is read from their first layer (channels) and `input_shape` (size), with no normalisation
+(the assembly reads what they read). Components pad together when they are of one architecture (one
+zoo or ``timm:`` / ``torchvision:`` name, else one Python class) and their traced graphs line up.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from ..core.graph import ChannelGraph, trace
 from ..cut.prune import fresh_like, resize_layers
-from ..errors import UserError
+from ..errors import UnsupportedGraphError, UserError
 from ..io.info import INFO_ATTR, AssemblySpec, InputSpec, LabelEntry, ModelInfo, get_info, set_info
 from ..models import create_model
 from .density import MAX_FEATURES, DensityProbe, capture
@@ -139,39 +144,119 @@ def _example(info: ModelInfo, device: torch.device, dtype: torch.dtype) -> torch
     return torch.zeros(2, spec.channels, *spec.size, device=device, dtype=dtype)
 
 
-def _infos(components: Sequence[nn.Module]) -> list[ModelInfo]:
+def _shape_arg(input_shape: Sequence[int] | None) -> tuple[int | None, tuple[int, int]] | None:
+    """`input_shape` as (channels or None, (H, W)), checked."""
+    if input_shape is None:
+        return None
+    shape = tuple(input_shape)
+    if len(shape) not in (2, 3) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise UserError(f"input_shape must be (C, H, W) or (H, W) of positive integers, got {input_shape!r}")
+    return (shape[0] if len(shape) == 3 else None), (shape[-2], shape[-1])
+
+
+def _read_input(component: nn.Module, index: int, shape: tuple[int | None, tuple[int, int]] | None) -> InputSpec:
+    """The input of a component that records none: its first convolution's channels, `shape`'s size,
+    no normalisation (the assembly is fed what the component reads)."""
+    name, conv = next(((n, m) for n, m in component.named_modules() if isinstance(m, _Layer)), ("", None))
+    what = f"component {index} ({type(component).__name__})"
+    if not isinstance(conv, nn.Conv2d):
+        raise UserError(f"{what} has no input description and does not start with a Conv2d reading images; "
+                        "set its ModelInfo.input (modellego.InputSpec)")
+    if shape is None:
+        raise UserError(f"{what} has no input description: pass input_shape=(C, H, W), e.g. its profile's "
+                        "provenance['input_shape'], or set its ModelInfo.input")
+    channels, size = shape
+    if channels is not None and channels != conv.in_channels:
+        raise UserError(f"input_shape has {channels} channels, but the first layer {name!r} of {what} reads "
+                        f"{conv.in_channels}")
+    c = conv.in_channels
+    return InputSpec(c, size, (0.0,) * c, (1.0,) * c)
+
+
+def _infos(components: Sequence[nn.Module], input_shape: Sequence[int] | None = None) -> list[ModelInfo]:
+    """The components' descriptions, each with an input (read from the module where it records none)."""
     if not components:
         raise UserError("nothing to assemble")
+    shape = _shape_arg(input_shape)
     infos = []
     for i, c in enumerate(components):
         info = get_info(c)
         if info is None:
             raise UserError(f"component {i} has no description; build it with modellego.disassemble or load it")
         if info.input is None:
-            raise UserError(f"component {i} has no input description and cannot be assembled; "
-                            "set one (ModelInfo.input) or save it from a trained model")
+            info = info.replace(input=_read_input(c, i, shape))
         infos.append(info)
     return infos
 
 
-def _same_graph(graphs: Sequence[ChannelGraph]) -> bool:
+def _architecture(component: nn.Module, info: ModelInfo) -> str:
+    """The architecture's name: the recorded one (zoo, timm:, torchvision:), else the module's class."""
+    if info.arch is not None:
+        return info.arch
+    return f"{type(component).__module__}.{type(component).__qualname__}"
+
+
+def _graph_difference(graphs: Sequence[ChannelGraph]) -> str | None:
+    """Where the traced graphs differ (the first place), or ``None`` if padding can line them up."""
     def signature(g: ChannelGraph) -> list[tuple[str, str, int]]:
         return [(n.name, g.roles[n], len(g.layouts[n])) for n in g.gm.graph.nodes if n in g.roles]
-    first = signature(graphs[0])
-    return all(signature(g) == first for g in graphs[1:]) and all(
-        list(g.layers) == list(graphs[0].layers) for g in graphs[1:])
-
-
-def can_pad(components: Sequence[nn.Module]) -> str | None:
-    """``None`` if the components can be padded into one network, else the reason why not."""
-    infos = _infos(components)
-    if any(i.assembly is not None for i in infos):
-        return "an input is already an assembly"
-    if len({i.arch for i in infos}) != 1 or infos[0].arch is None:
-        return f"architectures differ ({', '.join(sorted(str(i.arch) for i in infos))})"
-    if len({(i.input.channels, tuple(i.input.size)) if i.input else None for i in infos}) != 1:
-        return "input channels or sizes differ"
+    first, layers0 = signature(graphs[0]), list(graphs[0].layers)
+    for i, g in enumerate(graphs[1:], 1):
+        layers = list(g.layers)
+        if layers != layers0:
+            only0 = [n for n in layers0 if n not in g.layers]
+            only = [n for n in layers if n not in graphs[0].layers]
+            if only0:
+                return f"layer {only0[0]!r} of component 0 is not in component {i}"
+            if only:
+                return f"layer {only[0]!r} of component {i} is not in component 0"
+            return f"components 0 and {i} run their layers in different orders"
+        for a, b in zip(first, signature(g)):
+            if a != b:
+                return (f"their traced graphs part at node {a[0]!r} ({a[1]}, {a[2]} segment(s)) of component 0 "
+                        f"and {b[0]!r} ({b[1]}, {b[2]}) of component {i}")
+        if len(signature(g)) != len(first):
+            return f"component {i} traces to {len(signature(g))} nodes, component 0 to {len(first)}"
     return None
+
+
+def _pad_check(components: Sequence[nn.Module], infos: Sequence[ModelInfo]) -> tuple[
+        str | None, list[ChannelGraph] | None]:
+    """Why the components cannot be padded (or ``None``), and their traced graphs when they can."""
+    if any(i.assembly is not None for i in infos):
+        return "an input is already an assembly", None
+    archs = [_architecture(c, i) for c, i in zip(components, infos)]
+    if len(set(archs)) != 1:
+        return f"architectures differ ({', '.join(dict.fromkeys(archs))})", None
+    if len({(_input(i).channels, tuple(_input(i).size)) for i in infos}) != 1:
+        return "input channels or sizes differ", None
+    param = next(components[0].parameters())
+    try:
+        graphs = [trace(c, _example(i, param.device, param.dtype)) for c, i in zip(components, infos)]
+    except UnsupportedGraphError as e:
+        return f"a component cannot be traced ({e})", None
+    difference = _graph_difference(graphs)
+    if difference:
+        return difference, None
+    # Padding widens every layer to the components' channels side by side, which these cannot follow.
+    pinned = next((i for i, g in enumerate(graphs) if g.pinned), None)
+    if pinned is not None:
+        return (f"component {pinned} keeps channels whole that its own code fixes or mixes (a channel slice, "
+                "split or shuffle, a norm over the channels, a per-channel constant)"), None
+    grouped = next((name for name, layer in graphs[0].layers.items() if layer.grouped), None)
+    if grouped is not None:
+        return f"layer {grouped!r} is a grouped convolution, whose groups padding cannot widen", None
+    return None, graphs
+
+
+def can_pad(components: Sequence[nn.Module], *, input_shape: Sequence[int] | None = None) -> str | None:
+    """``None`` if the components can be padded into one network, else the reason why not.
+
+    Args:
+        components: as for `assemble`.
+        input_shape: as for `assemble`, for components that record no input.
+    """
+    return _pad_check(components, _infos(components, input_shape))[0]
 
 
 def _positions(graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
@@ -213,13 +298,9 @@ def _positions(graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
 
 
 @torch.no_grad()
-def _padded_body(components: Sequence[nn.Module], infos: Sequence[ModelInfo], stacked_input: bool) -> tuple[
+def _padded_body(components: Sequence[nn.Module], graphs: Sequence[ChannelGraph], stacked_input: bool) -> tuple[
         nn.Module, dict[str, dict[str, int]], dict[str, list[list[int]]]]:
     """The block-diagonal body, its layer sizes, and each component's feature positions in every layer's input."""
-    param = next(components[0].parameters())
-    graphs = [trace(c, _example(i, param.device, param.dtype)) for c, i in zip(components, infos)]
-    if not _same_graph(graphs):
-        raise UserError("the components' graphs differ; use parallel assembly")
     # Without stacking, each component reads its own normalised copy of the image (adapters).
     pos, _ = _positions(graphs, stacked_input)
     g0 = graphs[0]
@@ -281,21 +362,31 @@ def _raw_spec(infos: Sequence[ModelInfo]) -> InputSpec:
     return InputSpec(channels, (height, width), (0.0,) * channels, (1.0,) * channels)
 
 
-def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> Assembly:
+def assemble(components: Sequence[nn.Module], *, mode: str = "auto",
+             input_shape: Sequence[int] | None = None) -> Assembly:
     """Assemble components into one model whose outputs are all their classes, in order.
 
     Args:
-        components: components (or whole models) with a description (`ModelInfo`).
+        components: components (or whole models) with a description (`ModelInfo`), e.g. from
+            `modellego.disassemble` of any traceable module.
         mode: ``padded`` (block-diagonal, one network: the paper's alignment padding),
             ``parallel`` (side by side) or ``auto`` (padded when possible).
+        input_shape: ``(C, H, W)`` or ``(H, W)``, the input of components that record none
+            (components of the user's own modules; e.g. their profile's
+            ``provenance["input_shape"]``). Such a component reads its first convolution's
+            channels at this size, unnormalised: the assembly is fed what it reads.
 
     Returns: an `Assembly`; ``modellego.get_info(a).assembly.label_map`` says which output
     is which class of which source, and the head is the identity (see `modellego.assembly.scaling`).
+
+    Shape:
+        parallel, or padded with adapters: raw images (B, C_raw, H, W) -> (B, T); padded over one
+        shared input: the components' input (B, C, H, W) -> (B, T), T the classes of all components.
     """
-    infos = _infos(components)
+    infos = _infos(components, input_shape)
     if mode not in ("auto", "padded", "parallel"):
         raise UserError(f"mode must be auto, padded or parallel, got {mode!r}")
-    reason = can_pad(components)
+    reason, graphs = _pad_check(components, infos) if mode != "parallel" else (None, None)
     if mode == "padded" and reason:
         raise UserError(f"cannot pad these components: {reason}; use parallel assembly")
     mode = ("parallel" if reason else "padded") if mode == "auto" else mode
@@ -311,8 +402,9 @@ def assemble(components: Sequence[nn.Module], *, mode: str = "auto") -> Assembly
         spec = AssemblySpec(mode, tuple(infos), label_map, adapters=True)
         input_spec = _raw_spec(infos)
     else:
+        assert graphs is not None  # traced by _pad_check, which found no reason against padding
         stacked = len({(_input(i).mean, _input(i).std) for i in infos}) == 1
-        body, sizes, inputs = _padded_body(components, infos, stacked)
+        body, sizes, inputs = _padded_body(components, graphs, stacked)
         adapters = None if stacked else nn.ModuleList([InputAdapter(_input(i)) for i in infos])
         model = Assembly("padded", body, OutputHead(groups), adapters)
         spec = AssemblySpec(mode, tuple(infos), label_map, adapters=not stacked, arch=infos[0].arch,
@@ -349,10 +441,11 @@ def assembly_skeleton(spec: AssemblySpec, components: Sequence[nn.Module]) -> As
     return asm
 
 
-def side_by_side(components: Sequence[nn.Module], x_raw: torch.Tensor) -> torch.Tensor:
+def side_by_side(components: Sequence[nn.Module], x_raw: torch.Tensor, *,
+                 input_shape: Sequence[int] | None = None) -> torch.Tensor:
     """Reference: each component on its own preprocessed input, logits concatenated."""
     outs = []
     with torch.no_grad():
-        for c, info in zip(components, _infos(components)):
+        for c, info in zip(components, _infos(components, input_shape)):
             outs.append(c(InputAdapter(_input(info)).to(x_raw.device)(x_raw)))
     return torch.cat(outs, 1)

@@ -19,7 +19,7 @@ from ..core.profiling import Profile, class_names_of
 from ..core.profiling import profile as run_profile
 from ..errors import UnsupportedGraphError, UserError
 from ..hooks import forward_hooks
-from ..io.info import ModelInfo, get_info, set_info, weights_hash
+from ..io.info import InputSpec, ModelInfo, get_info, set_info, weights_hash
 from ..io.plan import compose_plans
 from .budget import locate_budget
 from .prune import build_plan, kept_features, prune_layers
@@ -206,6 +206,20 @@ def example_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(2, *shape, device=param.device, dtype=param.dtype)
 
 
+def _input_of(model: nn.Module, example: torch.Tensor) -> InputSpec | None:
+    """The input of a source that records none, read off the example: its images as the model reads
+    them (no normalisation), so that its components assemble without a hand-built description.
+
+    Only for a model whose first layer (as files check it: in registration order) is a convolution
+    reading those channels; otherwise the caller describes the input.
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    if example.dim() != 4 or not isinstance(first, nn.Conv2d) or first.in_channels != example.shape[1]:
+        return None
+    c, h, w = example.shape[1:]
+    return InputSpec(c, (h, w), (0.0,) * c, (1.0,) * c)
+
+
 def extract(
     model: nn.Module,
     graph: ChannelGraph,
@@ -254,7 +268,7 @@ def extract(
         arch_kwargs=dict(src.arch_kwargs) if src else {},
         class_names=tuple(names[c] for c in classes),
         classes=tuple(source_classes[c] for c in classes),
-        input=src.input if src else None,
+        input=src.input if src and src.input else _input_of(model, example),
         dataset=src.dataset if src else None,
         kind="component",
         pruning=compose_plans(src.pruning if src else None, plan),
