@@ -49,7 +49,8 @@ from train_zoo import ZOO, checkpoint_path  # noqa: E402
 import modellego  # noqa: E402
 from modellego.apps.compress import compress  # noqa: E402
 from modellego.calibration.calibrate import DEFAULT_CALIBRATION, calibrate  # noqa: E402
-from modellego.core.graph import is_depthwise, trace  # noqa: E402
+from modellego.core.graph import trace  # noqa: E402
+from modellego.core.layers import is_depthwise  # noqa: E402
 from modellego.cut.prune import full_plan, prune_layers  # noqa: E402
 from modellego.data import batches, load_dataset  # noqa: E402
 from modellego.evaluation.metrics import count_flops, count_params, measure_latency  # noqa: E402

@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 
 import modellego
+from modellego.core.layers import LAYER_TYPES, LayerType
 from modellego.cut import disassemble as disassemble_module
 from modellego.cut.disassemble import relative_error
-from modellego.cut.prune import prune_layers
+from modellego.cut.prune import fresh_like, prune_layers
 from modellego.errors import UnsupportedGraphError, UserError
 
 from helpers import zoo_data, zoo_model
@@ -117,3 +118,44 @@ def test_a_grouped_convolution_is_cut_group_by_group() -> None:
         prune_layers(nn.Sequential(conv), {"0": {"in": [1, 4, 6], "out": [0, 4]}})
     with pytest.raises(UserError, match="same groups"):
         prune_layers(nn.Sequential(conv), {"0": {"in": [1, 2], "out": [4, 5]}})
+
+
+def test_resizing_keeps_the_class_and_attributes_too() -> None:
+    norm = fresh_like(NormAct(6), 4)
+    assert type(norm) is NormAct and isinstance(norm.act, nn.SiLU) and (norm.num_features, norm.eps) == (4, 1e-3)
+    assert not norm.weight.any() and norm.running_var.tolist() == [1.0] * 4
+    conv = fresh_like(WideConv(3, 6, 3, padding=1), 5, 2)
+    assert type(conv) is WideConv and conv.weight.shape == (5, 2, 3, 3) and conv.padding == (1, 1)
+    assert not conv.weight.any()
+
+
+class ChannelScale(nn.Module):
+    """A layer the library does not know: one learned scale per channel."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 2.0, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight[:, None, None]
+
+
+def test_a_new_layer_type_is_one_entry_of_the_table(monkeypatch) -> None:
+    def cut(m: ChannelScale, idx: torch.Tensor, in_idx, name: str) -> nn.Module:
+        new = ChannelScale(len(idx))
+        new.weight.data = m.weight.detach()[idx].clone()
+        return new
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelScale(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).double().eval()
+    x = torch.randn(16, 3, 6, 6, dtype=torch.float64)
+    # Unknown, it is traced into: a per-channel constant, so the cut keeps its channels whole.
+    prof = modellego.profile(model, [(x, torch.arange(16) % 4)], select=False)
+    assert modellego.disassemble(model, [0, 1], profile=prof)[0].out_channels == 8
+    entry = LayerType("channelwise", lambda m: (len(m.weight), None), cut, lambda m, n, _: ChannelScale(n))
+    monkeypatch.setitem(LAYER_TYPES, ChannelScale, entry)
+    prof = modellego.profile(model, [(x, torch.arange(16) % 4)], select=False)
+    component = modellego.disassemble(model, [0, 1], profile=prof)  # checked against the masked source
+    kept = component[0].out_channels
+    assert kept < 8 and type(component[1]) is ChannelScale and component[1].weight.shape == (kept,)

@@ -43,14 +43,8 @@ except ImportError:  # pragma: no cover - then ConcreteTracer is not used (see t
 
 from ..errors import UnsupportedGraphError
 from ..hooks import preserve_training
+from .layers import CHANNEL_NORMS, CHANNELWISE_MODULES, is_depthwise, layer_type
 
-# Modules that act on each channel independently (relevance and channels pass straight through).
-CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU,
-    nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)
 CHANNELWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
@@ -75,8 +69,6 @@ CONSTANT = "modellego_constant"  # fx node meta flag: a tensor computed from att
 ARITHMETIC_FUNCTIONS = {operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.imul,
                         operator.sub, torch.sub, operator.isub, operator.truediv, torch.div, operator.itruediv}
 ARITHMETIC_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
-# Norms that mix the channels they normalise: a cut keeps those channels whole.
-CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
 # Splits into a tuple of pieces, each read by a getitem: along the channel axis they pin the space.
 SPLIT_METHODS = {"split", "chunk", "tensor_split"}
 SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
@@ -181,15 +173,6 @@ class ChannelGraph:
     def whole_spaces(self) -> set[int]:
         """Representatives of the spaces every cut keeps whole: the input's and the pinned ones."""
         return self.input_spaces | {self.find(s) for s in self.pinned}
-
-
-def is_depthwise(m: nn.Conv2d) -> bool:
-    """One input and one output channel per group (and more than one group).
-
-    Pruning keeps at least two channels in a depthwise layer's space so that a component's graph
-    stays the graph of its source (a one-channel depthwise conv would look like a plain conv).
-    """
-    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def feature_count(layout: Layout) -> int:
@@ -321,7 +304,7 @@ class ConcreteTracer(fx.Tracer):
         self.placeholders = 0
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (*CHANNELWISE_MODULES, *CHANNEL_NORMS, nn.Conv2d, nn.Linear)) or \
+        return layer_type(m) is not None or isinstance(m, (*CHANNELWISE_MODULES, *CHANNEL_NORMS)) or \
             super().is_leaf_module(m, module_qualified_name)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
@@ -640,7 +623,9 @@ class _Builder:
         if len(inputs) != 1:
             raise self.fail(node, f"expected one tensor input, got {len(inputs)}")
         src = inputs[0]
-        if isinstance(m, nn.Conv2d):
+        kind = lt.kind if (lt := layer_type(m)) is not None else None
+        if kind == "conv":
+            assert isinstance(m, nn.Conv2d)  # the table's entry for convolutions
             depthwise = is_depthwise(m)
             if m.groups > 1 and not depthwise and (len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1):
                 # Its groups would cut across the concatenated spaces (a depthwise one maps channel to channel).
@@ -648,16 +633,15 @@ class _Builder:
             self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "conv", m, node, src, depthwise)
-        elif isinstance(m, nn.Linear):
+        elif kind == "linear":
+            assert isinstance(m, nn.Linear)  # the table's entry for Linear layers
             if len(_tensor_shape(src)) != 2:
                 raise self.fail(node, f"Linear over a tensor of shape {_tensor_shape(src)}; flatten to (B, F) first")
             self.layouts[node] = self.new_space(m.out_features)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "linear", m, node, src)
-        elif isinstance(m, CHANNELWISE_MODULES):
-            if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-                self.channelwise_params[name] = node
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        elif kind == "channelwise" or isinstance(m, CHANNELWISE_MODULES):
+            if lt is not None and lt.per_channel(m):  # a cut slices its parameters with the channels
                 self.channelwise_params[name] = node
             self._pass(node, inputs)
         elif isinstance(m, CHANNEL_NORMS):

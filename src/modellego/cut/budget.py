@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 
 from ..core.graph import ChannelGraph
+from ..core.layers import kept_groups
 from ..core.locate import Thresholds, keep_channels, locate_class
 from ..core.profiling import Profile
 from ..errors import UserError
 from ..hooks import forward_hooks
 from ..io.plan import Plan
-from .prune import build_plan, full_plan, kept_groups
+from .prune import build_plan, full_plan
 
 log = logging.getLogger(__name__)
 
