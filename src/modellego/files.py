@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -32,7 +33,7 @@ from .errors import CorruptFileError, UserError
 from .io.checkpoint import ModelFile, StoredTensor, dtype_kind, one_line, open_model, resolve_path, write_model
 from .io.info import ModelInfo, get_info, require_info, set_info
 from .models import classifier_layer, create_model
-from .models.registry import LibraryMissingError
+from .models.registry import LibraryMissingError, library_of
 
 # What building a module from a description may raise for a description that does not fit the
 # zoo (names, sizes, kinds of layer): the file's fault, reported as a CorruptFileError.
@@ -80,10 +81,18 @@ class _ShapesOnly(TorchFunctionMode):
 def skeleton(info: ModelInfo) -> nn.Module:
     """`build(info)` without memory: every tensor whose size the description sets is a meta tensor.
 
-    Its ``state_dict()`` names and shapes are those of the real module.
+    Its ``state_dict()`` names and shapes are those of the real module. A ``timm:`` or
+    ``torchvision:`` architecture whose constructor computes its widths with tensors (torchvision's
+    RegNets) cannot be built on the meta device; it is built for real, at the size its name and the
+    two checked arguments give (the file's tensors cannot enlarge it).
     """
-    with _ShapesOnly():
-        return build(info)
+    try:
+        with _ShapesOnly():
+            return build(info)
+    except UserError:
+        if info.assembly is not None or library_of(info.arch) is None:
+            raise
+    return build(info)
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, info: ModelInfo | None = None) -> Path:
@@ -137,12 +146,24 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
         tensors = f.weights()
     model = _materialise(model, info)
     try:
-        model.load_state_dict(tensors, strict=True)
+        _load_tensors(model, tensors)
         _check_loaded(info, model)
     except (RuntimeError, UserError) as e:
         raise f.corrupt(f"the weights do not fit the description: {e}") from e
     set_info(model, info)
     return model.to(map_location).eval()
+
+
+def _load_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """`model.load_state_dict` of plain tensors, with the module versions of this code.
+
+    A state dict carries each module's ``version`` beside its tensors, which a safetensors file
+    cannot hold; some modules refuse to load without it (torchvision's MNASNet). The tensors were
+    written from these classes, so the installed classes' versions are the ones to give.
+    """
+    state = OrderedDict(tensors)
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=strict)
 
 
 def _load_into(f: ModelFile, info: ModelInfo, model: nn.Module | None, path: Path) -> nn.Module:
@@ -163,7 +184,7 @@ def _load_into(f: ModelFile, info: ModelInfo, model: nn.Module | None, path: Pat
     except CorruptFileError as e:
         raise UserError(f"{path} does not fit the given {type(model).__name__}: {e}") from e
     try:
-        base.load_state_dict(f.weights(), strict=True)
+        _load_tensors(base, f.weights())
     except RuntimeError as e:
         raise f.corrupt(f"the weights do not fit the given module: {e}") from e
     set_info(base, info)
@@ -220,9 +241,15 @@ def _check_first_layer(model: nn.Module, channels: int, size: tuple[int, int], w
 
 
 def _check_outputs(model: nn.Module, outputs: int, where: str) -> None:
-    name, fc = classifier_layer(model)
-    if fc.out_features != outputs:
-        raise UserError(f"{where}: {outputs} classes, but the classifier {name!r} has {fc.out_features} outputs")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if not any(isinstance(m, nn.Linear) for _, m in layers) and layers:  # a 1×1 convolution as classifier (SqueezeNet)
+        name, conv = layers[-1]
+        width = conv.out_channels if isinstance(conv, nn.Conv2d) else conv.out_features
+    else:
+        name, fc = classifier_layer(model)
+        width = fc.out_features
+    if width != outputs:
+        raise UserError(f"{where}: {outputs} classes, but the classifier {name!r} has {width} outputs")
 
 
 def _in_width(body: nn.Module, layer: str, where: str) -> int:
@@ -374,5 +401,5 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, tor
         raise UserError(one_line(f"{source} does not fit {what}{f' ({args})' if args else ''}: {'; '.join(parts)}",
                                  400 + len(source)))
     with torch.no_grad():
-        model.load_state_dict(state, strict=False)
+        _load_tensors(model, state, strict=False)
     return model
