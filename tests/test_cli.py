@@ -431,3 +431,13 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(run, tmp_path, capsys, monke
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "No space left on device" in err, err
     assert not any(tmp_path.rglob("*.safetensors")) and not any(tmp_path.rglob("*.tmp"))
+
+
+def test_assemble_under_torchrun_scales_from_both_processes_and_writes_once(run, tmp_path) -> None:
+    out = tmp_path / "asm"
+    torchrun("assemble", run["c012"], run["c34"], "--scaling", "density", "--images-per-class", "50", "-o", str(out))
+    two, one = modellego.load(out), modellego.load(run["asm_den"])
+    assert get_info(two).provenance["scaling"]["images"] == 5 * 50  # of both processes' shares
+    for k, v in one.state_dict().items():  # the same head and density scores, up to the order of summation
+        got = two.state_dict()[k]
+        assert (got.double() - v.double()).abs().max() <= 1e-4 * max(v.double().abs().max(), 1e-6), k

@@ -257,3 +257,51 @@ def test_calibration_in_a_group_equals_one_process_on_all_the_shards(calibration
             assert relative_error(got[k].double(), v.double()) < 1e-9, (CALIBRATIONS[i], k)
             moved = max(moved, relative_error(v.double(), comp.state_dict()[k].double()))
     assert moved > 1e-3  # the calibration changed the component: equal copies of the cut would pass too
+
+
+SCALINGS = ("calibrated", "density")  # "paper" reads the same gathered logits (this model's are not positive)
+
+
+def _assembly_and_batches() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A padded assembly of two float64 components (classes 0-1 and 2-3) and batches labelled by its outputs."""
+    model, _, batches = _bn_model_and_component()
+    parts = [modellego.disassemble(model, task, batches=batches, calibrate="none", select=SelectionConfig(0.2, 2, 6))
+             for task in ([0, 1], [2, 3])]
+    return modellego.assemble(parts), batches
+
+
+def _scaling_worker(rank: int, folder: str) -> None:
+    out = Path(folder)
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        asm, batches = _assembly_and_batches()
+        for method in SCALINGS:
+            share = [(x[rank::PROCESSES], y[rank::PROCESSES]) for x, y in batches]
+            report = modellego.scale_assembly(asm, share, method, group=dist.group.WORLD)
+            save_file({k: v.contiguous() for k, v in asm.state_dict().items()}, out / f"{method}-{rank}")
+            (out / f"{method}-{rank}.json").write_text(json.dumps(report["images"]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("scaling")
+    _spawn(_scaling_worker, folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", SCALINGS)
+def test_assembly_scaling_in_a_group_equals_one_process_on_all_the_shards(scaling_run: Path, method: str) -> None:
+    from modellego.cut.disassemble import relative_error
+    asm, batches = _assembly_and_batches()
+    images = modellego.scale_assembly(asm, batches, method)["images"]
+    want = asm.state_dict()
+    assert not torch.equal(want["head.scale"], torch.ones_like(want["head.scale"]))  # the scaling did something
+    for rank in range(PROCESSES):
+        got = load_file(scaling_run / f"{method}-{rank}")
+        assert json.loads((scaling_run / f"{method}-{rank}.json").read_text()) == images == 80
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert relative_error(got[k].double(), v.double()) < 1e-6, (method, k)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modellego
+from modellego.assembly.assemble import assemble, side_by_side
 from modellego.core.graph import trace
 from modellego.errors import UnsupportedGraphError
 
@@ -269,6 +270,12 @@ def test_forward_passes_with_shape_checks_and_norm_act_layers_are_cut_exactly() 
     assert component(x[:3]).shape == (3, 2)
     with pytest.raises(ValueError, match="expects 28x28"):  # the model's own check still runs
         component(torch.randn(1, 1, 32, 32, dtype=torch.float64))
+    # And its components assemble, without a hand-built description: one network, exactly side by side.
+    other = modellego.disassemble(model, [1, 3], profile=prof)
+    assembly = assemble([component, other], mode="padded")
+    with torch.no_grad():
+        got, want = assembly(x[:4]), side_by_side([component, other], x[:4])
+    assert (got - want).abs().max() <= 1e-9 * want.abs().max()
 
 
 def test_branches_on_tensor_values_stay_refused() -> None:

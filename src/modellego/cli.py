@@ -651,26 +651,35 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .assembly.assemble import assemble
     from .assembly.scaling import scale_assembly
+    from .core.distributed import world
     from .data import load_dataset
     from .data.union import union_dataset
     from .evaluation.protocol import scaling_batches
     from .files import load, save
     from .training.fit import finetune
-    device = _device(args)
     if len(args.components) < 2:
         raise UserError("assembling needs at least two components")
-    components = [load(p, map_location=device) for p in args.components]
-    nested = [p for p, c in zip(args.components, components) if require_info(c, "assemble").kind == "assembly"]
-    if nested:
-        raise UserError(f"{nested[0]} is an assembly; assemble its components together with the others instead")
-    asm = assemble(components, mode=args.mode)
-    info = require_info(asm, "this command")
-    if args.scaling != "none" or args.finetune_epochs:
-        ds = union_dataset(asm, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
-        if args.finetune_epochs:  # first, so that the head is fitted to the network it will sit on
-            finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
-        if args.scaling != "none":
-            scale_assembly(asm, scaling_batches(asm, ds, per_class=args.images_per_class), args.scaling)
+    # Under torchrun the processes share the scaling images (logits and features gathered); the first writes.
+    with _launched_group(_device(args)) as (group, device):
+        rank, size = world(group)
+        if args.finetune_epochs and size > 1:
+            raise UserError("fine-tuning runs in one process: launch without torchrun, or scale only")
+        components = [load(p, map_location=device) for p in args.components]
+        nested = [p for p, c in zip(args.components, components) if require_info(c, "assemble").kind == "assembly"]
+        if nested:
+            raise UserError(f"{nested[0]} is an assembly; assemble its components together with the others instead")
+        asm = assemble(components, mode=args.mode)
+        info = require_info(asm, "this command")
+        if args.scaling != "none" or args.finetune_epochs:
+            ds = union_dataset(asm, loader=lambda name: load_dataset(name, args.data_dir, download=args.download))
+            if args.finetune_epochs:  # first, so that the head is fitted to the network it will sit on
+                finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
+            if args.scaling != "none":
+                drawn = scaling_batches(asm, ds, per_class=args.images_per_class)
+                share = [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
+                scale_assembly(asm, share, args.scaling, group=group)
+        if rank != 0:
+            return 0
     path = save(asm, args.output)
     mode = info.assembly.mode if info.assembly else "?"
     print(f"saved {path}: {mode} assembly of {len(components)} components, "

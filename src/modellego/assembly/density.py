@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import torch
 import torch.nn as nn
 
+from ..core.distributed import agree_shards, gather_rows
 from ..errors import UserError
 from ..hooks import eval_mode, forward_hooks
 from ..io.info import DensitySite, get_info
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
     from .assemble import Assembly
 
 MAX_FEATURES = 1024  # layers whose per-component input is wider get no Gaussian (a dense covariance)
@@ -153,9 +156,12 @@ def sites_of(assembly: Assembly) -> list[Site]:
 
 
 @torch.no_grad()
-def fit_probe(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-              ) -> tuple[DensityProbe, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_probe(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              group: ProcessGroup | None = None) -> tuple[DensityProbe, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fit every site's Gaussian on the images of its own component's classes.
+
+    Under `group`, every process passes its share of the images and all of them are gathered
+    (pooled features, at most `MAX_FEATURES` per site and image), so every process fits the same.
 
     Returns the probe (weights zero), the raw logits (N, T), labels (N,) and standardised site
     scores (N, K) of the fitting images, for the head's fit.
@@ -172,10 +178,12 @@ def fit_probe(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Te
             ys.append(y.cpu())
             for name in feats:
                 feats[name].append(seen[name].double().cpu())
+    if group is not None:  # every process must take part in the gathers below
+        agree_shards(tuple(zs[0].shape[1:]) if zs else None, group, "the assembled logits' shape")
     if not zs:
         raise UserError("no calibration images")
-    z, y = torch.cat(zs), torch.cat(ys)
-    inputs = {name: torch.cat(v) for name, v in feats.items()}
+    z, y = gather_rows(torch.cat(zs), group), gather_rows(torch.cat(ys), group)
+    inputs = {name: gather_rows(torch.cat(v), group) for name, v in feats.items()}
     probe = DensityProbe([(s.component, s.layer, len(s.positions), 0) for s in sites], len(groups.unique()))
     group_of = groups[y]
     for k, s in enumerate(sites):

@@ -20,31 +20,40 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from ..core.distributed import agree_shards, gather_rows
 from ..errors import UserError
 from ..hooks import eval_mode
 from ..io.info import get_info, set_info
 from .assemble import Assembly
 from .density import DensityProbe, fit_probe
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def assembled_logits(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw logits before the head, and labels (assembled output indices). Shape: (N, T), (N,)."""
+def assembled_logits(assembly: Assembly, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     group: ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw logits before the head, and labels (assembled output indices), of every process's
+    batches when `group` is given (gathered in rank order). Shape: (N, T), (N,)."""
     device = next(assembly.parameters()).device
     zs, ys = [], []
     with eval_mode(assembly):
         for x, y in batches:
             zs.append(assembly.logits(x.to(device)).double().cpu())
             ys.append(y.cpu())
+    if group is not None:  # every process must take part in the gathers below
+        agree_shards(tuple(zs[0].shape[1:]) if zs else None, group, "the assembled logits' shape")
     if not zs:
         raise UserError("no calibration images")
-    return torch.cat(zs), torch.cat(ys)
+    return gather_rows(torch.cat(zs), group), gather_rows(torch.cat(ys), group)
 
 
 def paper_scale(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -119,13 +128,13 @@ def _observed(assembly: Assembly, z: torch.Tensor, y: torch.Tensor, report: Repo
         report["no_images"] = missing
 
 
-def _scale_none(assembly: Assembly, batches: Batches, report: Report) -> None:
+def _scale_none(assembly: Assembly, batches: Batches, report: Report, group: ProcessGroup | None) -> None:
     """The identity head: each component's raw logits."""
 
 
 @torch.no_grad()
-def _scale_paper(assembly: Assembly, batches: Batches, report: Report) -> None:
-    z, y = assembled_logits(assembly, batches)
+def _scale_paper(assembly: Assembly, batches: Batches, report: Report, group: ProcessGroup | None) -> None:
+    z, y = assembled_logits(assembly, batches, group)
     _observed(assembly, z, y, report)
     scale, skipped = paper_scale(z, y)
     assembly.head.scale.copy_(scale.to(assembly.head.scale.dtype))
@@ -151,18 +160,19 @@ def _fit_into_head(assembly: Assembly, z: torch.Tensor, y: torch.Tensor, report:
         report["density_weight"] = [round(float(v), 4) for v in weight]
 
 
-def _scale_calibrated(assembly: Assembly, batches: Batches, report: Report) -> None:
-    z, y = assembled_logits(assembly, batches)
+def _scale_calibrated(assembly: Assembly, batches: Batches, report: Report, group: ProcessGroup | None) -> None:
+    z, y = assembled_logits(assembly, batches, group)
     _fit_into_head(assembly, z, y, report)
 
 
-def _scale_density(assembly: Assembly, batches: Batches, report: Report) -> None:
-    probe, z, y, sites = fit_probe(assembly, batches)
+def _scale_density(assembly: Assembly, batches: Batches, report: Report, group: ProcessGroup | None) -> None:
+    probe, z, y, sites = fit_probe(assembly, batches, group)
     _fit_into_head(assembly, z, y, report, probe, sites)
 
 
-# Each method fills the (reset) head from training images and notes what it did in the report.
-SCALERS: dict[str, Callable[[Assembly, Batches, Report], None]] = {
+# Each method fills the (reset) head from training images and notes what it did in the report;
+# under a process group, from every process's images.
+SCALERS: dict[str, Callable[[Assembly, Batches, Report, ProcessGroup | None], None]] = {
     "none": _scale_none,
     "paper": _scale_paper,
     "calibrated": _scale_calibrated,
@@ -171,12 +181,17 @@ SCALERS: dict[str, Callable[[Assembly, Batches, Report], None]] = {
 SCALINGS = tuple(SCALERS)
 
 
-def scale_assembly(assembly: Assembly, batches: Batches, method: str = "density") -> Report:
+def scale_assembly(assembly: Assembly, batches: Batches, method: str = "density", *,
+                   group: ProcessGroup | None = None) -> Report:
     """Set the assembly's head from training images (labels: assembled output indices), in place.
 
     Args:
         method: one of `SCALINGS`: ``none``, ``paper`` (Eqs. 12-14), ``calibrated`` or
             ``density`` (the calibrated head plus per-component Gaussian scores; the default).
+        group: a torch.distributed process group whose every process passes its own share of
+            the images: the logits (and density features) of all of them are gathered, so every
+            process fits the same head, equal to one process's on all the shards up to the order
+            of summation.
     Returns what was done (method, images, skipped outputs, fitted values).
     """
     if method not in SCALERS:
@@ -189,7 +204,7 @@ def scale_assembly(assembly: Assembly, batches: Batches, method: str = "density"
         head.energy.zero_()
         head.temperature.fill_(1)
     assembly.probe = None
-    SCALERS[method](assembly, batches, report)
+    SCALERS[method](assembly, batches, report, group)
     if method != "none":
         report["scale"] = [round(float(v), 5) for v in head.scale]
     info = get_info(assembly)
