@@ -428,11 +428,13 @@ def _streamed(model, args: argparse.Namespace, split: str = "train", *, classes=
     """--stream: this process's shard of --data-dir's `split`, decoded image by image for `model`."""
     from .core.distributed import world
     from .data import canonical_name
-    from .evaluation.protocol import model_stream
+    from .evaluation.protocol import model_folder, model_stream
     if canonical_name(args.data or "") != "imagefolder" or not args.data_dir:
         raise UserError("--stream reads an image folder: give --data imagefolder --data-dir FOLDER")
-    return model_stream(model, args.data_dir, split, workers=args.workers, resize=args.resize, classes=classes,
-                        shard=world(group))
+    listed = vars(args).setdefault("_listed", {})  # one walk of the tree per command (profile, then calibrate)
+    if split not in listed:
+        listed[split] = model_folder(model, args.data_dir, split, resize=args.resize)
+    return model_stream(model, listed[split], split, workers=args.workers, classes=classes, shard=world(group))
 
 
 def _thresholds(args: argparse.Namespace):

@@ -30,7 +30,7 @@ def model_transform(model: nn.Module, ds: Dataset):
 
 def model_stream(
     model: nn.Module,
-    root: str | os.PathLike[str],
+    root: str | os.PathLike[str] | StreamedImageFolder,
     split: str = "train",
     *,
     batch_size: int = 256,
@@ -47,6 +47,14 @@ def model_stream(
     Shape:
         yields images (B, C, S, S) float32 and labels (B,) int64, S the model's input side.
     """
+    folder = root if isinstance(root, StreamedImageFolder) else model_folder(model, root, split, resize=resize)
+    return StreamedBatches(folder, batch_size, workers=workers, classes=classes, shard=shard)
+
+
+def model_folder(model: nn.Module, root: str | os.PathLike[str], split: str = "train", *,
+                 resize: int | None = None) -> StreamedImageFolder:
+    """The listing of `split` of the image folder `root`, with `model`'s transform; `model_stream`
+    takes it in place of `root`, so that several passes over one folder walk its tree once."""
     info = get_info(model)
     if info is None or info.input is None:
         raise UserError("streaming an image folder needs the model's input spec (channels, size, mean, std); "
@@ -55,9 +63,8 @@ def model_stream(
     if spec.size[0] != spec.size[1] or spec.channels not in (1, 3):
         raise UserError(f"streamed folders give square 1- or 3-channel images; the model expects "
                         f"{spec.channels} x {spec.size[0]} x {spec.size[1]}")
-    folder = StreamedImageFolder(root, split, size=spec.size[0], resize=resize, channels=spec.channels,
-                                 mean=spec.mean, std=spec.std)
-    return StreamedBatches(folder, batch_size, workers=workers, classes=classes, shard=shard)
+    return StreamedImageFolder(root, split, size=spec.size[0], resize=resize, channels=spec.channels,
+                               mean=spec.mean, std=spec.std)
 
 
 def input_shape(model: nn.Module, ds: Dataset) -> tuple[int, int, int]:
