@@ -62,6 +62,14 @@ def _r(x: float) -> float:
 def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Namespace) -> list[dict]:
     t_all = time.perf_counter()
     model = get_model(args.cache, model_name, data).eval()
+    rows = run_source(model, model_name, ZOO[model_name]["width"], data, tasks, args)
+    print(f"{model_name} {data}: done in {time.perf_counter() - t_all:.1f}s", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_source(model: torch.nn.Module, model_name: str, width: float, data: str, tasks: list[str],
+               args: argparse.Namespace, *, tags: dict | None = None) -> list[dict]:
+    """The Table 1 rows of one trained source model (any traceable classifier); `tags` are added to every row."""
     ds = load_dataset(data)
     prov = model.modellego_info.provenance if getattr(model, "modellego_info", None) else {}
     device = next(model.parameters()).device
@@ -94,7 +102,7 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
         extra = _recon_and_budget(model, prof, ds, task, calib, args) if len(task) > 1 else {}
         r = report.row()
         row = {
-            "model": model_name, "width": ZOO[model_name]["width"], "data": data, "task": spec, "classes": task,
+            "model": model_name, "width": width, "data": data, "task": spec, "classes": task, **(tags or {}),
             "source_test_accuracy": _r(prov["test_accuracy"]) if "test_accuracy" in prov else None,
             "base": r["base"], "masked_base": r["masked_base"],
             "disa_paper": r["disa"], "disa_calibrated": _r(cal_acc.mean_per_class),
@@ -113,7 +121,6 @@ def run_model(model_name: str, data: str, tasks: list[str], args: argparse.Names
         }
         rows.append(row)
         record(row, args.out)
-    print(f"{model_name} {data}: done in {time.perf_counter() - t_all:.1f}s", file=sys.stderr, flush=True)
     return rows
 
 
