@@ -112,6 +112,29 @@ def test_profile_file(run) -> None:
     assert prof.model_sha256 and prof.provenance["input_shape"] == [3, 32, 32]
 
 
+def test_memory_budgets_bound_what_profiling_holds_not_the_profile(run, tmp_path) -> None:
+    """The smallest budgets: one class of sums at a time, and the selection reads the data again."""
+    out = tmp_path / "lean.safetensors"
+    quiet(["profile", run["model"], "--data", "synthetic", "--memory-budget", "0", "--hold-budget", "0", "-o", str(out)])
+    lean, one = Profile.load(out), Profile.load(run["profile"])
+    assert all(torch.equal(lean.in_masks[k], one.in_masks[k]) for k in one.layers)
+    assert lean.provenance["selection"]["selected"] == one.provenance["selection"]["selected"]
+
+
+@pytest.mark.parametrize("text,want", [("0", 0), ("512", 512), ("4K", 4096), ("1.5m", 3 << 19), ("2G", 2 << 30),
+                                       ("2GiB", 2 << 30), ("1T", 1 << 40)])
+def test_byte_sizes_on_the_command_line(text: str, want: int) -> None:
+    from modellego.cli import _bytes
+    assert _bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "G", "lots", "-1G", "nan", "inf"])
+def test_bad_byte_sizes_are_refused_in_one_line(run, tmp_path, capsys, text: str) -> None:
+    assert main(["profile", run["model"], "--data", "synthetic", "--memory-budget", text, "-o", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--memory-budget" in err and len(err.splitlines()) == 1
+
+
 def test_profile_under_torchrun_writes_the_profile_of_all_shards_once(run, tmp_path) -> None:
     """Half the training images each; the profile equals one process's up to float32 rounding and
     ties (exact in float64: test_distributed.py)."""

@@ -15,6 +15,15 @@ def test_free_host_memory_is_positive_and_below_the_total() -> None:
     assert abs(default_budget("cpu") - FREE_SHARE * free_bytes("cpu")) < 0.05 * free
 
 
+def test_processes_sharing_the_host_split_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("modellego.memory.free_bytes", lambda device: 8 << 30)
+    assert default_budget("cpu") == int(FREE_SHARE * (8 << 30))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this machine
+    assert default_budget("cpu") == int(FREE_SHARE * (8 << 30) / 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert default_budget("cpu") == int(FREE_SHARE * (8 << 30))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_free_cuda_memory_counts_what_the_allocator_cached() -> None:
     total = torch.cuda.get_device_properties(0).total_memory

@@ -78,6 +78,23 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _bytes(text: str) -> int:
+    """An argparse type: a number of bytes, with an optional K, M, G or T (powers of 1024), e.g. 2G."""
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes such as 512M or 2G, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of bytes >= 0, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+_bytes.__name__ = "bytes"
 POSITIVE_INT = _number(int, 1)
 COUNT = _number(int, 0)
 POSITIVE = _number(float, 0, lo_open=True)
@@ -345,6 +362,12 @@ def _selection_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kernel", choices=["torch", "triton"], default="torch",
                    help="per-sample contributions with tensor ops (any device) or one fused Triton kernel "
                         "(CUDA only)")
+    s.add_argument("--memory-budget", type=_bytes, default=None, metavar="BYTES",
+                   help="contribution sums held at once, e.g. 4G (default: half the free memory, shared by the "
+                        "processes of this host)")
+    s.add_argument("--hold-budget", type=_bytes, default=None, metavar="BYTES",
+                   help="selection candidates' inputs held during its pass before the data is read again, e.g. 2G "
+                        "(default as --memory-budget)")
     for name, default in [("conv-alpha", 0.3), ("conv-beta", 0.2), ("linear-alpha", 0.4), ("linear-beta", 0.3)]:
         s.add_argument(f"--{name}", type=FRACTION, default=default, help=f"(default {default})")
 
@@ -537,9 +560,10 @@ def _profile_from_args(model, args: argparse.Namespace, classes=None, *, keep_co
         rank, size = world(group)
         train = ds.train if size == 1 else ds.train.select(torch.arange(rank, len(ds.train), size))  # this process's shard
         it = batches(train, 256, transform=model_transform(model, ds), device=next(model.parameters()).device)
-    selection = SelectionConfig(args.fraction, args.min_per_class, args.max_per_class)
+    selection = SelectionConfig(args.fraction, args.min_per_class, args.max_per_class, args.hold_budget)
     return profile(model, it, classes=classes, thresholds=_thresholds(args), mode=args.mode, select=selection,
-                   progress=True, keep_contributions=keep_contributions, kernel=args.kernel, group=group)
+                   progress=True, keep_contributions=keep_contributions, kernel=args.kernel, group=group,
+                   memory_budget=args.memory_budget)
 
 
 @contextlib.contextmanager

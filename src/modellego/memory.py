@@ -1,6 +1,8 @@
 """How much memory a computation may hold on a device, read from the device at the time."""
 from __future__ import annotations
 
+import os
+
 import psutil
 import torch
 
@@ -20,6 +22,19 @@ def free_bytes(device: torch.device | str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def host_processes() -> int:
+    """Processes of this launch that share this host's memory: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def default_budget(device: torch.device | str) -> int:
-    """`FREE_SHARE` of the bytes free on `device` now."""
-    return int(free_bytes(device) * FREE_SHARE)
+    """`FREE_SHARE` of the bytes free on `device` now, split between the processes that share it.
+
+    Host memory is shared by every process torchrun started on this machine, each reading the same
+    free memory, so each takes its share of the budget; a GPU is its process's own.
+    """
+    share = FREE_SHARE if torch.device(device).type == "cuda" else FREE_SHARE / host_processes()
+    return int(free_bytes(device) * share)
