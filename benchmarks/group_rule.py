@@ -59,16 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         graph = trace(model, x)
         positions = output_positions(model, graph, x)
         full = plan_flops(model, full_plan(graph), positions)
-        rule = locate._equal_groups
+        rule = locate.equal_groups
         for spec in args.tasks:
             task = parse_classes(spec, ds.classes)
             counts = {}
             for when, fn in (("located", lambda *a, **k: None), ("cut", rule)):
-                locate._equal_groups = fn  # the rule off, then on
+                locate.equal_groups = fn  # the rule off, then on
                 try:
                     keep = locate.keep_channels(graph, prof.task_in_masks(task), task, warn=False)
                 finally:
-                    locate._equal_groups = rule
+                    locate.equal_groups = rule
                 counts[when] = (sum(len(v) for v in keep.values()),
                                 100 * plan_flops(model, build_plan(graph, keep), positions) / full)
             row = {"model": args.model, "data": data, "task": spec, "channels": sum(graph.space_size[s] for s in keep),

@@ -15,7 +15,7 @@ from modellego.cut.disassemble import masked_forward
 from modellego.errors import UserError
 from modellego.io.info import get_info
 
-from helpers import described_model
+from helpers import GroupedNet, described_model
 
 NUM_CLASSES = 5
 SHAPE = (1, 28, 28)
@@ -100,3 +100,15 @@ def test_merge_refuses_foreign_components_and_assemblies() -> None:
         modellego.merge(model, [assemble([mine, theirs])])
     with pytest.raises(UserError, match="nothing to merge"):
         modellego.merge(model, [])
+
+
+def test_merge_of_components_of_a_grouped_user_model_keeps_equal_groups() -> None:
+    """The union of two cuts' channels is topped up per group again, and the source needs no description."""
+    model = GroupedNet().double().eval()
+    x = torch.randn(40, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(40) % 5)], select=False)
+    comps = [modellego.disassemble(model, t, profile=prof) for t in ([1], [4])]  # a union of unequal groups
+    merged = modellego.merge(model, comps)  # verify=True: equals the masked source on the merged channels
+    groups = merged.get_submodule("grouped.0")
+    assert get_info(merged).classes == (1, 4) and groups.groups > 1
+    assert groups.out_channels >= max(c.get_submodule("grouped.0").out_channels for c in comps)

@@ -288,11 +288,11 @@ def keep_channels(
             if s in depthwise_spaces and len(idx) < 2 <= graph.space_size[s]:
                 idx = sorted(set(idx) | {next(c for c in range(graph.space_size[s]) if c not in idx)})
             keep[s] = idx
-    _equal_groups(graph, keep, fixed=whole | {out_space})
+    equal_groups(graph, keep, fixed=whole | {out_space})
     return keep
 
 
-def _equal_groups(graph: ChannelGraph, keep: dict[int, list[int]], fixed: set[int]) -> None:
+def equal_groups(graph: ChannelGraph, keep: dict[int, list[int]], fixed: set[int]) -> None:
     """Make every grouped convolution's kept channels prunable, adding channels (in place).
 
     A convolution with g groups stays one convolution only if every group it keeps holds the same

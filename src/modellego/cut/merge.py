@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..calibration.calibrate import DEFAULT_CALIBRATION
 from ..core.graph import ChannelGraph, trace
+from ..core.locate import equal_groups
 from ..errors import UserError
 from ..io.info import ModelInfo, get_info, weights_hash
 from .disassemble import example_input, extract
@@ -80,9 +81,11 @@ def merge(
                             "(weights hash differs); merge only components of one source, or assemble them")
         infos.append(info)
     src_info = get_info(source)
-    shape = (src_info.input.channels, *src_info.input.size) if src_info and src_info.input else None
-    if shape is None:
+    # A source of the user's own records no input; its components record what they were cut on.
+    spec = src_info.input if src_info and src_info.input else next((i.input for i in infos if i.input), None)
+    if spec is None:
         raise UserError("the source model has no input description; load it from a file or set ModelInfo.input")
+    shape = (spec.channels, *spec.size)
     example = example_input(source, shape)
     graph = trace(source, example)
     source_plan = src_info.pruning if src_info else None
@@ -105,6 +108,7 @@ def merge(
         else:
             raise UserError(f"the components' pruning plans do not cover channel space {s}; were they cut from "
                             f"this architecture?")
+    equal_groups(graph, keep, fixed=whole | {out_space})  # a union of equal groups need not be equal
     provenance = {"task": classes, "merged_from": [i.provenance for i in infos]}
     return extract(source, graph, example, keep, classes, provenance=provenance, calibration=calibration,
                    calibrate=calibrate, verify=verify, progress=progress)
