@@ -375,3 +375,49 @@ def test_norms_over_channels_and_layer_scales_keep_their_channels_whole(norm: st
     with torch.no_grad():
         got, want = component(x), masked_forward(model, graph, keep, x)[:, [0, 1]]
     assert (got - want).abs().max() <= 1e-9 * want.abs().max()
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation with a per-filter gain (timm's ScaledStdConv2d, as in NF-ResNets)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).view(-1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-6) * self.gain
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Pyramid(nn.Module):
+    """A standardised convolution, and a low-resolution branch upsampled back (HRNet's fuse)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.std = nn.Conv2d(3, 8, 3, padding=1), StdConv(8, 8, 3, padding=1)
+        self.low, self.up = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Upsample(scale_factor=2)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        low = self.low(h)
+        y = torch.relu(self.std(h)) + self.up(low) + F.interpolate(low, scale_factor=2.0)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_standardised_convolutions_keep_their_inputs_and_cut_their_gains() -> None:
+    torch.manual_seed(0)
+    model = Pyramid().double().eval()
+    x = torch.randn(20, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    prof = modellego.profile(model, [(x, torch.arange(20) % 5)], select=False)
+    graph = trace(model, x[:1])
+    assert graph.find(graph.segments(graph.layers["std"].input)[0].space) in graph.whole_spaces
+    # Calibrated too: recon leaves the standardised layer as cut (its forward re-derives its filters).
+    component = modellego.disassemble(model, [0, 1], profile=prof, calibration=[(x, torch.arange(20) % 5)])
+    plain = modellego.disassemble(model, [0, 1], profile=prof)  # verify=True: equals the masked source
+    cut = plain.get_submodule("std")
+    assert type(cut) is StdConv and cut.in_channels == 8 and cut.out_channels < 8
+    assert cut.gain.shape == (cut.out_channels, 1, 1, 1)
+    assert torch.equal(component.get_submodule("std").weight, cut.weight)  # not refitted
+    assert not torch.equal(component.get_submodule("fc").weight, plain.get_submodule("fc").weight)  # the rest is

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..core.contribution import pad_input
 from ..core.distributed import all_sum
 from ..core.graph import ADD_FUNCTIONS, trace_module
+from ..core.layers import transforms_weight
 from ..errors import UnsupportedGraphError, UserError
 from ..hooks import eval_mode, forward_hooks
 from ..memory import default_budget
@@ -350,6 +351,9 @@ def reconstruct(
             norm = modules[join.norm] if join is not None and join.norm else None
             layer = modules[name]
             assert isinstance(layer, (nn.Conv2d, nn.Linear))  # `execution_order` lists only these
+            if transforms_weight(layer):  # its forward re-derives the filters (weight standardisation): left as cut
+                log.debug("recon leaves %s as cut: it transforms its weight in the forward pass", name)
+                continue
             r2[name] = _refit(name, layer, plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
                               gen=gen, group=group)
     return r2

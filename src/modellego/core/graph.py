@@ -43,12 +43,12 @@ except ImportError:  # pragma: no cover - then ConcreteTracer is not used (see t
 
 from ..errors import UnsupportedGraphError
 from ..hooks import preserve_training
-from .layers import CHANNEL_NORMS, CHANNELWISE_MODULES, is_depthwise, layer_type
+from .layers import CHANNEL_NORMS, CHANNELWISE_MODULES, is_depthwise, layer_type, transforms_weight
 
 CHANNELWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.mish, F.hardswish, F.hardsigmoid,
     F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.dropout, torch.relu, torch.sigmoid, torch.tanh,
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate,
 }
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach"}
 ADD_FUNCTIONS = {operator.add, torch.add, operator.iadd}
@@ -630,6 +630,8 @@ class _Builder:
             if m.groups > 1 and not depthwise and (len(self.layouts[src]) != 1 or self.layouts[src][0].spatial != 1):
                 # Its groups would cut across the concatenated spaces (a depthwise one maps channel to channel).
                 raise self.fail(node, "grouped convolution after a concatenation")
+            if transforms_weight(m):  # each filter normalised over all its inputs: they stay whole
+                self.pinned.update(seg.space for seg in self.layouts[src])
             self.layouts[node] = self.layouts[src] if depthwise else self.new_space(m.out_channels)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "conv", m, node, src, depthwise)
@@ -637,6 +639,8 @@ class _Builder:
             assert isinstance(m, nn.Linear)  # the table's entry for Linear layers
             if len(_tensor_shape(src)) != 2:
                 raise self.fail(node, f"Linear over a tensor of shape {_tensor_shape(src)}; flatten to (B, F) first")
+            if transforms_weight(m):
+                self.pinned.update(seg.space for seg in self.layouts[src])
             self.layouts[node] = self.new_space(m.out_features)
             self.roles[node] = "layer"
             self.layers[name] = Layer(name, "linear", m, node, src)

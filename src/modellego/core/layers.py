@@ -24,7 +24,7 @@ CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU,
     nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.SELU, nn.CELU,
     nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
 )
 # Norms that mix the channels they normalise: a cut keeps those channels whole.
 CHANNEL_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm)
@@ -42,6 +42,40 @@ def is_depthwise(m: nn.Conv2d) -> bool:
 def kept_groups(m: nn.Conv2d, in_idx: torch.Tensor) -> int:
     """How many of `m`'s groups keep inputs when it keeps input channels `in_idx`."""
     return 1 if m.groups == 1 else len(torch.unique(in_idx // (m.in_channels // m.groups)))
+
+
+def transforms_weight(m: nn.Module) -> bool:
+    """Whether a Conv2d or Linear subclass fails the property a cut relies on: removing an input's
+    weights is the same as zeroing that input.
+
+    Weight standardisation (timm's ScaledStdConv2d, as in NF-ResNets) normalises each filter over
+    all its inputs in the forward pass, so dropping inputs would change the filters that remain:
+    such a layer's inputs are kept whole, and recon leaves its weights as cut. Checked on a random
+    input, with input 0 zeroed one way and then the other; a subclass that pads first (timm's
+    Conv2dSame) or casts its weight (timm's Linear) passes.
+    """
+    if type(m) in (nn.Conv2d, nn.Linear) or not isinstance(m, (nn.Conv2d, nn.Linear)):
+        return False
+    ref = m.weight
+    g = torch.Generator().manual_seed(0)
+    if isinstance(m, nn.Conv2d):
+        side = max(8, *(d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation)))
+        x = torch.randn(1, m.in_channels, side, side, generator=g, dtype=ref.dtype).to(ref.device)
+        filters = m.out_channels // m.groups  # the filters of group 0, which read input 0
+    else:
+        x = torch.randn(2, m.in_features, generator=g, dtype=ref.dtype).to(ref.device)
+        filters = m.out_features
+    zeroed = x.clone()
+    zeroed[:, 0] = 0
+    saved = ref.detach().clone()
+    with torch.no_grad():
+        want = m(zeroed)
+        try:
+            ref[:filters, 0] = 0
+            got = m(x)
+        finally:
+            ref.copy_(saved)
+    return got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-12)
 
 
 @dataclass(frozen=True)
@@ -110,10 +144,17 @@ def _inputs(in_idx: torch.Tensor | None) -> torch.Tensor:
     return in_idx
 
 
+def _per_output(m: nn.Module, out_idx: torch.Tensor, n_out: int) -> dict[str, torch.Tensor | None]:
+    """The layer's weight and bias, and any other parameter with one entry per output (a weight
+    standardisation's gain), cut to the kept outputs."""
+    return {k: _index(p, 0, out_idx) for k, p in m._parameters.items()
+            if k == "bias" or (k != "weight" and p is not None and p.dim() >= 1 and p.shape[0] == n_out)}
+
+
 def _cut_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor | None, name: str) -> nn.Module:
     in_idx = _inputs(in_idx)
     if m.groups == 1:
-        return _resized(m, {"weight": _index(_index(m.weight, 0, out_idx), 1, in_idx), "bias": _index(m.bias, 0, out_idx)},
+        return _resized(m, {**_per_output(m, out_idx, m.out_channels), "weight": _index(_index(m.weight, 0, out_idx), 1, in_idx)},
                         {}, in_channels=len(in_idx), out_channels=len(out_idx))
     # A grouped convolution stays one when each group it keeps keeps the same numbers of inputs and
     # outputs (`modellego.core.locate.keep_channels` makes sure); depthwise is the case of one each.
@@ -132,14 +173,14 @@ def _cut_conv(m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor | None, 
     rows = local[torch.searchsorted(kept, out_groups)]  # (Q', inputs kept per group): what each filter reads
     w = _index(m.weight, 0, out_idx)  # (Q', P/g, kh, kw)
     weight = w.gather(1, rows.to(w.device)[:, :, None, None].expand(-1, -1, *w.shape[2:]))  # (Q', P'/n, kh, kw)
-    return _resized(m, {"weight": weight, "bias": _index(m.bias, 0, out_idx)}, {},
+    return _resized(m, {**_per_output(m, out_idx, m.out_channels), "weight": weight}, {},
                     in_channels=len(in_idx), out_channels=len(out_idx), groups=n)
 
 
 def _cut_linear(m: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor | None, name: str) -> nn.Module:
     in_idx = _inputs(in_idx)
-    return _resized(m, {"weight": _index(_index(m.weight, 0, out_idx), 1, in_idx), "bias": _index(m.bias, 0, out_idx)}, {},
-                    in_features=len(in_idx), out_features=len(out_idx))
+    return _resized(m, {**_per_output(m, out_idx, m.out_features), "weight": _index(_index(m.weight, 0, out_idx), 1, in_idx)},
+                    {}, in_features=len(in_idx), out_features=len(out_idx))
 
 
 def _cut_norm(m: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor, in_idx: torch.Tensor | None, name: str) -> nn.Module:
