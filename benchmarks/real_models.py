@@ -31,7 +31,10 @@ import vision_models  # noqa: E402  (the tests' helper: imports timm/torchvision
 
 TIMM = ["resnet18", "resnet50", "resnext26ts", "regnetx_002", "efficientnet_b0", "mobilenetv2_100", "mobilenetv3_small_100",
         "mnasnet_100", "ghostnet_100", "densenet121", "convnext_atto", "convnext_tiny", "repvgg_a0", "cspresnet50", "dla34",
-        "rexnet_100", "lcnet_050", "fbnetc_100", "tinynet_e", "vgg11_bn", "inception_v3"]
+        "rexnet_100", "lcnet_050", "fbnetc_100", "tinynet_e", "vgg11_bn", "inception_v3",
+        # A second round, beyond the issue's list: multi-scale, split-attention, dual-path, standardised.
+        "res2net50_14w_8s", "dpn68", "hrnet_w18_small", "nf_resnet26", "resnest14d", "skresnet18", "ecaresnet26t",
+        "xception41", "vovnet39a", "mixnet_s", "seresnext26d_32x4d", "mobileone_s0"]
 TP_SECONDS = 60  # Torch-Pruning's time per model before it counts as failed (it can loop on some graphs)
 TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "squeezenet1_1", "shufflenet_v2_x0_5",
                "googlenet", "vgg11_bn", "mnasnet0_5", "regnet_x_400mf", "densenet121", "alexnet"]

@@ -445,7 +445,9 @@ class _Builder:
         return a
 
     def fail(self, node: fx.Node, why: str) -> UnsupportedGraphError:
-        what = node.target if node.op != "call_module" else type(self.modules[_module_name(node)]).__name__
+        target = node.target
+        what = (type(self.modules[_module_name(node)]).__name__ if node.op == "call_module"
+                else target if isinstance(target, str) else getattr(target, "__name__", repr(target)))
         return UnsupportedGraphError(
             f"cannot follow channels through node {node.name!r} (op {node.op} {what}): {why}. "
             "Supported: Conv2d (any groups), Linear, BatchNorm, activations, pooling, "
