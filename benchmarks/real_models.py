@@ -72,8 +72,8 @@ def file_roundtrip(component: torch.nn.Module, build, x: torch.Tensor) -> str:  
     with tempfile.TemporaryDirectory() as tmp:
         try:
             loaded = modellego.load(modellego.save(component, Path(tmp) / "component"), model=build().eval())
-        except Exception as e:  # recorded, not raised: the table shows it
-            return f"failed ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        except Exception as e:  # recorded, not raised: the table shows it (without this machine's paths)
+            return f"failed ({type(e).__name__}: {' '.join(str(e).replace(tmp, 'FILE').split())[:120]})"
     with torch.no_grad():
         got, want = loaded(x), component(x)
     return "same outputs" if torch.equal(got, want) else f"differs by {float((got - want).abs().max()):.1e}"
