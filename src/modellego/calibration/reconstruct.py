@@ -317,10 +317,13 @@ def reconstruct(
     if comp_gm is not None and src_gm is not None:
         src_nodes = {n.name for n in src_gm.graph.nodes}
         rank = {n: i for i, n in enumerate(order)}
+        position = {n.name: i for i, n in enumerate(comp_gm.graph.nodes)}
         # Only an operand that is final when the layer is refitted can be compensated: a shortcut's
-        # projection that runs after its branch is fitted last instead, against the refitted branch.
+        # projection that runs after its branch is fitted last instead, against the refitted branch;
+        # and only one computed before the layer runs (HRNet adds branches computed after it).
         joins = {k: j for k, j in residual_joins(comp_gm).items()
-                 if {j.node, j.other} <= src_nodes and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
+                 if {j.node, j.other} <= src_nodes and position[j.other] < position[j.node]
+                 and all(rank.get(a, -1) < rank[k] for a in _layers_before(comp_gm, j.other))}
     if memory_budget is None:
         memory_budget = default_budget(inputs[0].device)
         log.debug("recon: holding at most %d bytes of the batches' values", memory_budget)
