@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import vision_models
 
 import modellego
 from modellego.cli import main
@@ -129,3 +130,31 @@ def test_streamed_disassemble_under_torchrun_calibrates_from_every_shard(trained
         assert main(["evaluate", str(path), *_data(data, True), "--json"]) == 0
         scores.append(json.loads(capsys.readouterr().out)["accuracy"]["mean_per_class"])
     assert abs(scores[0] - scores[1]) <= 5, scores  # recon samples its rows per process: close, not equal
+
+
+def _count_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import modellego.data.stream as stream
+    walked: list[str] = []
+    real = stream._walk_images
+
+    def walk(folder, suffixes):
+        walked.append(Path(folder).name)
+        return real(folder, suffixes)
+
+    monkeypatch.setattr(stream, "_walk_images", walk)
+    return walked
+
+
+def test_a_streamed_command_walks_the_training_folder_once(trained, tmp_path, monkeypatch) -> None:
+    data, model = trained
+    walked = _count_walks(monkeypatch)
+    assert main(["disassemble", str(model), "--classes", "0,1", *_data(data, True), "--min-per-class", "3",
+                 "--calibration-images", "50", "-o", str(tmp_path / "comp")]) == 0  # profiles, then calibrates
+    assert walked == ["class0", "class1", "class2"]  # each class folder of train/, once
+    timm = vision_models.load("timm")
+    if timm is None:
+        pytest.skip("timm is not installed")
+    walked.clear()  # a library model takes its classes from the folder's listing: the same one
+    assert main(["profile", "timm:test_resnet", *_data(data, True), "--input-size", str(SIDE),
+                 "-o", str(tmp_path / "p.profile")]) == 0
+    assert walked == ["class0", "class1", "class2"]

@@ -84,7 +84,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 def _bytes(text: str) -> int:
     """An argparse type: a number of bytes, with an optional K, M, G or T (powers of 1024), e.g. 2G."""
     t = text.strip().lower().removesuffix("b").removesuffix("i")
-    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    unit = t[-1] if t and t[-1] in _UNITS else ""
     try:
         value = float(t[: len(t) - len(unit)])
     except ValueError:
@@ -418,7 +418,10 @@ def _library_model(args: argparse.Namespace):
         side = args.input_size or 224
         mean = tuple(IMAGENET_MEAN) if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
         std = tuple(IMAGENET_STD) if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
-        names = StreamedImageFolder(args.data_dir, "train", size=side, channels=channels, mean=mean, std=std).classes
+        folder = StreamedImageFolder(args.data_dir, "train", size=side, resize=args.resize, channels=channels,
+                                     mean=mean, std=std)
+        vars(args).setdefault("_listed", {})["train"] = folder  # what `_streamed` would list again
+        names = folder.classes
         dataset, size = "imagefolder", (side, side)
     else:
         ds = _dataset(args)
@@ -653,9 +656,14 @@ def _calibration(model, args: argparse.Namespace, labels, group=None) -> tuple[s
         draw.reduce(group)
         return method, draw.batches()
     from .evaluation.protocol import calibration_batches
-    drawn = calibration_batches(model, _dataset(args), labels, images=args.calibration_images)
+    return method, _share(calibration_batches(model, _dataset(args), labels, images=args.calibration_images), group)
+
+
+def _share(drawn: list, group=None) -> list:
+    """This process's share of batches every process drew alike: every N-th image of each batch."""
+    from .core.distributed import world
     rank, size = world(group)
-    return method, [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
+    return [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -702,8 +710,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
                 finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
             if args.scaling != "none":
                 drawn = scaling_batches(asm, ds, per_class=args.images_per_class)
-                share = [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
-                scale_assembly(asm, share, args.scaling, group=group)
+                scale_assembly(asm, _share(drawn, group), args.scaling, group=group)
         if rank != 0:
             return 0
     path = save(asm, args.output)
