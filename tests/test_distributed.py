@@ -73,17 +73,24 @@ KWARGS = [dict(select=SelectionConfig(**SELECT)),
 
 
 @contextlib.contextmanager
-def _in_group(rank: int, folder: str) -> Iterator[tuple[Path, nn.Module, list]]:
-    """This process joined to the group: the output folder, the model and this process's shard."""
+def _joined(rank: int, folder: str) -> Iterator[Path]:
+    """This process joined to the group (left however the block ends): the output folder."""
     out = Path(folder)
     # A short timeout: collectives that fail to pair up fail the test instead of hanging it.
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        model, x, y = _model_and_data()
-        yield out, model, _shard(x, y, rank)
+        yield out
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _in_group(rank: int, folder: str) -> Iterator[tuple[Path, nn.Module, list]]:
+    """This process joined to the group: the output folder, the model and this process's shard."""
+    with _joined(rank, folder) as out:
+        model, x, y = _model_and_data()
+        yield out, model, _shard(x, y, rank)
 
 
 def _worker(rank: int, folder: str) -> None:
@@ -219,10 +226,7 @@ def _bn_model_and_component() -> tuple[nn.Module, nn.Module, list[tuple[torch.Te
 
 
 def _calibration_worker(rank: int, folder: str) -> None:
-    out = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with _joined(rank, folder) as out:
         from modellego.calibration.calibrate import calibrate
         model, comp, batches = _bn_model_and_component()
         for i, method in enumerate(CALIBRATIONS):
@@ -230,8 +234,6 @@ def _calibration_worker(rank: int, folder: str) -> None:
             report = calibrate(mine, model, [0, 1, 2], batches[rank::PROCESSES], method, group=dist.group.WORLD)
             save_file({k: v.contiguous() for k, v in mine.state_dict().items()}, out / f"calibrated{i}-{rank}")
             (out / f"report{i}-{rank}.json").write_text(json.dumps(report["images"]))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -271,18 +273,13 @@ def _assembly_and_batches() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.T
 
 
 def _scaling_worker(rank: int, folder: str) -> None:
-    out = Path(folder)
-    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=PROCESSES,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with _joined(rank, folder) as out:
         asm, batches = _assembly_and_batches()
         for method in SCALINGS:
             share = [(x[rank::PROCESSES], y[rank::PROCESSES]) for x, y in batches]
             report = modellego.scale_assembly(asm, share, method, group=dist.group.WORLD)
             save_file({k: v.contiguous() for k, v in asm.state_dict().items()}, out / f"{method}-{rank}")
             (out / f"{method}-{rank}.json").write_text(json.dumps(report["images"]))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
