@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import record  # noqa: E402
-from table1_timm import get_model, vision_models  # noqa: E402  (the tests' import of timm, as table1_timm uses it)
+from table1_timm import get_model, training_arguments, vision_models  # noqa: E402  (the tests' import of timm, as table1_timm uses it)
 
 import modellego  # noqa: E402
 import modellego.core.locate as locate  # noqa: E402
@@ -35,14 +35,9 @@ from modellego.evaluation.protocol import model_transform  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="regnetx_002")
+    training_arguments(p, model="regnetx_002", epochs=3, lr=0.02)  # the model table1_timm.py trained
     p.add_argument("--data", nargs="*", default=["mnist"])
     p.add_argument("--tasks", nargs="*", default=["0-2", "3-9"])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--train-limit", type=int, default=20000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=Path(".cache/timm"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/group_rule.jsonl"))
     args = p.parse_args(argv)
     logging.getLogger("modellego").setLevel(logging.ERROR)

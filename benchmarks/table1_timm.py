@@ -56,10 +56,20 @@ def checkpoint_path(cache: Path, name: str, data: str, args: argparse.Namespace)
     return cache / f"timm-{name}-{data}-e{args.epochs}-n{limit}-lr{args.lr:g}.safetensors"
 
 
+def training_arguments(p: argparse.ArgumentParser, *, model: str, epochs: int, lr: float) -> None:
+    """The options that name a trained, cached model (`get_model`); every script reading the cache takes them."""
+    p.add_argument("--model", default=model, help=f"a timm architecture name (default {model})")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--train-limit", type=int, default=20000, help="training images (a seeded subset; 0: all 54,000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=Path(".cache/timm"))
+
+
 def get_model(timm, name: str, data: str, args: argparse.Namespace) -> torch.nn.Module:
     """The cached trained model, trained with `fit` first if missing; its `ModelInfo` records the run."""
     path = checkpoint_path(args.cache, name, data, args)
-    ds = load_dataset(data, train_limit=args.train_limit)
+    ds = load_dataset(data, train_limit=args.train_limit or None)
     if path.exists():
         return modellego.load(path, model=build(timm, name, ds.num_classes, ds.in_channels))
     torch.manual_seed(args.seed)
@@ -104,14 +114,9 @@ def training_tags(model: torch.nn.Module, name: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="efficientnet_b0", help="a timm architecture name (default efficientnet_b0)")
+    training_arguments(p, model="efficientnet_b0", epochs=2, lr=0.05)
     p.add_argument("--data", nargs="*", default=["mnist"], choices=DATA)
     p.add_argument("--tasks", nargs="*", default=TASKS, help="class lists, e.g. 0 1 0-2 3-9 (default)")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--train-limit", type=int, default=20000, help="training images (a seeded subset; 0: all 54,000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", type=Path, default=Path(".cache/timm"))
     # table1.py's options, with its defaults
     p.add_argument("--batch", type=int, default=256, help="batch size of the profiling pass over the training set")
     p.add_argument("--calibration-images", type=int, default=2000)
@@ -120,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-recon", dest="recon", action="store_false", help="skip the recon column")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/table1_timm.jsonl"))
     args = p.parse_args(argv)
-    args.train_limit = args.train_limit or None
     timm = vision_models.load("timm")
     if timm is None:
         print("timm is needed: pip install 'torch==2.13.0' timm", file=sys.stderr)
