@@ -19,8 +19,9 @@ workers:
   `memory_budget` for the contribution sums;
 - calibrate: what `modellego disassemble --stream --profile P` does for a task: one pass over the
   task's images drawing the calibration images, then `disassemble` with recon+balance;
-- profile under `torchrun --standalone --nproc-per-node 2` (gloo, one thread each), whose masks
-  are compared entry by entry with the one-process profile of the same folder.
+- profile and calibrate under `torchrun --standalone --nproc-per-node 2` (gloo, one thread each):
+  the profile's masks are compared entry by entry with the one-process profile of the same folder,
+  the component's logits on its task's images with the one-process component's.
 
     # BENCHMARKS.md 2.8, this 2-core CPU (32x32, 2,000 and 8,000 images, the first 10 classes profiled):
     python benchmarks/stream_scale.py --models vgg16_bn:32 --images-per-class 2 8 --profile-classes 10 --task-classes 8
@@ -287,19 +288,20 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
                "short": len(prof.provenance["short"])}
     else:
         from modellego.calibration.draw import CalibrationDraw
+        from modellego.core.distributed import batch_share
         from modellego.cut.disassemble import disassemble
         from modellego.evaluation.metrics import count_params
 
         assert labels is not None
-        draw = CalibrationDraw(labels, args.calibration_images, rank=rank)
+        draw = CalibrationDraw(labels, args.calibration_images, shard=(rank, processes))
         images = 0
         for x, y in stream:  # what `disassemble --stream` does: one pass over the task's images
             draw.update(x, y)
             images += len(y)
         draw.reduce(group)
         t_draw = time.perf_counter() - t
-        component = disassemble(model, labels, profile=prof, calibration=draw.batches(), calibrate=args.calibrate,
-                                group=group)
+        component = disassemble(model, labels, profile=prof, calibration=batch_share(draw.batches(), group),
+                                calibrate=args.calibrate, group=group)
         row = {"task_classes": labels, "calibrate": args.calibrate, "calibration_images": images,
                "draw_s": round(t_draw, 3), "params": count_params(component), "source_params": count_params(model)}
     _sync(dev)
@@ -307,6 +309,10 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
     del stream  # its workers have finished; the largest of them is in RUSAGE_CHILDREN
     if kind == "profile" and rank == 0:
         prof.save(args.profile_out)
+    if kind == "calibrate" and rank == 0 and args.component_out:
+        from modellego.files import save
+
+        save(component, args.component_out)
     out = {"kind": kind, "rank": rank, "processes": processes, "threads": torch.get_num_threads(), "device": str(dev),
            "images": images, "seconds": seconds, "listing_s": round(listing, 3), "base_rss_mib": round(base / 2**20),
            "peak_rss_mib": round(_peak_bytes() / 2**20), "worker_peak_rss_mib": round(_peak_bytes(resource.RUSAGE_CHILDREN) / 2**20),
@@ -362,6 +368,32 @@ def same_masks(a_path: Path, b_path: Path) -> dict:
             "identical": bool(same.all()) and a.classes == b.classes}
 
 
+def _slowest(ranks: list[dict], wall: float) -> dict:
+    """One row for a torchrun launch: the slowest process's (it ends the pass), every process's peak."""
+    r = max(ranks, key=lambda x: x["seconds"])
+    return {**r, "peak_rss_mib": max(x["peak_rss_mib"] for x in ranks),
+            "worker_peak_rss_mib": max(x["worker_peak_rss_mib"] for x in ranks),
+            "rank_peak_rss_mib": [x["peak_rss_mib"] for x in sorted(ranks, key=lambda x: x["rank"])],
+            "launch_s": round(wall, 2)}
+
+
+@torch.no_grad()
+def same_component(a_path: Path, b_path: Path, folder: Path) -> dict:
+    """How far apart two components are: shapes, and their logits on the first 256 of their task's
+    images, relative to the logits' scale (float32 sums in another order move them a little)."""
+    from modellego.cut.disassemble import relative_error
+    from modellego.evaluation.protocol import model_stream
+    from modellego.files import load
+    from modellego.io.info import require_info
+
+    a, b = load(a_path), load(b_path)
+    shapes = {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    x, _ = next(iter(model_stream(a, folder, batch_size=256, workers=0,
+                                  classes=list(require_info(a, "stream_scale").classes))))
+    return {"same_shapes": shapes, "logits_relative_error": float(relative_error(b(x).double(), a(x).double()))
+            if shapes else None}
+
+
 def parse_model(spec: str, size: int) -> tuple[str, int]:
     name, _, s = spec.partition(":")
     return name, int(s) if s else size
@@ -395,25 +427,30 @@ def run(args: argparse.Namespace) -> list[dict]:
             for n, folder in folders.items():
                 base = {**common, "images_per_class": n, "folder_mib": round(folder_bytes(folder) / 2**20, 1)}
                 prof1 = Path(tmp) / f"{name}-{size}-{n}-1.safetensors"
+                many = n in distributed_at and args.processes > 1
                 for kind in args.methods:
                     if kind == "calibrate":
                         if not prof1.is_file():
                             continue
                         extra = ["--profile-file", str(prof1), "--task-classes", str(args.task_classes),
                                  "--calibration-images", str(args.calibration_images), "--calibrate", args.calibrate]
+                        outs = [Path(tmp) / f"{name}-{size}-{n}-component-{k}.safetensors" for k in (1, args.processes)]
                     else:
                         extra = ["--profile-out", str(prof1)]
-                    (r,), _ = _one(kind, path, folder, args, extra)
+                    (r,), _ = _one(kind, path, folder, args, extra + (["--component-out", str(outs[0])]
+                                                                      if kind == "calibrate" else []))
                     rows.append(_finish({**base, "method": kind}, r, args))
-                if "profile" in args.methods and n in distributed_at and args.processes > 1:
-                    prof2 = Path(tmp) / f"{name}-{size}-{n}-{args.processes}.safetensors"
-                    ranks, wall = _one("profile", path, folder, args, ["--profile-out", str(prof2)], args.processes)
-                    r = max(ranks, key=lambda x: x["seconds"])  # the slowest process ends the profile
-                    r = {**r, "peak_rss_mib": max(x["peak_rss_mib"] for x in ranks),
-                         "worker_peak_rss_mib": max(x["worker_peak_rss_mib"] for x in ranks),
-                         "rank_peak_rss_mib": [x["peak_rss_mib"] for x in sorted(ranks, key=lambda x: x["rank"])],
-                         "launch_s": round(wall, 2)}
-                    rows.append(_finish({**base, "method": "profile"}, r, args, **same_masks(prof1, prof2)))
+                    if not many or kind == "forward":
+                        continue
+                    if kind == "profile":  # the same profile in several processes: compared mask for mask
+                        prof2 = Path(tmp) / f"{name}-{size}-{n}-{args.processes}.safetensors"
+                        ranks, wall = _one("profile", path, folder, args, ["--profile-out", str(prof2)], args.processes)
+                        same = same_masks(prof1, prof2)
+                    else:  # the same calibration in several processes: compared output for output
+                        ranks, wall = _one("calibrate", path, folder, args, extra + ["--component-out", str(outs[1])],
+                                           args.processes)
+                        same = same_component(*outs, folder)
+                    rows.append(_finish({**base, "method": kind}, _slowest(ranks, wall), args, **same))
     return rows
 
 
@@ -433,12 +470,14 @@ def _finish(base: dict, r: dict, args: argparse.Namespace, **extra: object) -> d
 def print_table(rows: list[dict]) -> None:
     fwd = {(r["model"], r["size"], r["images_per_class"]): r for r in rows if r["method"] == "forward"}
     print("| model | px | images | method | processes | seconds | images/s | / forward | peak RSS MiB | selected | "
-          "masks equal |")
+          "against 1 process |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         f = fwd.get((r["model"], r["size"], r["images_per_class"]))
         ratio = f"{r['images_per_s'] / f['images_per_s']:.2f}x" if f and r is not f else "-"
-        masks = f"{r['mask_entries_equal']:,} of {r['mask_entries']:,}" if "mask_entries" in r else "-"
+        masks = (f"{r['mask_entries_equal']:,} of {r['mask_entries']:,} mask entries equal" if "mask_entries" in r
+                 else f"logits {r['logits_relative_error']:.1e} apart" if r.get("logits_relative_error") is not None
+                 else "other shapes" if r.get("same_shapes") is False else "-")
         print(f"| {r['model']} | {r['size']} | {r['images']:,} | {r['method']} | {r['processes']} | {r['seconds']:.1f} | "
               f"{r['images_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:,} | {r.get('selected', '-')} | {masks} |")
 
@@ -453,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="stored images' shorter side (default: 1.25 x each model's resize, 320 for 224)")
     p.add_argument("--methods", nargs="*", default=["forward", "profile", "calibrate"],
                    choices=["forward", "profile", "calibrate"])
-    p.add_argument("--processes", type=int, default=2, help="also profile with this many torchrun processes (1: not)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="also profile and calibrate with this many torchrun processes (1: not)")
     p.add_argument("--distributed-at", type=int, nargs="*", default=None,
-                   help="images per class at which to profile with --processes (default: the first)")
+                   help="images per class at which to run --processes (default: the first)")
     p.add_argument("--batch", type=int, default=256, help="batch size (the CLI's --stream batch)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding processes (per process)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -476,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/stream_scale.jsonl"))
     p.add_argument("--one", choices=["forward", "profile", "calibrate"], help=argparse.SUPPRESS)
     p.add_argument("--prepare", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
-    for hidden in ("--model-file", "--folder", "--profile-file", "--profile-out"):
+    for hidden in ("--model-file", "--folder", "--profile-file", "--profile-out", "--component-out"):
         p.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.prepare:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import modellego
+from modellego.core.distributed import batch_share
 from modellego.core.profile import Profile
 from modellego.core.samples import SelectionConfig, select_samples
 from modellego.errors import UserError
@@ -231,7 +232,8 @@ def _calibration_worker(rank: int, folder: str) -> None:
         model, comp, batches = _bn_model_and_component()
         for i, method in enumerate(CALIBRATIONS):
             mine = copy.deepcopy(comp)
-            report = calibrate(mine, model, [0, 1, 2], batches[rank::PROCESSES], method, group=dist.group.WORLD)
+            report = calibrate(mine, model, [0, 1, 2], batch_share(batches, dist.group.WORLD), method,
+                               group=dist.group.WORLD)
             save_file({k: v.contiguous() for k, v in mine.state_dict().items()}, out / f"calibrated{i}-{rank}")
             (out / f"report{i}-{rank}.json").write_text(json.dumps(report["images"]))
 
@@ -261,6 +263,59 @@ def test_calibration_in_a_group_equals_one_process_on_all_the_shards(calibration
     assert moved > 1e-3  # the calibration changed the component: equal copies of the cut would pass too
 
 
+def test_recon_samples_rows_in_these_calibrations() -> None:
+    """The equality above covers recon's row sampling: its default samples fewer positions than
+    these 8×8 maps have, and the sampled fit differs from the fit on every position."""
+    from modellego.calibration.calibrate import plan_between
+    from modellego.calibration.reconstruct import reconstruct
+    from modellego.cut.disassemble import relative_error
+    model, comp, batches = _bn_model_and_component()
+    fits = []
+    for rows in (32, 64):  # 64: every position of the first layer's 8×8 output
+        one = copy.deepcopy(comp)
+        reconstruct(one, model, plan_between(one, model), [x for x, _ in batches], rows_per_image=rows)
+        fits.append(one.state_dict())
+    assert max(relative_error(fits[0][k], fits[1][k]) for k in fits[0]) > 1e-3
+
+
+def _streamed_shard(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank's shard of the stream (every other sample, as StreamedBatches(shard=) reads), in batches of 7."""
+    _, x, y = _model_and_data()
+    xs, ys = x[rank::PROCESSES], y[rank::PROCESSES]
+    return [(xs[i:i + 7], ys[i:i + 7]) for i in range(0, len(ys), 7)]
+
+
+DRAWN = dict(select=SelectionConfig(**SELECT), calibration_images=30)
+
+
+def _disassemble_worker(rank: int, folder: str) -> None:
+    with _joined(rank, folder) as out:
+        model, _, _ = _model_and_data()
+        comp = modellego.disassemble(model, [0, 1, 2], batches=_streamed_shard(rank), group=dist.group.WORLD, **DRAWN)
+        save_file({k: v.contiguous() for k, v in comp.state_dict().items()}, out / f"component-{rank}")
+        provenance = modellego.get_info(comp).provenance
+        (out / f"draw-{rank}.json").write_text(json.dumps([provenance["calibration_draw"], provenance["calibration"]]))
+
+
+def test_disassemble_from_shards_equals_one_process_on_the_whole_stream(tmp_path: Path) -> None:
+    """Profiling, the calibration draw (by stream position), recon's rows and the balance: the
+    component of two processes is one process's, weight for weight."""
+    from modellego.cut.disassemble import relative_error
+    _spawn(_disassemble_worker, tmp_path)
+    model, x, y = _model_and_data()
+    one = modellego.disassemble(model, [0, 1, 2], batches=[(x[i:i + 10], y[i:i + 10]) for i in range(0, 96, 10)],
+                                **DRAWN)
+    info = modellego.get_info(one).provenance
+    assert info["calibration_draw"]["images"] == 30 < int(torch.isin(y, torch.tensor([0, 1, 2])).sum())
+    want = one.state_dict()
+    for rank in range(PROCESSES):
+        got = load_file(tmp_path / f"component-{rank}")
+        assert json.loads((tmp_path / f"draw-{rank}.json").read_text()) == [info["calibration_draw"], info["calibration"]]
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+        for k, v in want.items():
+            assert relative_error(got[k].double(), v.double()) < 1e-9, k
+
+
 SCALINGS = ("calibrated", "density")  # "paper" reads the same gathered logits (this model's are not positive)
 
 
@@ -276,7 +331,8 @@ def _scaling_worker(rank: int, folder: str) -> None:
     with _joined(rank, folder) as out:
         asm, batches = _assembly_and_batches()
         for method in SCALINGS:
-            share = [(x[rank::PROCESSES], y[rank::PROCESSES]) for x, y in batches]
+            one_batch = [(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))]
+            share = batch_share(one_batch, dist.group.WORLD)  # fewer batches than processes: images split
             report = modellego.scale_assembly(asm, share, method, group=dist.group.WORLD)
             save_file({k: v.contiguous() for k, v in asm.state_dict().items()}, out / f"{method}-{rank}")
             (out / f"{method}-{rank}.json").write_text(json.dumps(report["images"]))
@@ -302,3 +358,19 @@ def test_assembly_scaling_in_a_group_equals_one_process_on_all_the_shards(scalin
         assert got.keys() == want.keys()
         for k, v in want.items():
             assert relative_error(got[k].double(), v.double()) < 1e-6, (method, k)
+
+
+def test_a_share_is_a_consecutive_run_of_whole_batches_or_else_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    import modellego.core.distributed as distributed
+    batches = [(torch.arange(i, i + n), torch.arange(i, i + n)) for i, n in ((0, 4), (4, 4), (8, 4), (12, 2))]
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "world", lambda group, r=rank: (r, 3))
+        shares.append(batch_share(batches, object()))  # type: ignore[arg-type]
+    assert [[len(y) for _, y in s] for s in shares] == [[4], [4], [4, 2]]  # whole batches, in order
+    assert torch.equal(torch.cat([y for s in shares for _, y in s]), torch.arange(14))
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "world", lambda group, r=rank: (r, 3))
+        shares.append(batch_share(batches[:2], object()))  # type: ignore[arg-type]
+    assert [[y.tolist() for _, y in s] for s in shares] == [[[0, 1]], [[2, 3], [4]], [[5, 6, 7]]]

@@ -13,6 +13,7 @@ import modellego.calibration.reconstruct as recon_module
 from modellego.calibration.calibrate import calibrate
 from modellego.calibration.reconstruct import _conv_rows, _Normal, execution_order, reconstruct, residual_joins
 from modellego.core.graph import trace
+from modellego.cut.disassemble import relative_error
 from modellego.cut.prune import full_plan
 from modellego.errors import UserError
 from modellego.io.info import get_info
@@ -75,6 +76,25 @@ def test_reconstruction_restores_a_perturbed_model(name: str, images: int) -> No
         torch.testing.assert_close(broken(x_new), source(x_new), rtol=1e-6, atol=1e-6)
 
 
+def test_sampled_rows_do_not_depend_on_how_the_images_are_batched() -> None:
+    """Rows are keyed by each image's index in the calibration set: batches of 5, 16 or 40 images
+    give one fit, which differs from the fit on every position (so rows were sampled)."""
+    source = described_model("lenet5", 0.5, seed=0, num_classes=5).double()
+    x = torch.cat(_images(40, 3))
+    fits = []
+    for size, rows in ((5, 8), (16, 8), (40, 8), (40, 10_000)):
+        broken = copy.deepcopy(source)
+        with torch.no_grad():
+            for m in broken.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight.mul_(0.8)
+        reconstruct(broken, source, _keep_all_plan(source), list(x.split(size)), rows_per_image=rows, ridge=0.1)
+        fits.append(broken.state_dict())
+    for other, differs in ((fits[1], False), (fits[2], False), (fits[3], True)):
+        error = max(relative_error(other[k], v) for k, v in fits[0].items())
+        assert error > 1e-4 if differs else error < 1e-9, error
+
+
 def test_normal_equations_equal_a_literal_least_squares_fit() -> None:
     """The streamed, row-sampled normal equations solve the same problem as lstsq on the unfolded input."""
     g = torch.Generator().manual_seed(3)
@@ -83,7 +103,7 @@ def test_normal_equations_equal_a_literal_least_squares_fit() -> None:
     y = torch.randn(6, 4, 5, 5, generator=g, dtype=torch.float64)  # any target of the right shape
     eqs = _Normal()
     for part_x, part_y in zip(x.split(4), y.split(4)):
-        eqs.update(*_conv_rows(conv, part_x, part_y, 10**6, g))
+        eqs.update(*_conv_rows(conv, part_x, part_y, torch.arange(part_y[:, 0].numel())))  # every position
     w, b, r2 = eqs.solve(ridge=1e-14, intercept=True)
     cols = F.unfold(x, 3, 1, 1, 2).transpose(1, 2).reshape(-1, 27)  # (B*L, P*K)
     design = torch.cat([cols, torch.ones(len(cols), 1, dtype=cols.dtype)], 1)

@@ -12,6 +12,7 @@ import vision_models
 import modellego
 from modellego.cli import main
 from modellego.core.profiling import Profile
+from modellego.evaluation.protocol import model_folder, model_stream
 from modellego.io.info import get_info
 
 from helpers import torchrun
@@ -112,24 +113,28 @@ def test_streamed_profile_under_torchrun_shards_the_folder(trained, tmp_path) ->
     assert same > 0.99, float(same)
 
 
-def test_streamed_disassemble_under_torchrun_calibrates_from_every_shard(trained, tmp_path, capsys) -> None:
-    """Each process calibrates from its shard's images; the sums cover both, so the calibration sees
-    every task image (all 80: fewer than --calibration-images) as in one process."""
+def test_streamed_disassemble_under_torchrun_calibrates_from_every_shard(trained, tmp_path) -> None:
+    """Each process draws from its shard and calibrates from its share of the whole draw: the
+    component is one process's (every task image drawn: all 80, and a draw of 30 of them). Its
+    float32 normal equations sum in another order, which moves the test images' logits by about
+    1e-4 of their scale (float64: 1e-9, tests/test_distributed.py); a draw keyed by each shard's
+    own positions moved them by 1e-2."""
+    from modellego.cut.disassemble import relative_error
     data, model = trained
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    argv = ["disassemble", str(model), "--classes", "0,1", *_data(data, True), "--min-per-class", "3",
-            "--calibration-images", "500"]
-    assert main([*argv, "-o", str(one)]) == 0
-    torchrun(*argv, "-o", str(two))
-    a, b = (get_info(modellego.load(p)).provenance for p in (one, two))
-    assert b["profile"]["processes"] == 2
-    assert a["calibration"]["images"] == b["calibration"]["images"] == 80
-    scores = []
-    for path in (one, two):
-        capsys.readouterr()
-        assert main(["evaluate", str(path), *_data(data, True), "--json"]) == 0
-        scores.append(json.loads(capsys.readouterr().out)["accuracy"]["mean_per_class"])
-    assert abs(scores[0] - scores[1]) <= 5, scores  # recon samples its rows per process: close, not equal
+    x = torch.cat([b[0] for b in model_stream(modellego.load(model), model_folder(modellego.load(model), data, "test"),
+                                              "test", classes=[0, 1])])
+    for images, drawn in (("500", 80), ("30", 30)):
+        one, two = tmp_path / f"one{images}.safetensors", tmp_path / f"two{images}.safetensors"
+        argv = ["disassemble", str(model), "--classes", "0,1", *_data(data, True), "--min-per-class", "3",
+                "--calibration-images", images]
+        assert main([*argv, "-o", str(one)]) == 0
+        torchrun(*argv, "-o", str(two))
+        a, b = (modellego.load(p) for p in (one, two))
+        assert get_info(b).provenance["profile"]["processes"] == 2
+        assert get_info(a).provenance["calibration"]["images"] == get_info(b).provenance["calibration"]["images"] == drawn
+        assert {k: v.shape for k, v in b.state_dict().items()} == {k: v.shape for k, v in a.state_dict().items()}
+        with torch.no_grad():
+            assert relative_error(b(x).double(), a(x).double()) < 1e-3
 
 
 def _count_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:

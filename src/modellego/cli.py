@@ -642,7 +642,7 @@ def _calibration(model, args: argparse.Namespace, labels, group=None) -> tuple[s
     """The calibration method and this process's share of the training batches that --calibrate /
     --data ask for (all of them in one process)."""
     from .calibration.calibrate import DEFAULT_CALIBRATION
-    from .core.distributed import world
+    from .core.distributed import batch_share, world
     method = args.calibrate if args.calibrate is not None else (DEFAULT_CALIBRATION if args.data else "none")
     if method == "none":
         return method, None
@@ -650,20 +650,13 @@ def _calibration(model, args: argparse.Namespace, labels, group=None) -> tuple[s
         raise UserError("calibration needs training images: give --data NAME, or --calibrate none for the faithful cut")
     if getattr(args, "stream", False):  # one pass over the task's images only, keeping a seeded draw
         from .calibration.draw import CalibrationDraw
-        draw = CalibrationDraw(labels, args.calibration_images, rank=world(group)[0])
+        draw = CalibrationDraw(labels, args.calibration_images, shard=world(group))
         for x, y in _streamed(model, args, classes=labels, group=group):
             draw.update(x, y)
-        draw.reduce(group)
-        return method, draw.batches()
+        draw.reduce(group)  # every process holds the whole draw
+        return method, batch_share(draw.batches(), group)
     from .evaluation.protocol import calibration_batches
-    return method, _share(calibration_batches(model, _dataset(args), labels, images=args.calibration_images), group)
-
-
-def _share(drawn: list, group=None) -> list:
-    """This process's share of batches every process drew alike: every N-th image of each batch."""
-    from .core.distributed import world
-    rank, size = world(group)
-    return [(x[rank::size], y[rank::size]) for x, y in drawn if len(y) > rank]
+    return method, batch_share(calibration_batches(model, _dataset(args), labels, images=args.calibration_images), group)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -685,7 +678,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_assemble(args: argparse.Namespace) -> int:
     from .assembly.assemble import assemble
     from .assembly.scaling import scale_assembly
-    from .core.distributed import world
+    from .core.distributed import batch_share, world
     from .data import load_dataset
     from .data.union import union_dataset
     from .evaluation.protocol import scaling_batches
@@ -710,7 +703,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
                 finetune(asm, ds, epochs=args.finetune_epochs, lr=args.lr, device=device)
             if args.scaling != "none":
                 drawn = scaling_batches(asm, ds, per_class=args.images_per_class)
-                scale_assembly(asm, _share(drawn, group), args.scaling, group=group)
+                scale_assembly(asm, batch_share(drawn, group), args.scaling, group=group)
         if rank != 0:
             return 0
     path = save(asm, args.output)

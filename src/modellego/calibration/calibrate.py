@@ -190,9 +190,9 @@ def calibrate(
             read from the two models' descriptions, as `modellego.disassemble` attaches them).
         progress: show a progress bar over the layers ``recon`` refits.
         group: a torch.distributed process group whose every process calls this with its own share
-            of the batches; sums and fits cover all shares, so every process ends with the same
-            component (one process's on all the images, up to summation order and ``recon``'s
-            row sampling, which each process does on its own batches).
+            of the batches, a consecutive run of them in rank order (`modellego.core.distributed.batch_share`);
+            sums and fits cover all shares, so every process ends with one process's component on
+            all the batches, up to the order of floating-point sums.
     """
     methods = parse_methods(method)
     report: dict[str, object] = {"method": "+".join(methods) or "none"}

@@ -41,8 +41,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.contribution import pad_input
-from ..core.distributed import all_sum
+from ..core.distributed import all_sum, first_index
 from ..core.graph import ADD_FUNCTIONS, trace_module
+from ..core.keyed import keyed
 from ..core.layers import transforms_weight
 from ..errors import UnsupportedGraphError, UserError
 from ..hooks import eval_mode, forward_hooks
@@ -237,23 +238,30 @@ class _Normal:
         return w, b, (1 - rss / var if var > 0 else 1.0)
 
 
-def _sample(n: int, limit: int, gen: torch.Generator) -> torch.Tensor:
-    """At most `limit` sorted random indices of range(n) (all of them when n <= limit)."""
-    if n <= limit:
-        return torch.arange(n)
-    return torch.randperm(n, generator=gen)[:limit].sort().values
+def _positions(seed: int, layer: int, first: int, b: int, per_image: int, limit: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into (b, per_image) of up to `limit` random positions of each of b images.
+
+    Image i of the batch is image `first + i` of the calibration set: its positions are keyed by
+    (seed, layer, that index), never by a generator's state, so they are the same however the images
+    are batched or shared between processes. Shape: (b * min(limit, per_image),), sorted.
+    """
+    if per_image <= limit:
+        return torch.arange(b * per_image, device=device)
+    ids = torch.arange(first, first + b, device=device)[:, None]  # (b, 1)
+    pos = torch.arange(per_image, device=device)  # (L,)
+    keys = keyed(seed, layer, ids, pos) * per_image + pos  # (b, L), distinct within an image: no ties
+    picked = torch.topk(keys, limit, dim=1, largest=False).indices.sort(dim=1).values  # (b, limit)
+    return (picked + torch.arange(b, device=device)[:, None] * per_image).flatten()
 
 
-def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, limit: int, gen: torch.Generator):
-    """Regression rows of a convolution at up to `limit` random output positions.
+def _conv_rows(m: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor, pos: torch.Tensor):
+    """Regression rows of a convolution at the output positions `pos` (flat indices into (B, OH, OW)).
 
     Only the sampled patches are gathered (an unfold of the whole batch would cost B·L·P·K).
     Shape: x (G, N, F), y (G, N, T), one regression per group of the convolution: F = P/G·K inputs
     and T = Q/G outputs (G = 1 for a plain convolution; F = K and T = 1 for a depthwise one).
     """
-    b, _, oh, ow = out.shape
-    n = b * oh * ow
-    pos = _sample(n, limit, gen).to(out.device)
+    _, _, oh, ow = out.shape
     bi, rest = pos // (oh * ow), pos % (oh * ow)
     oy, ox = rest // ow, rest % ow
     (sh, sw), (dh, dw), (kh, kw) = m.stride, m.dilation, m.kernel_size
@@ -277,7 +285,7 @@ def reconstruct(
     inputs: Sequence[torch.Tensor],
     *,
     ridge: float = 1e-3,
-    rows_per_batch: int = 8192,
+    rows_per_image: int = 32,
     seed: int = 0,
     memory_budget: int | None = None,
     progress: bool = False,
@@ -291,9 +299,10 @@ def reconstruct(
         plan: the pruning plan relative to `source` (`modellego.cut.prune.build_plan`).
         inputs: batches of TRAINING images of the task. Shape: (B, C, H, W) each.
         ridge: ridge strength relative to the mean feature variance.
-        rows_per_batch: regression rows (output positions) sampled per batch and layer; bounds
+        rows_per_image: regression rows (output positions) sampled per image and layer; bounds
             time and memory on large feature maps.
-        seed: seed of that sampling.
+        seed: seed of that sampling, which is keyed by each image's index in `inputs` (so batching
+            the images otherwise, or sharing them between processes, samples the same rows).
         memory_budget: bytes of every batch's live values that may be held between layers (one
             pass of each model); beyond it, the layers take one batch at a time, each model
             resuming from a checkpoint on disk (slower, same result; 0: from the first layer).
@@ -301,13 +310,14 @@ def reconstruct(
             (`modellego.memory.default_budget`). The weights do not depend on it.
         progress: show a progress bar over the layers.
         group: a torch.distributed process group whose every process passes its own share of
-            the images: each layer's normal equations are summed over the processes before the
-            solve, so every process writes the same weights.
+            the images, a consecutive run of them in rank order (`modellego.core.distributed.batch_share`):
+            each layer's normal equations are summed over the processes before the solve, so every
+            process writes the weights of one process on all the images (up to summation order).
 
     Returns: the fraction of the target's variance explained (R²) per layer, after the refit.
     """
     modules, src_modules = dict(component.named_modules()), dict(source.named_modules())
-    gen = torch.Generator().manual_seed(seed)
+    first = first_index(sum(len(x) for x in inputs), group)  # this share's first image in the whole set
     order = execution_order(component, inputs[0])
     for name in order:  # refuse before any layer changes, so a failure leaves the component as it was
         if name not in plan or name not in src_modules:
@@ -335,7 +345,7 @@ def reconstruct(
     with eval_mode(component), eval_mode(source), contextlib.ExitStack() as stack:
         steps = frontier_steps(*traced, served, joins, inputs, memory_budget) if traced and served else None
         resumed: CheckpointSteps | None = None
-        for name in tqdm(order, desc="recon", unit="layer", disable=None if progress else True):
+        for ordinal, name in enumerate(tqdm(order, desc="recon", unit="layer", disable=None if progress else True)):
             join = joins.get(name)
             if steps is not None and name in steps.layers:
                 values: Iterable[Values] = steps.values(name, join)
@@ -357,8 +367,8 @@ def reconstruct(
             if transforms_weight(layer):  # its forward re-derives the filters (weight standardisation): left as cut
                 log.debug("recon leaves %s as cut: it transforms its weight in the forward pass", name)
                 continue
-            r2[name] = _refit(name, layer, plan, values, norm, ridge=ridge, rows_per_batch=rows_per_batch,
-                              gen=gen, group=group)
+            rows = _Rows(seed, ordinal, first, rows_per_image)
+            r2[name] = _refit(name, layer, plan, values, norm, rows, ridge=ridge, group=group)
     return r2
 
 
@@ -384,9 +394,22 @@ def _pass_values(name: str, join: Join | None, component: nn.Module, source: nn.
     return comp[join.input], src[join.node], src[join.other], comp[join.other]
 
 
+class _Rows:
+    """The rows one layer samples from consecutive batches of the calibration images."""
+
+    def __init__(self, seed: int, layer: int, first: int, per_image: int) -> None:
+        self.seed, self.layer, self.next, self.per_image = seed, layer, first, per_image
+
+    def take(self, out: torch.Tensor) -> torch.Tensor:
+        """Flat positions into `out`'s (B, positions) for its batch of B images. Shape: out (B, Q, ...)."""
+        b = out.shape[0]
+        pos = _positions(self.seed, self.layer, self.next, b, out[0, 0].numel(), self.per_image, out.device)
+        self.next += b
+        return pos
+
+
 def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, Sequence[int]]], values: Iterable[Values],
-           norm: nn.Module | None, *, ridge: float, rows_per_batch: int, gen: torch.Generator,
-           group: ProcessGroup | None = None) -> float:
+           norm: nn.Module | None, rows: _Rows, *, ridge: float, group: ProcessGroup | None = None) -> float:
     """Refit one layer of `component` in place (`norm`: the join's BatchNorm, if any); returns its R²."""
     out_idx = torch.as_tensor(list(plan[name]["out"]), dtype=torch.long)
     eqs = _Normal()
@@ -399,11 +422,11 @@ def _refit(name: str, m: nn.Conv2d | nn.Linear, plan: Mapping[str, Mapping[str, 
             if other_comp.shape == target.shape == other_src.shape:
                 target = _absorb(target, other_src - other_comp, _norm_scale(norm, target.shape[1], target))
         if isinstance(m, nn.Conv2d):
-            eqs.update(*_conv_rows(m, inp, target, rows_per_batch, gen))
-        else:
+            eqs.update(*_conv_rows(m, inp, target, rows.take(target)))
+        else:  # features last: an image's positions are its rows
+            pos = rows.take(target.movedim(-1, 1))
             xi, yi = inp.reshape(1, -1, inp.shape[-1]), target.reshape(1, -1, target.shape[-1])  # (1, N, P)
-            rows = _sample(xi.shape[1], rows_per_batch, gen).to(xi.device)
-            eqs.update(xi[:, rows], yi[:, rows])
+            eqs.update(xi[:, pos], yi[:, pos])
     if group is not None:
         eqs.reduce(group)
     w, b, fit = eqs.solve(ridge, intercept=m.bias is not None)

@@ -1,4 +1,4 @@
-"""Profiling across processes with torch.distributed (e.g. under torchrun), one data shard each.
+"""Profiling and calibration across processes with torch.distributed (e.g. under torchrun).
 
 `modellego.profile(..., group=...)` runs in every process of a process group. Each process reads
 its own batches; the collectives here make the result the profile of all the shards together:
@@ -9,11 +9,17 @@ its own batches; the collectives here make the result the profile of all the sha
 - Contribution sums are a plain additive state: one all-reduce per accumulator makes every process
   hold the sums over all selected samples, so every process locates the same masks.
 
+Calibration (`modellego.calibration`) and assembly scaling take, in each process, a consecutive
+run of whole batches of the same calibration images (`batch_share`); their sums are all-reduced and
+their fits read every process's rows, so every process computes the one-process result up to the
+order of floating-point sums.
+
 Every process must make the same calls in the same order: anything that could differ between
 processes (the number of outputs, the classes chunked at once) is agreed on first.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -21,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .contribution import LayerAccumulator
@@ -174,3 +182,37 @@ def gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded, group=group)  # equal shapes: the rows padded to the longest
     return torch.cat([p[:k] for p, k in zip(parts, n)]).to(t.device)
+
+
+def first_index(count: int, group: dist.ProcessGroup | None) -> int:
+    """Where this process's `count` items start among every process's items in rank order."""
+    if group is None:
+        return 0
+    rank = world(group)[0]
+    return sum(cast(int, c) for c in gather(int(count), group)[:rank])
+
+
+def batch_share(batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                group: dist.ProcessGroup | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of (inputs, labels) batches that every process holds alike: a
+    consecutive run of them, process 0 the first, so every image is in one share and keeps its
+    position (as `modellego.calibration.reconstruct` samples by position).
+
+    The runs are of whole batches, which also keeps per-batch statistics (BatchNorm re-estimation
+    equals one process's); with fewer batches than processes, of images split evenly.
+    """
+    rank, size = world(group)
+    if size == 1:
+        return list(batches)
+    if len(batches) >= size:
+        return list(batches[rank * len(batches) // size:(rank + 1) * len(batches) // size])
+    log.info("%d batches for %d processes: each takes a run of images; BatchNorm re-estimation then sees "
+             "smaller batches than one process would", len(batches), size)
+    total = sum(len(y) for _, y in batches)
+    lo, hi, start, mine = rank * total // size, (rank + 1) * total // size, 0, []
+    for x, y in batches:
+        a, b = max(lo - start, 0), min(hi - start, len(y))
+        if a < b:
+            mine.append((x[a:b], y[a:b]))
+        start += len(y)
+    return mine

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..calibration.calibrate import DEFAULT_CALIBRATION, parse_methods
 from ..calibration.calibrate import calibrate as calibrate_logits
 from ..calibration.draw import CalibrationDraw
-from ..core.distributed import world
+from ..core.distributed import batch_share, world
 from ..core.graph import ChannelGraph, trace
 from ..core.locate import keep_channels
 from ..core.profiling import Profile, class_names_of
@@ -115,9 +115,11 @@ def disassemble(
             channels zeroed (catches forward passes that hard-code channel counts).
         progress: show progress bars (profiling here, and ``recon`` calibration).
         group: a torch.distributed process group whose every process calls this with its own
-            shard of `batches` or share of `calibration`: profiling, the calibration draw and the
-            calibration's sums cover every process's data, and every process returns the same
-            component.
+            shard of `batches` (every world-size-th sample from its rank on, as
+            `modellego.data.StreamedBatches(shard=...)` reads) or share of `calibration` (a
+            consecutive run of batches, `modellego.core.distributed.batch_share`): profiling, the
+            calibration draw and the calibration's sums cover every process's data, and every
+            process returns the component one process would make from all of it.
         **profile_kwargs: passed to `modellego.profile` when profiling here.
 
     Raises:
@@ -126,7 +128,7 @@ def disassemble(
     """
     classes = check_classes(classes, None)  # empty or duplicate: fail before any profiling
     methods = parse_methods(calibrate)  # an unknown method fails before any profiling too
-    draw = (CalibrationDraw(classes, calibration_images, rank=world(group)[0])
+    draw = (CalibrationDraw(classes, calibration_images, shard=world(group))
             if calibration is None and batches is not None and methods else None)
     if profile is None:
         if batches is None:
@@ -157,8 +159,8 @@ def disassemble(
         keep = budgeted.keep
         provenance["flops_budget"] = {"budget": flops, **budgeted.to_json()}
     if draw is not None:
-        draw.reduce(group)
-        calibration = drawn_calibration(model, draw, graph.num_classes)
+        draw.reduce(group)  # every process holds the whole draw, and calibrates from its share
+        calibration = batch_share(drawn_calibration(model, draw, graph.num_classes), group)
         provenance["calibration_draw"] = {"images": len(draw), "from": "batches", "seed": draw.seed}
     return extract(model, graph, example, keep, classes, provenance=provenance, calibration=calibration,
                    calibrate=calibrate, verify=verify, progress=progress, group=group)
