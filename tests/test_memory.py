@@ -1,11 +1,14 @@
 """The memory budget read from the device (profiling, selection and recon use it: their own test files)."""
 from __future__ import annotations
 
+import random
+import sys
+
 import psutil
 import pytest
 import torch
 
-from modellego.memory import FREE_SHARE, default_budget, free_bytes
+from modellego.memory import FREE_SHARE, default_budget, free_bytes, release_freed_memory
 
 
 def test_free_host_memory_is_positive_and_below_the_total() -> None:
@@ -33,3 +36,24 @@ def test_free_cuda_memory_counts_what_the_allocator_cached() -> None:
     held = free_bytes("cuda")
     del x  # back to the allocator's cache, not to the device: still free for us
     assert held < before and free_bytes("cuda") > held + (200 << 20)
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_host() -> None:
+    """Tensors of mixed sizes (64 KiB-8 MiB, as locating's temporaries) freed between small live ones
+    leave glibc's heap larger than what is held, until trimmed."""
+    rng = random.Random(0)
+    start, pins = _rss(), []
+    for _ in range(400):
+        temporaries = [torch.ones(rng.randint(1 << 16, 8 << 20), dtype=torch.uint8) for _ in range(5)]
+        pins.append(torch.ones(rng.randint(1 << 10, 1 << 16), dtype=torch.uint8))  # 13 MiB live in all
+        del temporaries
+    grown = _rss()
+    assert grown > start + (64 << 20), (start >> 20, grown >> 20)  # the heap kept freed pages
+    assert release_freed_memory()
+    assert _rss() < grown - (64 << 20), (start >> 20, grown >> 20, _rss() >> 20)
+    assert len(pins) == 400

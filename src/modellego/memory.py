@@ -1,7 +1,11 @@
 """How much memory a computation may hold on a device, read from the device at the time."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import sys
 
 import psutil
 import torch
@@ -38,3 +42,29 @@ def default_budget(device: torch.device | str) -> int:
     """
     share = FREE_SHARE if torch.device(device).type == "cuda" else FREE_SHARE / host_processes()
     return int(free_bytes(device) * share)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Give the host the memory freed so far that the C allocator still holds; True if it could.
+
+    Locating a class allocates and frees a few dozen tensors of a few MiB each. glibc serves such
+    blocks from its heap once it has freed blocks that large, and the heap keeps the pages, so a
+    1000-class profile of ResNet-50 grew from 0.9 to 1.5 GiB over 300 classes with no tensor held.
+    Trimming after each chunk of classes keeps it flat at the cost of one heap walk.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

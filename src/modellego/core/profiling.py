@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..hooks import forward_hooks
 from ..io.info import class_names_of, get_info, weights_hash
-from ..memory import default_budget
+from ..memory import default_budget, release_freed_memory
 from . import distributed, kernels
 from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, make_accumulator, relative
 from .graph import ChannelGraph, trace
@@ -241,5 +241,6 @@ def _locate_all(model: nn.Module, graph: ChannelGraph, sel: SampleSelection, cla
                         kept_r[k].append(r[k].cpu())  # native dtype: relocating reproduces the masks exactly
                 bar.update(1)
             del accs
+            release_freed_memory()  # the chunk's per-class temporaries, or the heap grows class after class
     return ({k: torch.stack(v) for k, v in in_masks.items()}, {k: torch.stack(v) for k, v in out_masks.items()},
             {k: torch.stack(v) for k, v in kept_r.items()} if keep_contributions else {})
