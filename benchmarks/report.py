@@ -584,10 +584,18 @@ def sec_stream_scale(res: Results) -> str:
     memory = table(["model", "method", "folder (classes × images)", "images read", "folder MiB", "footprint before MiB",
                     "peak RSS MiB", "s per 1000 images"], mem_rows)
 
-    pairs = [(peer(r, "profile"), r) for r in rows if r["method"] == "profile" and r["processes"] > 1]
-    dist_rows = [[name(r), f"{r['images']:,}", f"{r['profile_classes']:,}", f"{one['seconds']:.1f}", f"{r['seconds']:.1f}",
+    pairs = [(peer(r, r["method"]), r) for r in rows if r["method"] in ("profile", "calibrate") and r["processes"] > 1]
+
+    def against_one(r: dict) -> str:
+        if "mask_entries" in r:
+            return f"{r['mask_entries_equal']:,} of {r['mask_entries']:,} mask entries equal"
+        if r.get("logits_relative_error") is not None:
+            return f"logits {r['logits_relative_error']:.1e} of their scale apart"
+        return "other shapes"
+
+    dist_rows = [[name(r), r["method"], f"{r['images']:,}", f"{one['seconds']:.1f}", f"{r['seconds']:.1f}",
                   f"{r['launch_s']:.1f}", f"{one['peak_rss_mib']:,}", " / ".join(f"{m:,}" for m in r["rank_peak_rss_mib"]),
-                  "same" if r["same_selection"] else "different", f"{r['mask_entries_equal']:,} of {r['mask_entries']:,}"]
+                  against_one(r)]
                  for one, r in pairs if one]
     procs = sorted({r["processes"] for r in rows if r["processes"] > 1})
 
@@ -601,10 +609,13 @@ def sec_stream_scale(res: Results) -> str:
     flat = [f"{name(lo)} {lo['method']}: {signed(d, 0)} MiB ({signed(100 * d / lo['peak_rss_mib'], 1)}%) from the "
             f"{lo['classes'] * lo['images_per_class']:,}- to the {hi['classes'] * hi['images_per_class']:,}-image folder"
             for lo, hi, d in growth]
-    equal = [(one, r) for one, r in pairs if one]
+    equal = [(one, r) for one, r in pairs if one and r["method"] == "profile"]
     target_masks = ("not measured" if not equal else "; ".join(
         f"{name(r)}, {r['images']:,} images: {r['mask_entries_equal']:,} of {r['mask_entries']:,} mask entries equal"
         + (" (met)" if r["identical"] else " (not met)") for _one, r in equal))
+    components = [r for one, r in pairs if one and r["method"] == "calibrate"]
+    target_components = ("not measured" if not components else "; ".join(
+        f"{name(r)}, {r['images']:,} task images: {against_one(r)}" for r in components))
     gflops = ", ".join(f"{name(r)} {r['gflops_per_image']:.2f}" for r in latest(rows, fields("model", "size")))
     folders = " and ".join(f"{n:,}" for n in sorted({r["classes"] * r["images_per_class"] for r in rows}))
     faster = [(one, r) for one, r in equal if r["seconds"] < one["seconds"]]
@@ -670,8 +681,8 @@ the folders is the allocator's.
 One process against {'/'.join(map(str, procs)) or 'two'} under `torchrun --standalone` (gloo, the
 threads split between the processes, each reading every other image):
 
-{table(["model", "images", "classes profiled", "one process s", "torchrun s (slowest process)", "torchrun wall s",
-        "peak RSS MiB, one process", "peak RSS MiB per process", "selection counts", "mask entries equal"], dist_rows)
+{table(["model", "method", "images", "one process s", "torchrun s (slowest process)", "torchrun wall s",
+        "peak RSS MiB, one process", "peak RSS MiB per process", "against one process"], dist_rows)
  if dist_rows else "(not measured)"}
 
 {"The two processes took less time than one because on these shared cores two get a larger share of "
@@ -683,7 +694,8 @@ Targets, as measured:
   it is not met on folders this small (the stopped run above: about 2.3 s of locating per class).
 - Peak memory independent of the number of images: {'; '.join(flat) if flat else 'not measured (one folder size)'}.
   With every class profiled, the held candidates grow with the folder (above).
-- Two processes give the one-process masks: {target_masks}."""
+- Two processes give the one-process masks: {target_masks}; and the one-process component (its
+  logits on the first 256 of its task's images, float32): {target_components}."""
 
 
 # 3. Disassembly ------------------------------------------------------------------------------------

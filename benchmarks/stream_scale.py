@@ -148,7 +148,7 @@ def folder_bytes(root: Path) -> int:
 
 
 def model_path(cache: Path, name: str, size: int, classes: int, side: int, seed: int) -> Path:
-    return cache / "models" / f"{name}-{size}px-{classes}-side{side}-seed{seed}-v{GENERATOR}.safetensors"
+    return cache / "models" / f"{name.replace(':', '-')}-{size}px-{classes}-side{side}-seed{seed}-v{GENERATOR}.safetensors"
 
 
 @torch.no_grad()
@@ -299,6 +299,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
             draw.update(x, y)
             images += len(y)
         draw.reduce(group)
+        images = draw.seen  # every process's: the calibration covers all shards
         t_draw = time.perf_counter() - t
         component = disassemble(model, labels, profile=prof, calibration=batch_share(draw.batches(), group),
                                 calibrate=args.calibrate, group=group)
@@ -395,8 +396,9 @@ def same_component(a_path: Path, b_path: Path, folder: Path) -> dict:
 
 
 def parse_model(spec: str, size: int) -> tuple[str, int]:
-    name, _, s = spec.partition(":")
-    return name, int(s) if s else size
+    """`NAME`, `NAME:SIZE`, `timm:NAME` or `timm:NAME:SIZE` (and torchvision:)."""
+    head, _, tail = spec.rpartition(":")
+    return (head, int(tail)) if head and tail.isdigit() else (spec, size)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -426,7 +428,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             del model
             for n, folder in folders.items():
                 base = {**common, "images_per_class": n, "folder_mib": round(folder_bytes(folder) / 2**20, 1)}
-                prof1 = Path(tmp) / f"{name}-{size}-{n}-1.safetensors"
+                stem = f"{name.replace(':', '-')}-{size}-{n}"
+                prof1 = Path(tmp) / f"{stem}-1.safetensors"
                 many = n in distributed_at and args.processes > 1
                 for kind in args.methods:
                     if kind == "calibrate":
@@ -434,7 +437,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             continue
                         extra = ["--profile-file", str(prof1), "--task-classes", str(args.task_classes),
                                  "--calibration-images", str(args.calibration_images), "--calibrate", args.calibrate]
-                        outs = [Path(tmp) / f"{name}-{size}-{n}-component-{k}.safetensors" for k in (1, args.processes)]
+                        outs = [Path(tmp) / f"{stem}-component-{k}.safetensors" for k in (1, args.processes)]
                     else:
                         extra = ["--profile-out", str(prof1)]
                     (r,), _ = _one(kind, path, folder, args, extra + (["--component-out", str(outs[0])]
@@ -443,7 +446,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     if not many or kind == "forward":
                         continue
                     if kind == "profile":  # the same profile in several processes: compared mask for mask
-                        prof2 = Path(tmp) / f"{name}-{size}-{n}-{args.processes}.safetensors"
+                        prof2 = Path(tmp) / f"{stem}-{args.processes}.safetensors"
                         ranks, wall = _one("profile", path, folder, args, ["--profile-out", str(prof2)], args.processes)
                         same = same_masks(prof1, prof2)
                     else:  # the same calibration in several processes: compared output for output
@@ -519,6 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     for hidden in ("--model-file", "--folder", "--profile-file", "--profile-out", "--component-out"):
         p.add_argument(hidden, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if any(m.startswith(("timm:", "torchvision:")) for m in [*args.models, *(args.prepare or [])]) or (
+            args.model_file and "timm-" in args.model_file.name or args.model_file and "torchvision-" in args.model_file.name):
+        # The known torchvision-wheel workaround: the tests' helper imports timm/torchvision without their C ops.
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import vision_models
+
+        vision_models.load("timm")
     if args.prepare:
         prepare_model(args.prepare[0], int(args.prepare[1]), args.classes, args.side, args.seed, args.device,
                       args.model_file)

@@ -13,7 +13,7 @@ from modellego.core.graph import trace
 from modellego.core.locate import Thresholds, locate_class
 from modellego.errors import UserError
 
-from helpers import _perturbed_pair, tiny_sequential
+from helpers import GroupedNet, _depthwise_net, _perturbed_pair, tiny_sequential
 from helpers import zoo_data as data
 from helpers import zoo_model as build
 
@@ -112,6 +112,24 @@ def test_profile_masks_match_hand_computation(mode: str) -> None:
             nontrivial += int(0 < w_in.sum() < len(w_in))
     # The example must exercise the thresholds: some masks keep part of a layer only.
     assert nontrivial >= 3
+
+
+@pytest.mark.parametrize("net", ["grouped", "depthwise"])
+def test_a_chunk_located_in_one_walk_equals_each_class_located_alone(net: str) -> None:
+    """Profiling walks a chunk's classes together (`locate_rows`); every row is `locate_class` of
+    that class on its own contributions, for grouped and depthwise convolutions and a residual add."""
+    model = (GroupedNet() if net == "grouped" else _depthwise_net()).double().eval()
+    x = torch.randn(40, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.arange(40) % 5
+    prof = modellego.profile(model, [(x, y)], select=False, keep_contributions=True, class_chunk=3)
+    graph = trace(model, x[:1])
+    partial = 0
+    for row, cls in enumerate(prof.classes):
+        ins, outs = locate_class(graph, {k: v[row] for k, v in prof.contributions.items()}, cls, prof.thresholds)
+        for k in prof.layers:
+            assert torch.equal(prof.in_masks[k][row], ins[k]) and torch.equal(prof.out_masks[k][row], outs[k]), (cls, k)
+            partial += int(0 < int(ins[k].sum()) < len(ins[k]))
+    assert partial >= 5  # the thresholds cut somewhere: all-true masks would agree trivially
 
 
 def test_profile_chunking_batching_and_class_subsets_agree() -> None:

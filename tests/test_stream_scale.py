@@ -68,6 +68,11 @@ def test_report_states_each_target(tmp_path):
             _row("forward", 8, 40.0, 600), _row("profile", 8, 45.0, 707, **prof),
             _row("profile", 2, 12.0, 690, **prof, launch_s=20.0, rank_peak_rss_mib=[690, 650], same_selection=True,
                  identical=False, mask_entries=100, mask_entries_equal=99) | {"processes": 2}]
+    cal = {"task_classes": [0, 1], "calibrate": "recon+balance", "calibration_images": 4, "draw_s": 0.1, "params": 5,
+           "source_params": 10}
+    rows += [_row("calibrate", 2, 4.0, 650, **cal),
+             _row("calibrate", 2, 3.0, 640, **cal, launch_s=9.0, rank_peak_rss_mib=[640, 630], same_shapes=True,
+                  logits_relative_error=2.5e-6) | {"processes": 2}]
     with (tmp_path / "stream_scale.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     text = report.sec_stream_scale(report.Results(tmp_path))
@@ -75,3 +80,4 @@ def test_report_states_each_target(tmp_path):
     assert "missed by VGG-16-BN, 32×32, 2,000 images, 10 classes profiled: 0.50x" in text
     assert "+7 MiB (+1.0%) from the 2,000- to the 8,000-image folder" in text
     assert "99 of 100 mask entries equal (not met)" in text
+    assert "2,000 task images: logits 2.5e-06 of their scale apart" in text

@@ -126,6 +126,11 @@ class CalibrationDraw:
     def __len__(self) -> int:
         return len(self._y)
 
+    @property
+    def seen(self) -> int:
+        """Samples offered so far (of every process, after `reduce`)."""
+        return self._seen
+
     def batches(self, batch_size: int = 256) -> list[Batch]:
         """The drawn samples in stream order, as (inputs, labels) batches.
 

@@ -21,8 +21,8 @@ from ..io.info import class_names_of, get_info, weights_hash
 from ..memory import default_budget, release_freed_memory
 from . import distributed, kernels
 from .contribution import KERNELS, LayerAccumulator, Workspace, class_slots, make_accumulator, relative
-from .graph import ChannelGraph, trace
-from .locate import Thresholds, locate_class
+from .graph import ChannelGraph, Layer, trace
+from .locate import Thresholds, Votes, group_sum, locate_rows
 from .profile import Profile
 from .samples import SampleSelection, SelectionConfig, every_sample, select_samples
 
@@ -212,6 +212,21 @@ def _class_chunk(graph: ChannelGraph, example: torch.Tensor, n_classes: int, cla
 Masks = dict[str, torch.Tensor]
 
 
+def _votes(layer: Layer, acc: LayerAccumulator, thresholds: Thresholds) -> Votes:
+    """Eq. 6 counts of `layer` for a chunk's classes (row b: class slot b), Shapes (B, Q) bool -> (B, P)."""
+    alpha = thresholds.for_layer(layer)[0]
+
+    def votes(out_mask: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for slot, gate in enumerate(out_mask):
+            r = relative(acc.s_hat(slot))  # (Q, P // groups), Eq. 5
+            hits = (r >= alpha) & gate.to(r.device)[:, None]  # Eq. 9 with Appendix C's output gating
+            rows.append(group_sum(hits, layer.groups).cpu())  # (P,)
+        return torch.stack(rows)
+
+    return votes
+
+
 def _locate_all(model: nn.Module, graph: ChannelGraph, sel: SampleSelection, classes: list[int],
                 thresholds: Thresholds, class_chunk: int, *, batch_size: int, mode: str, device: torch.device,
                 kernel: str, group: torch.distributed.ProcessGroup | None, keep_contributions: bool,
@@ -231,15 +246,17 @@ def _locate_all(model: nn.Module, graph: ChannelGraph, sel: SampleSelection, cla
                                  kernel=kernel)
             if group is not None:
                 distributed.sum_accumulators(accs, group)
-            for slot, c in enumerate(part):
-                r = {name: relative(acc.s_hat(slot)) for name, acc in accs.items()}
-                ins, outs = locate_class(graph, r, c, thresholds)
+            # One walk for the chunk's classes, row by row (`locate_rows`): each layer's votes are
+            # computed class by class from its sums, so only one class's contributions are live.
+            votes = {name: _votes(graph.layers[name], acc, thresholds) for name, acc in accs.items()}
+            ins, outs = locate_rows(graph, votes, torch.as_tensor(part), thresholds)
+            for slot in range(len(part)):
                 for k in graph.layers:
-                    in_masks[k].append(ins[k])
-                    out_masks[k].append(outs[k])
-                    if keep_contributions:
-                        kept_r[k].append(r[k].cpu())  # native dtype: relocating reproduces the masks exactly
-                bar.update(1)
+                    in_masks[k].append(ins[k][slot])
+                    out_masks[k].append(outs[k][slot])
+                    if keep_contributions:  # native dtype: relocating reproduces the masks exactly
+                        kept_r[k].append(relative(accs[k].s_hat(slot)).cpu())
+            bar.update(len(part))
             del accs
             release_freed_memory()  # the chunk's per-class temporaries, or the heap grows class after class
     return ({k: torch.stack(v) for k, v in in_masks.items()}, {k: torch.stack(v) for k, v in out_masks.items()},
