@@ -544,7 +544,8 @@ def sec_stream_scale(res: Results) -> str:
         return found[-1] if found else None
 
     def name(r: dict) -> str:
-        return f"{model_name(r['model'])}, {r['size']}×{r['size']}"
+        library, _, arch = r["model"].rpartition(":")
+        return f"{model_name(arch)}{f' ({library})' if library else ''}, {r['size']}×{r['size']}"
 
     single = [r for r in rows if r["processes"] == 1]
     forward = {id(r): peer(r, "forward") for r in single}
@@ -556,7 +557,9 @@ def sec_stream_scale(res: Results) -> str:
         ratio = r["images_per_s"] / f["images_per_s"]
         if r["method"] == "profile":
             ratios.append((r, ratio))
-            what = (f"first {r['profile_classes']:,} of {r['classes']:,} classes; selection pass {r['select_s']:.1f} s, "
+            which = (f"all {r['classes']:,} classes" if r["profile_classes"] == r["classes"]
+                     else f"first {r['profile_classes']:,} of {r['classes']:,} classes")
+            what = (f"{which}; selection pass {r['select_s']:.1f} s, "
                     f"contributions and locating {r['contributions_s']:.1f} s; {r['selected']:,} of {r['correct']:,} "
                     "correct images selected")
         else:
@@ -618,65 +621,62 @@ def sec_stream_scale(res: Results) -> str:
         f"{name(r)}, {r['images']:,} task images: {against_one(r)}" for r in components))
     gflops = ", ".join(f"{name(r)} {r['gflops_per_image']:.2f}" for r in latest(rows, fields("model", "size")))
     folders = " and ".join(f"{n:,}" for n in sorted({r["classes"] * r["images_per_class"] for r in rows}))
-    faster = [(one, r) for one, r in equal if r["seconds"] < one["seconds"]]
     return f"""{title}
 
-`python benchmarks/stream_scale.py --models vgg16_bn:32 --images-per-class 2 8 --profile-classes
-10 --task-classes 8`, `python benchmarks/stream_scale.py --models resnet50:32 --images-per-class 2
---profile-classes 10 --task-classes 8 --methods profile calibrate --processes 1` and the same with
-`--methods forward` (this CPU, shared with other jobs whose load changed during the runs; one pass
-per row, times rounded to 0.1 s, ratios from the stored values). The folder is generated and
-cached: ImageNet's layout (`train/<wnid>/*.JPEG`), 1,000 classes, seeded JPEGs (quality 90,
-shorter side 1.25× the resize, aspect 1-1.4) whose class fixes a colour gradient and three shapes
-that each image jitters, scales and noises; here {folders} images. The models are the zoo's
-full-width networks with 1,000 outputs: a seeded random trunk and a head fitted in closed form, a
-ridge probe on 3 renders per class that are not in the folder (random weights classify almost no
-image, so the selection, which keeps correctly classified images only, would keep none; the probe
-classifies most of them, as a trained model does its training set). Each measurement is a fresh
-process reading the folder with `StreamedBatches` (batch 256, 2 decoding workers): *forward* runs
-the model over every image; *profile* is `modellego.profile` over the streamed batches, what
-`modellego profile --stream` calls, with 2 GiB of contribution sums at a time; *calibrate* is what
-`modellego disassemble --stream --profile P` does for a task, a pass over the task's images
-drawing the calibration images, then `disassemble` with recon+balance.
+Two runs on this 2-core CPU (one pass per row, times rounded to 0.1 s, ratios from the stored
+values):
 
-What this CPU cannot run is reduced, and named in every row. The zoo's networks are CIFAR-style
-(stride-1 stems) and run at 32×32 here, GFLOPs per image: {gflops} (ResNet-50 at 32×32 costs what
-torchvision's ResNet-50 costs at about 128×128; at 224×224 the zoo's would cost 49 times as much).
-`--profile-classes 10` keeps the selection pass whole (every image through the 1,000-class head,
-the part that grows with the folder) but computes contributions and locates only the first 10
-classes: locating costs a few passes over every weight per class, whatever the number of images.
-A ResNet-50 profile of all 1,000 classes on the 2,000-image folder (stopped, so it has no row) had
-located 585 classes 22 minutes after its selection pass, about 2.3 s per class on these cores under
-a load of 5 to 7: on so small a folder that cost dominates the profile, while against ImageNet's
-1.28M images (about 10 hours of this forward pass) its 40 minutes would be about 6%. The issue's setting,
-224×224 and 5,000 and 20,000 images, every class, is `python benchmarks/stream_scale.py --models
-resnet50 vgg16_bn --size 224 --images-per-class 5 20 --workers 8 --device cuda` on a GPU machine
-(two processes need two GPUs).
+- `python benchmarks/stream_scale.py --models timm:resnet50 --size 224 --images-per-class 1 4`:
+  timm's ResNet-50 at 224×224, every one of the 1,000 classes profiled, folders of 1,000 and
+  4,000 images, one process and two (at 1,000), on idle cores.
+- `python benchmarks/stream_scale.py --models vgg16_bn:32 --images-per-class 2 8 --profile-classes
+  10 --task-classes 8`, and `--models resnet50:32 --images-per-class 2 --profile-classes 10
+  --task-classes 8 --methods profile calibrate --processes 1` and the same with `--methods
+  forward`: the zoo's CIFAR-style networks (stride-1 stems) at 32×32, only the first 10 classes
+  located (the selection pass still reads every image through the 1,000-class head), on cores
+  shared with other jobs whose load changed during the runs.
+
+GFLOPs per image: {gflops}. The folder is generated and cached: ImageNet's layout
+(`train/<wnid>/*.JPEG`), 1,000 classes, seeded JPEGs (quality 90, shorter side 1.25× the resize,
+aspect 1-1.4) whose class fixes a colour gradient and three shapes that each image jitters, scales
+and noises; here {folders} images. The models have 1,000 outputs: a seeded random trunk at full
+width and a head fitted in closed form, a ridge probe on 3 renders per class that are not in the
+folder (random weights classify almost no image, so the selection, which keeps correctly
+classified images only, would keep none; the probe classifies most of them, as a trained model
+does its training set). Each measurement is a fresh process reading the folder with
+`StreamedBatches` (batch 256, 2 decoding workers): *forward* runs the model over every image;
+*profile* is `modellego.profile` over the streamed batches, what `modellego profile --stream`
+calls, with 2 GiB of contribution sums at a time; *calibrate* is what `modellego disassemble
+--stream --profile P` does for a task, a pass over the task's images drawing the calibration
+images, then `disassemble` with recon+balance.
+
+The issue's setting, 5,000 and 20,000 images and VGG-16 too, is `python benchmarks/stream_scale.py
+--models timm:resnet50 vgg16_bn --size 224 --images-per-class 5 20 --workers 8 --device cuda` on a
+GPU machine (two processes need two GPUs); this CPU runs timm's ResNet-50 at about 13 images/s.
 
 Profiling and calibration against a forward pass over the same loader:
 
 {speed}
 
-The profile's extra cost over the forward pass is its contributions and locating, a few seconds
-for 10 classes; its selection pass reads the stream at the forward pass's speed (the ResNet-50
-forward and profile ran minutes apart under different loads, so their ratio is the least steady).
-Calibration's cost is per task, not per image: the draw is a pass over the task's images only,
-then recon+balance fits the component in closed form, so its images per second are not a
-throughput to compare.
+A profile is a selection pass (every image through the model, at the forward pass's speed), a
+hooked pass over the selected images, and locating each class, which costs a few passes over every
+weight per class whatever the number of images. With 1 and 4 images per class, every correctly
+classified image is selected (the selection keeps at least 5 per class), so the profile reads most
+images twice; with ImageNet's 1,300 images per class the paper's 1% is 13, and the second pass is a
+small share. Calibration's cost is per task, not per image: the draw is a pass over the task's
+images only, then recon+balance fits the component in closed form, so its images per second are not
+a throughput to compare.
 
 Memory as the folder grows (peak resident memory of the measuring process; the decoding workers'
 own peaks are in the rows):
 
 {memory}
 
-With 10 classes profiled the selection holds few candidates, so these rows show the loader's and
-the contributions' memory, not the selection's. Profiling every class, the selection holds up to
-`max_per_class` (256) correctly classified candidates per class until its pass ends (§2.6): by
-arithmetic at most 94 MiB on the 8,000-image folder here, and at 224×224 up to 2.8 GiB for the
-issue's 5,000 images and 11.2 GiB for 20,000, growing with the folder until `hold_budget` (half
-the available memory) makes it keep only scores and read the folder again. `modellego profile` has
-no flag for `hold_budget`. Nothing in a forward pass accumulates per image, so its change between
-the folders is the allocator's.
+Profiling every class, the selection holds up to `max_per_class` (256) correctly classified
+candidates per class until its pass ends (§2.6): at 224×224 up to 2.8 GiB for the issue's 5,000
+images and 11.2 GiB for 20,000, growing with the folder until `hold_budget` (half the available
+memory; `--hold-budget` in the CLI) makes it keep only scores and read the folder again. Nothing in
+a forward pass accumulates per image, so its change between the folders is the allocator's.
 
 One process against {'/'.join(map(str, procs)) or 'two'} under `torchrun --standalone` (gloo, the
 threads split between the processes, each reading every other image):
@@ -685,15 +685,23 @@ threads split between the processes, each reading every other image):
         "peak RSS MiB, one process", "peak RSS MiB per process", "against one process"], dist_rows)
  if dist_rows else "(not measured)"}
 
-{"The two processes took less time than one because on these shared cores two get a larger share of "
- "the CPU than one; on an idle machine expect the cost of one process, as in §2.7." if faster else ""}
+Two processes on two cores, one thread each, show that the result does not change, not a speed-up;
+their times follow the cores' load (the 32×32 rows ran on shared cores, where two processes got a
+larger share of the CPU than one). The calibration's draw is keyed by stream position, so the two processes
+calibrate from the images one process draws; its float32 normal equations sum in another order.
 
 Targets, as measured:
 
-- Profiling throughput at least 0.8× the forward pass's: {target_speed}. With every class profiled
-  it is not met on folders this small (the stopped run above: about 2.3 s of locating per class).
+- Profiling throughput at least 0.8× the forward pass's: {target_speed}. Not met with every class
+  profiled on folders this small: the second pass over the selected images and locating 1,000
+  classes do not shrink with the folder.
 - Peak memory independent of the number of images: {'; '.join(flat) if flat else 'not measured (one folder size)'}.
-  With every class profiled, the held candidates grow with the folder (above).
+  Met by the forward passes and by profiles of 10 classes. A profile of every class holds its
+  selected images until its pass ends (the "images selected" above; 588 KiB each at 224×224), so
+  its peak grows with the folder up to `hold_budget` (above). A calibration holds its draw (here
+  every task image, the "method's images"; at most `--calibration-images`, 2,000) and recon's frontier of
+  their values (at most half the free memory; [calibration](docs/calibration.md)), bounded by
+  those, not by the folder.
 - Two processes give the one-process masks: {target_masks}; and the one-process component (its
   logits on the first 256 of its task's images, float32): {target_components}."""
 
